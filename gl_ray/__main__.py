@@ -1,0 +1,5 @@
+import sys
+
+from gl_ray.cli import main
+
+sys.exit(main())

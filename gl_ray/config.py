@@ -1,0 +1,256 @@
+"""The one typed config tree of a gl-ray run.
+
+Load order: dataclass defaults, then a YAML file, then `--set section.key=value` overrides (values parsed as
+YAML, e.g. `--set schedule.lengths=[128,512]`), then validation in `__post_init__`/`validate()`. Every field
+carries a one-line doc (`metadata["doc"]`) that `gl-ray <cmd> --help` prints.
+
+    cfg = load_config("pipelines/configs/tiny-growlength.yaml", ["train.seed=1"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from gl_ray.errors import UserError
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("data/stdlib", "prepared dataset folder or s3:// URI holding manifest.json (see `gl-ray prepare`)")
+    seed: int = _f(0, "seed for the document order of epochs after the first (epoch 0 is manifest order)")
+    eval_tokens: int = _f(32768, "validation tokens per evaluation and per length (rounded down to whole rows)")
+    prefetch_batches: int = _f(4, "micro batches Ray Data prefetches ahead of the training loop")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("tiny", "architecture preset: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
+    max_position_embeddings: int = _f(2048, "largest position the model supports; must be >= the last stage length")
+    position_mode: str = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
+    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    init_std: float = _f(0.02, "std of the normal weight init")
+
+
+@dataclass
+class ScheduleConfig:
+    lengths: list = _f([128, 256, 512, 1024], "stage sequence lengths, strictly increasing, multiples of 8")
+    ratios: list = _f([], "share of the budget per stage, summing to 1 (empty: equal shares)")
+    budget_tokens: int = _f(0, "total training tokens (0 with budget_time_s: cap that sizes each stage's data)")
+    budget_time_s: float = _f(0.0, "wall-time budget in seconds; stages switch at their fractions of it (0: off)")
+    tokens_per_step: int = _f(65536, "global tokens per optimizer step, the same in every stage")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(6e-4, "peak learning rate (AdamW)")
+    min_lr: float = _f(6e-5, "learning rate at the end of the budget (cosine decay)")
+    warmup_tokens: int = _f(0, "tokens of linear warmup from 0 to lr")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    weight_decay: float = _f(0.1, "AdamW weight decay (not on biases and norms)")
+    grad_clip: float = _f(1.0, "max global gradient norm (0: off)")
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_tokens: int = _f(8192, "tokens per forward pass per worker; gradient accumulation is derived")
+    seed: int = _f(0, "seed for weight init and PoSE position ids")
+    device: str = _f("auto", "auto | cpu | cuda")
+    precision: str = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
+    log_every_steps: int = _f(10, "optimizer steps between metric reports")
+    eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
+    checkpoint_every_tokens: int = _f(0, "training tokens between checkpoints (0: only at stage ends)")
+    keep_checkpoints: int = _f(2, "checkpoints kept in storage (oldest deleted first)")
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = _f(1, "Ray Train workers (0: run in one process without Ray)")
+    use_gpu: bool = _f(False, "one GPU per worker")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+    storage_path: str = _f("runs", "where runs live: local folder or s3:// URI; a run is {storage_path}/{name}")
+    address: str = _f("", "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)")
+    local_num_cpus: int = _f(0, "logical CPUs of a local cluster (0: workers + 2, enough for Ray Data)")
+    max_failures: int = _f(0, "worker-group restarts Ray Train may do from the last checkpoint")
+
+
+@dataclass
+class Config:
+    name: str = _f("growlength", "run name; a run with the same name and storage resumes")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def validate(self) -> "Config":
+        """Check everything that can be checked without data or Ray; raises UserError."""
+        from gl_ray.model import PRESETS  # late import: model pulls in torch
+
+        s, t = self.schedule, self.train
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
+        if self.model.preset not in PRESETS:
+            raise UserError(f"model.preset {self.model.preset!r} unknown; choose one of {', '.join(PRESETS)}")
+        _choice("model.position_mode", self.model.position_mode, ("extrapolate", "interpolate", "pose"))
+        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
+        _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        if s.lengths and s.lengths[-1] > self.model.max_position_embeddings:
+            raise UserError(
+                f"last stage length {s.lengths[-1]} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; raise it or shorten schedule.lengths")
+        for key in ("train.micro_batch_tokens", "train.log_every_steps", "train.keep_checkpoints",
+                    "data.eval_tokens", "schedule.tokens_per_step"):
+            if self.get(key) <= 0:
+                raise UserError(f"{key} must be positive, got {self.get(key)}")
+        for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
+                    "train.eval_every_tokens", "train.checkpoint_every_tokens", "ray.num_workers",
+                    "ray.max_failures"):
+            if self.get(key) < 0:
+                raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.optim.min_lr > self.optim.lr:
+            raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
+        from gl_ray.schedule import make_plan  # validates lengths, ratios, budget, divisibility
+
+        make_plan(self)
+        return self
+
+    def get(self, dotted: str) -> Any:
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is not one of {' | '.join(allowed)}")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig,
+            "train": TrainConfig, "ray": RayConfig}
+
+
+def all_keys() -> list[str]:
+    keys = ["name"]
+    for section, cls in SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _unknown(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return UserError(f"unknown config key {key!r}{hint}")
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check a YAML value against the field type; ints are accepted for floats."""
+    ok = {
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        bool: lambda v: isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+    }[typ]
+    if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if value is None and typ is list:
+        value = []
+    if not ok(value):
+        raise UserError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
+    return float(value) if typ is float else value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build a Config from a nested dict (YAML shape); unknown keys and wrong types raise UserError."""
+    if not isinstance(raw, dict):
+        raise UserError("a config file must be a YAML mapping of sections (name, data, model, ...)")
+    cfg = Config()
+    valid = all_keys()
+    for top, value in raw.items():
+        if top == "name":
+            cfg.name = _coerce("name", value, str)
+            continue
+        if top not in SECTIONS:
+            raise _unknown(str(top), valid)
+        if not isinstance(value, dict):
+            raise UserError(f"config section {top!r} must be a mapping, got {value!r}")
+        section = getattr(cfg, top)
+        hints = get_type_hints(type(section))
+        for key, v in value.items():
+            dotted = f"{top}.{key}"
+            if key not in hints:
+                raise _unknown(dotted, valid)
+            setattr(section, key, _coerce(dotted, v, hints[key]))
+    return cfg
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"--set {item!r} must look like section.key=value")
+        dotted, text = item.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            raise UserError(f"--set {dotted}: value {text!r} is not valid YAML") from None
+        parts = dotted.strip().split(".")
+        if dotted.strip() not in all_keys():
+            raise _unknown(dotted.strip(), all_keys())
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """YAML file (optional), then overrides, then validation. Raises UserError on any problem."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {str(p)!r} not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file {str(p)!r} is not valid YAML{where}") from None
+    cfg = config_from_dict(apply_overrides(raw, overrides or []))
+    return cfg.validate() if validate else cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_keys() -> str:
+    """All keys with their defaults and docs, for --help."""
+    lines = [f"  name = {Config().name!r}: {Config.__dataclass_fields__['name'].metadata['doc']}"]
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {section}.{f.name} = {default!r}: {f.metadata['doc']}")
+    return "\n".join(lines)

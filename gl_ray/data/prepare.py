@@ -1,0 +1,201 @@
+"""`gl-ray prepare`: corpus -> tokenizer -> Parquet token shards + manifest (format: gl_ray.data.manifest).
+
+Tokenization runs as a Ray Data pipeline (`from_items(files) -> map_batches(tokenize)`) so it scales out on
+a cluster; the driver consumes the results in file order, splits train/val by a hash of each document's key,
+and writes shards as they fill. Nothing is half-written: a local DEST is built in a temp folder and renamed
+into place; on S3 the manifest goes last and a failed run deletes what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gl_ray import storage
+from gl_ray.data.corpus import list_source, read_documents, stable_hash
+from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
+from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
+from gl_ray.errors import UserError
+
+TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
+ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py", ".txt.gz", ".md.gz", ".rst.gz", ".py.gz")  # one document per file
+
+
+def tokenize_files(batch: dict, tokenizer_json: str, eos_id: int) -> pa.Table:
+    """Ray Data batch function: file uris in, one row per document out (key, input_ids, replaced)."""
+    keys, texts, replaced = [], [], []
+    for uri in batch["uri"]:
+        for key, text, bad in read_documents(str(uri)):
+            keys.append(key)
+            texts.append(text)
+            replaced.append(bad)
+    ids = encode_documents(texts, tokenizer_json, eos_id)
+    return pa.table({"key": pa.array(keys, pa.string()),
+                     "input_ids": pa.array(ids, pa.list_(pa.int32())),
+                     "empty": pa.array([not t.strip() for t in texts], pa.bool_()),
+                     "replaced": pa.array(replaced, pa.int64())})
+
+
+class ShardWriter:
+    """Collects documents of one split and writes shard-NNNNN.parquet files of about shard_tokens each."""
+
+    def __init__(self, out_dir: str, split: str, shard_tokens: int):
+        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+        self.docs: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        self.docs.append(ids)
+        self.pending_tokens += len(ids)
+        if self.pending_tokens >= self.shard_tokens:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.docs:
+            return
+        rel = f"{self.split}/shard-{len(self.shards):05d}.parquet"
+        table = pa.table({"input_ids": pa.array(self.docs, pa.list_(pa.int32())),
+                          "num_tokens": pa.array([len(d) for d in self.docs], pa.int32())}, schema=SHARD_SCHEMA)
+        uri = storage.join(self.out_dir, rel)
+        fs, path = storage.resolve(uri)
+        if not storage.is_s3(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            pq.write_table(table, path, filesystem=fs, write_statistics=True)
+        except OSError as e:
+            raise storage._explain(uri, e) from None
+        self.shards.append({"path": rel, "rows": len(self.docs), "tokens": self.pending_tokens})
+        self.docs, self.pending_tokens = [], 0
+
+    def summary(self) -> dict:
+        return {"documents": sum(s["rows"] for s in self.shards), "tokens": sum(s["tokens"] for s in self.shards),
+                "shards": self.shards}
+
+
+def _resolve_tokenizer(spec: str, files: list[str], max_docs: int):
+    if spec.startswith("train:"):
+        try:
+            vocab = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise UserError(f"--tokenizer {spec!r}: expected train:VOCAB with an integer VOCAB") from None
+
+        def texts():
+            seen_bytes, seen_docs = 0, 0
+            for uri in files:
+                for _, text, _ in read_documents(uri):
+                    yield text
+                    seen_bytes += len(text)
+                    seen_docs += 1
+                    if seen_bytes >= TRAIN_TOKENIZER_MAX_BYTES or (max_docs and seen_docs >= max_docs):
+                        return
+
+        return train_bpe(texts(), vocab)
+    return load_tokenizer(spec)
+
+
+def _upload_dir(local: str, dest: str) -> None:
+    for p in sorted(Path(local).rglob("*")):
+        if p.is_file():
+            storage.write_bytes(storage.join(dest, str(p.relative_to(local))), p.read_bytes())
+
+
+def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: float = 0.01,
+            shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
+            overwrite: bool = False) -> dict:
+    """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input."""
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    if shard_tokens <= 0 or max_docs < 0:
+        raise UserError("--shard-tokens must be positive and --max-docs >= 0")
+    if storage.exists(storage.join(out, "manifest.json")) and not overwrite:
+        raise UserError(f"{out!r} already holds a dataset; pass --overwrite or choose another --out")
+    if not storage.is_s3(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise UserError(f"{out!r} exists and is not empty; choose another --out")
+    if storage.is_s3(out):
+        storage.check_writable(out)
+    files = list_source(source)
+    if max_docs:
+        files = files[:max_docs] if all(f.endswith(ONE_DOC_EXTS) for f in files) else files
+    tok = _resolve_tokenizer(tokenizer, files, max_docs)
+    eos_id = int(tok.eos_token_id)
+
+    staging = out if storage.is_s3(out) else f"{Path(out).resolve()}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        manifest = _write_dataset(files, tok, eos_id, staging, source, val_fraction, shard_tokens, max_docs,
+                                  address)
+    except BaseException:
+        if storage.is_s3(out):
+            for split in SPLITS + ("tokenizer",):
+                storage.delete_dir(storage.join(out, split))
+        else:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not storage.is_s3(out):
+        final = Path(out).resolve()
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+    return manifest
+
+
+def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, max_docs, address) -> dict:
+    import ray
+
+    from gl_ray.ray_utils import ensure_ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        _upload_dir(tmp, storage.join(out, "tokenizer"))
+    ensure_ray(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # documents come back in file order: reruns are identical
+    tokenizer_json = tok.backend_tokenizer.to_str()
+    ds = ray.data.from_items([{"uri": f} for f in files]).map_batches(
+        tokenize_files, batch_size=16, batch_format="numpy",
+        fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id})
+
+    writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
+    docs = replaced = skipped = 0
+    try:
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for key, ids, empty, bad in zip(batch.column("key").to_pylist(), batch.column("input_ids"),
+                                            batch.column("empty").to_pylist(), batch.column("replaced").to_pylist()):
+                if max_docs and docs >= max_docs:
+                    break
+                replaced += bad
+                if empty:
+                    skipped += 1
+                    continue
+                docs += 1
+                split = "val" if stable_hash(key) < val_fraction else "train"
+                writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
+            if max_docs and docs >= max_docs:
+                break
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise
+    for w in writers.values():
+        w.flush()
+    if not writers["train"].shards:
+        raise UserError(f"source {source!r} yielded no non-empty training documents")
+    if val_fraction > 0 and not writers["val"].shards:
+        raise UserError(f"no document of {docs} fell into the val split; raise --val-fraction or add documents")
+    manifest = {
+        "format": FORMAT, "tokenizer": "tokenizer", "vocab_size": len(tok), "eos_token_id": eos_id,
+        "source": source, "replaced_chars": replaced, "skipped_empty": skipped,
+        "splits": {s: w.summary() for s, w in writers.items()},
+    }
+    storage.write_bytes(storage.join(out, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    return manifest

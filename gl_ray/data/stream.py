@@ -1,0 +1,131 @@
+"""Reading the token stream of a prepared dataset (no Ray): stage rows for training, blocks for evaluation.
+
+    stream = get_stream("data/stdlib", "train", seed=0)
+    rows = stream.rows(np.array([0, 128, 256]), seq_len=128)   # int32 [3, 128]
+    for batch in stage_batches(stream, plan, stage_index=1, rank=0, start_step=0): ...
+
+`stage_batches` is the Ray-free twin of `gl_ray.data.pipeline.stage_dataset`: both yield the same rows in the
+same order (see gl_ray.data.packing for the layout).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
+from gl_ray.data.packing import row_token_starts, stream_segments
+from gl_ray.schedule import Plan
+
+_SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the default 16M tokens)
+
+
+class TokenStream:
+    """The token stream of one split: manifest order for epoch 0, seeded reshuffles after."""
+
+    def __init__(self, root: str, split: str, seed: int = 0):
+        self.manifest = load_manifest(root)
+        self.split, self.seed = split, seed
+        self.shards = self.manifest.shards(split)
+        lengths = [np.asarray(read_shard_lengths(sh, self.manifest.vocab_size), dtype=np.int64)
+                   for sh in self.shards]
+        self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        self.doc_offsets = np.concatenate([[0], np.cumsum(self.doc_lengths)[:-1]]).astype(np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum([sh.tokens for sh in self.shards])]).astype(np.int64)
+        self.tokens = int(self.shard_starts[-1])
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._orders: dict = {}
+
+    def _shard(self, i: int) -> np.ndarray:
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        arr = read_shard_tokens(self.shards[i], self.manifest.vocab_size).to_numpy(zero_copy_only=False)
+        self._cache[i] = arr
+        while len(self._cache) > _SHARDS_CACHED:
+            self._cache.popitem(last=False)
+        return arr
+
+    def _read_flat(self, a: int, b: int) -> np.ndarray:
+        """Tokens [a, b) of the manifest-order concatenation of all shards."""
+        out = []
+        i = int(np.searchsorted(self.shard_starts, a, side="right")) - 1
+        while a < b:
+            s0, s1 = int(self.shard_starts[i]), int(self.shard_starts[i + 1])
+            hi = min(b, s1)
+            out.append(self._shard(i)[a - s0: hi - s0])
+            a, i = hi, i + 1
+        return out[0] if len(out) == 1 else np.concatenate(out)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Stream tokens [start, stop); wraps into later epochs past the end of the split."""
+        if self.tokens == 0:
+            raise ValueError(f"the {self.split} split is empty")
+        segs = stream_segments(self.doc_lengths, self.doc_offsets, start, stop, self.seed, self._orders)
+        parts = [self._read_flat(a, a + n) for a, n in segs]
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int32, copy=False)
+
+    def rows(self, starts: np.ndarray, seq_len: int) -> np.ndarray:
+        """Rows of seq_len tokens beginning at each stream offset in starts: int32 [len(starts), seq_len]."""
+        out = np.empty((len(starts), seq_len), dtype=np.int32)
+        i = 0
+        while i < len(starts):  # read runs of back-to-back rows in one go
+            j = i + 1
+            while j < len(starts) and starts[j] == starts[j - 1] + seq_len:
+                j += 1
+            out[i:j] = self.read(int(starts[i]), int(starts[j - 1]) + seq_len).reshape(j - i, seq_len)
+            i = j
+        return out
+
+
+_STREAMS: dict[tuple, TokenStream] = {}
+
+
+def get_stream(root: str, split: str, seed: int = 0) -> TokenStream:
+    """A per-process cached TokenStream (Ray Data tasks reuse it across batches)."""
+    key = (root, split, seed)
+    if key not in _STREAMS:
+        _STREAMS[key] = TokenStream(root, split, seed)
+    return _STREAMS[key]
+
+
+def stage_row_args(plan: Plan, stage_index: int, rank: int, start_step: int) -> dict:
+    """Keyword arguments of row_token_starts for one worker's rows of a stage."""
+    st = plan.stages[stage_index]
+    return dict(stage_start_token=st.start_token, seq_len=st.seq_len, sequences_per_step=st.sequences_per_step,
+                rows_per_rank_step=st.micro_batch * st.grad_accum, rank=rank, start_step=start_step)
+
+
+def fetch_rows(batch: dict[str, np.ndarray], root: str, seed: int, row_args: dict) -> dict[str, np.ndarray]:
+    """Ray Data batch function: row numbers ("id") in, packed rows ("input_ids": int32 [n, seq_len]) out."""
+    starts = row_token_starts(np.asarray(batch["id"], dtype=np.int64), **row_args)
+    return {"input_ids": get_stream(root, "train", seed).rows(starts, row_args["seq_len"])}
+
+
+def stage_num_rows(plan: Plan, stage_index: int, start_step: int) -> int:
+    st = plan.stages[stage_index]
+    return max(0, st.steps - start_step) * st.micro_batch * st.grad_accum
+
+
+def stage_batches(stream: TokenStream, plan: Plan, stage_index: int, rank: int, start_step: int
+                  ) -> Iterator[np.ndarray]:
+    """Micro batches (int32 [micro_batch, seq_len]) of one worker for a stage, from start_step on, without Ray."""
+    st = plan.stages[stage_index]
+    args = stage_row_args(plan, stage_index, rank, start_step)
+    for first in range(0, stage_num_rows(plan, stage_index, start_step), st.micro_batch):
+        rows = np.arange(first, first + st.micro_batch)
+        yield stream.rows(row_token_starts(rows, **args), st.seq_len)
+
+
+def stage_accounting(plan: Plan, corpus_tokens: int) -> list[dict]:
+    """Per stage: the stream slice it reads and its tokens read, packed and dropped (dropped is 0 by design:
+    every stage slice is a whole number of rows), and which epochs of the corpus it spans."""
+    out = []
+    for st in plan.stages:
+        a, b = st.start_token, st.start_token + st.tokens
+        out.append({"stage": st.index, "seq_len": st.seq_len, "stream_start": a, "stream_stop": b,
+                    "tokens_read": st.tokens, "tokens_packed": st.tokens, "tokens_dropped": 0,
+                    "epochs": [a // corpus_tokens, max(a, b - 1) // corpus_tokens] if corpus_tokens else None})
+    return out

@@ -1,0 +1,57 @@
+"""Tokenizers for `gl-ray prepare`: train a byte-level BPE on the corpus, or load an HF tokenizer.
+
+SPEC: `train:VOCAB` (byte-level BPE with <|endoftext|> = 0 and <|padding|> = 1, like GPT-NeoX), a local HF
+tokenizer folder, or a hub name (loaded with AutoTokenizer; needs network).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from gl_ray.errors import UserError
+
+EOS, PAD = "<|endoftext|>", "<|padding|>"
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    if vocab_size < 300:
+        raise UserError(f"--tokenizer train:{vocab_size}: vocab must be at least 300 (256 bytes + merges)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS,
+                                   pad_token=PAD)
+
+
+def load_tokenizer(spec: str) -> PreTrainedTokenizerFast:
+    """A local folder or hub name; must be a fast tokenizer with an EOS token."""
+    try:
+        tok = AutoTokenizer.from_pretrained(spec)
+    except Exception as e:  # transformers raises OSError/ValueError/HTTP errors for a bad name or folder
+        where = "folder" if Path(spec).exists() else "name (local folder not found; hub unreachable or unknown)"
+        raise UserError(f"cannot load tokenizer {spec!r}: bad {where}: {str(e).splitlines()[0][:200]}") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"tokenizer {spec!r} is not a fast (tokenizers-backed) tokenizer")
+    if tok.eos_token_id is None:
+        raise UserError(f"tokenizer {spec!r} has no eos token; every document must end with one")
+    return tok
+
+
+_BACKENDS: dict[int, Tokenizer] = {}
+
+
+def encode_documents(texts: list[str], tokenizer_json: str, eos_id: int) -> list[np.ndarray]:
+    """Token ids (int32) of each text with EOS appended. Caches the backend per process."""
+    key = hash(tokenizer_json)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = Tokenizer.from_str(tokenizer_json)
+    encs = _BACKENDS[key].encode_batch(texts, add_special_tokens=False)
+    return [np.array(e.ids + [eos_id], dtype=np.int32) for e in encs]

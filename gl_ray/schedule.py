@@ -1,0 +1,221 @@
+"""GrowLength stage planner and learning-rate schedule: pure functions of plain values (no Ray, no torch).
+
+Units: `tokens` are token counts, `steps` are optimizer steps, `seqs` are sequences (rows of `seq_len`
+tokens). Every stage keeps the same `tokens_per_step`, so a stage of length L runs tokens_per_step / L
+sequences per optimizer step, split over the workers and, within a worker, over gradient-accumulation micro
+batches of at most `micro_batch_tokens` tokens.
+
+Token budget: optimizer steps are shared out by the ratios (largest remainder, every stage at least one
+step); a budget that is not a whole number of steps leaves `unplanned_tokens` (< one step) untrained, and the
+plan says so. Time budget: stage k runs until elapsed wall time reaches the cumulative share of
+`budget_time_s`; its data slice is its share of a token cap (`budget_tokens`, else the corpus size).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from gl_ray.errors import UserError
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    seq_len: int
+    sequences_per_step: int  # global, all workers together
+    micro_batch: int  # sequences per forward pass per worker
+    grad_accum: int  # micro batches per optimizer step per worker
+    steps: int  # optimizer steps (an upper bound in time mode)
+    tokens: int  # steps * tokens_per_step
+    start_step: int  # optimizer steps before this stage
+    start_token: int  # tokens before this stage (offset of its slice in the train stream)
+    time_s: float  # wall-time share in time mode, else 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[Stage, ...]
+    tokens_per_step: int
+    world_size: int
+    total_tokens: int
+    total_steps: int
+    budget_tokens: int
+    budget_time_s: float
+    unplanned_tokens: int  # budget tokens that do not fill a whole optimizer step: not trained
+
+    @property
+    def time_mode(self) -> bool:
+        return self.budget_time_s > 0
+
+    @property
+    def final_len(self) -> int:
+        return self.stages[-1].seq_len
+
+    def stage_at_step(self, step: int) -> Stage:
+        """The stage that optimizer step `step` (0-based, global) belongs to."""
+        for st in self.stages:
+            if step < st.start_step + st.steps:
+                return st
+        raise ValueError(f"step {step} is past the plan ({self.total_steps} steps)")
+
+    def to_json(self) -> dict:
+        keys = ("index", "seq_len", "sequences_per_step", "micro_batch", "grad_accum", "steps", "tokens")
+        out = {
+            "stages": [{k: asdict(s)[k] for k in keys} | ({"time_s": s.time_s} if self.time_mode else {})
+                       for s in self.stages],
+            "total_tokens": self.total_tokens,
+            "total_steps": self.total_steps,
+            "tokens_per_step": self.tokens_per_step,
+            "world_size": self.world_size,
+            "unplanned_tokens": self.unplanned_tokens,
+        }
+        if self.time_mode:
+            out["budget_time_s"] = self.budget_time_s
+        return out
+
+
+def normalise_ratios(lengths: list[int], ratios: list[float]) -> list[float]:
+    """Ratios as given (checked), or equal shares when empty."""
+    if not ratios:
+        return [1.0 / len(lengths)] * len(lengths)
+    if len(ratios) != len(lengths):
+        raise UserError(f"schedule.ratios has {len(ratios)} entries but schedule.lengths has {len(lengths)}")
+    for i, r in enumerate(ratios):
+        if not isinstance(r, (int, float)) or isinstance(r, bool) or not r > 0:
+            raise UserError(f"schedule.ratios[{i}]={r!r} must be a positive number")
+    if abs(sum(ratios) - 1.0) > 1e-6:
+        raise UserError(f"schedule.ratios {ratios} sum to {sum(ratios):.6g}, not 1")
+    return [float(r) for r in ratios]
+
+
+def check_lengths(lengths: list[int]) -> None:
+    if not lengths:
+        raise UserError("schedule.lengths is empty; give at least one length, e.g. [1024]")
+    for i, L in enumerate(lengths):
+        if not isinstance(L, int) or isinstance(L, bool) or L <= 0 or L % 8:
+            raise UserError(f"schedule.lengths[{i}]={L!r} must be a positive multiple of 8")
+    for a, b in zip(lengths, lengths[1:]):
+        if b <= a:
+            raise UserError(f"schedule.lengths {lengths} must be strictly increasing ({a} then {b})")
+
+
+def split_steps(total_steps: int, ratios: list[float]) -> list[int]:
+    """Whole optimizer steps per stage in proportion to ratios (largest remainder; ties go to later stages)."""
+    ideal = [r * total_steps for r in ratios]
+    steps = [math.floor(x + 1e-9) for x in ideal]
+    order = sorted(range(len(ratios)), key=lambda i: (ideal[i] - steps[i], i), reverse=True)
+    for i in order[: total_steps - sum(steps)]:
+        steps[i] += 1
+    return steps
+
+
+def micro_batch_for(seqs_per_worker: int, seq_len: int, micro_batch_tokens: int) -> int:
+    """Largest divisor of seqs_per_worker whose tokens fit micro_batch_tokens (so grad_accum is whole)."""
+    limit = micro_batch_tokens // seq_len
+    return max(d for d in range(1, min(limit, seqs_per_worker) + 1) if seqs_per_worker % d == 0)
+
+
+def plan_stages(
+    lengths: list[int],
+    ratios: list[float],
+    tokens_per_step: int,
+    micro_batch_tokens: int,
+    num_workers: int,
+    budget_tokens: int = 0,
+    budget_time_s: float = 0.0,
+    cap_tokens: int = 0,
+) -> Plan:
+    """The stage plan. `num_workers=0` means one process without Ray (world size 1).
+
+    In time mode (`budget_time_s > 0`) step counts are upper bounds sized from `budget_tokens`, else from
+    `cap_tokens` (the corpus size, when the caller knows it), else they are 0 (unknown until the run).
+    """
+    check_lengths(lengths)
+    ratios = normalise_ratios(lengths, ratios)
+    if budget_tokens < 0 or budget_time_s < 0:
+        raise UserError("schedule.budget_tokens and schedule.budget_time_s must be >= 0")
+    if budget_tokens == 0 and budget_time_s == 0:
+        raise UserError("set a budget: schedule.budget_tokens or schedule.budget_time_s")
+    world = max(1, num_workers)
+    shapes = []
+    for k, L in enumerate(lengths):
+        if tokens_per_step % L:
+            raise UserError(f"stage {k}: schedule.tokens_per_step={tokens_per_step} is not divisible by "
+                            f"seq_len {L}")
+        seqs = tokens_per_step // L
+        if seqs % world:
+            raise UserError(f"stage {k}: {seqs} sequences per step (seq_len {L}) do not split evenly over "
+                            f"{world} workers; change schedule.tokens_per_step or ray.num_workers")
+        if micro_batch_tokens < L:
+            raise UserError(f"stage {k}: train.micro_batch_tokens={micro_batch_tokens} is smaller than one "
+                            f"sequence of {L} tokens")
+        mb = micro_batch_for(seqs // world, L, micro_batch_tokens)
+        shapes.append((L, seqs, mb, seqs // world // mb))
+
+    time_mode = budget_time_s > 0
+    token_budget = budget_tokens if budget_tokens > 0 else (cap_tokens if time_mode else 0)
+    total_steps = token_budget // tokens_per_step
+    if not time_mode and total_steps < len(lengths):
+        raise UserError(f"schedule.budget_tokens={budget_tokens} is smaller than one optimizer step "
+                        f"({tokens_per_step} tokens) per stage for {len(lengths)} stages")
+    steps = split_steps(total_steps, ratios) if total_steps else [0] * len(lengths)
+    if not time_mode and min(steps) == 0:
+        k = steps.index(0)
+        raise UserError(f"stage {k} gets no optimizer step: schedule.ratios[{k}]={ratios[k]} of "
+                        f"{total_steps} steps; raise the budget or that ratio")
+    stages, step0 = [], 0
+    for k, ((L, seqs, mb, ga), n) in enumerate(zip(shapes, steps)):
+        stages.append(Stage(k, L, seqs, mb, ga, n, n * tokens_per_step, step0, step0 * tokens_per_step,
+                            ratios[k] * budget_time_s))
+        step0 += n
+    total_tokens = step0 * tokens_per_step
+    return Plan(tuple(stages), tokens_per_step, world, total_tokens, step0, budget_tokens, budget_time_s,
+                unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0)
+
+
+def make_plan(cfg, cap_tokens: int = 0) -> Plan:
+    """The plan of a Config (see gl_ray.config)."""
+    s = cfg.schedule
+    return plan_stages(list(s.lengths), list(s.ratios), s.tokens_per_step, cfg.train.micro_batch_tokens,
+                       cfg.ray.num_workers, s.budget_tokens, s.budget_time_s, cap_tokens)
+
+
+def lr_at(tokens_seen: int, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int,
+          time_frac: float | None = None) -> float:
+    """Learning rate after `tokens_seen` tokens: linear warmup, then cosine from lr to min_lr.
+
+    The cosine runs over tokens after warmup up to `total_tokens`, or, in time mode, over `time_frac`
+    (elapsed / budget_time_s). A function of tokens (or time) alone, so it is continuous across stage
+    switches whatever their lengths.
+    """
+    warm = min(1.0, tokens_seen / warmup_tokens) if warmup_tokens > 0 else 1.0
+    if time_frac is None:
+        span = max(1, total_tokens - warmup_tokens)
+        frac = (tokens_seen - warmup_tokens) / span
+    else:
+        frac = time_frac
+    frac = min(1.0, max(0.0, frac))
+    return warm * (min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * frac)))
+
+
+def format_plan(plan: Plan) -> str:
+    """A human table of the plan."""
+    head = f"{'stage':>5} {'seq_len':>7} {'seqs/step':>9} {'micro':>5} {'accum':>5} {'steps':>7} {'tokens':>13}"
+    if plan.time_mode:
+        head += f" {'time_s':>8}"
+    rows = [head]
+    for s in plan.stages:
+        row = (f"{s.index:>5} {s.seq_len:>7} {s.sequences_per_step:>9} {s.micro_batch:>5} {s.grad_accum:>5} "
+               f"{s.steps:>7} {s.tokens:>13,}")
+        if plan.time_mode:
+            row += f" {s.time_s:>8.1f}"
+        rows.append(row)
+    rows.append(f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens, "
+                f"{plan.tokens_per_step:,} tokens/step, world size {plan.world_size}")
+    if plan.unplanned_tokens:
+        rows.append(f"remainder: {plan.unplanned_tokens:,} budget tokens (less than one step) are not trained")
+    if plan.time_mode:
+        rows.append(f"time budget {plan.budget_time_s:g} s: stages switch at their time share; step counts "
+                    "are caps from the token budget or corpus size")
+    return "\n".join(rows)

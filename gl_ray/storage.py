@@ -1,0 +1,137 @@
+"""Local and S3 storage behind one small API (pyarrow.fs), with errors a user can act on.
+
+A location is a local path or `s3://bucket/prefix`. S3 uses the usual AWS chain (env vars, profile, instance
+role); `AWS_ENDPOINT_URL` points it at another endpoint (MinIO, moto). Credentials never enter messages.
+
+    fs, path = resolve("s3://bucket/run")
+    write_bytes("s3://bucket/run/summary.json", b"{}")
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from gl_ray.errors import UserError
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def s3_filesystem() -> pafs.S3FileSystem:
+    kwargs: dict = {"region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, rest = endpoint.partition("://")
+        kwargs.update(endpoint_override=rest or scheme, scheme=scheme if rest else "https")
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it). Local paths become absolute."""
+    if is_s3(uri):
+        return s3_filesystem(), uri[len("s3://"):].rstrip("/")
+    if "://" in uri:
+        raise UserError(f"unsupported location scheme in {uri!r}; use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base.rstrip("/"), *parts) if is_s3(base) else str(Path(base, *parts))
+
+
+def _explain(uri: str, err: Exception) -> UserError:
+    """Turn a storage exception into one line that names the location, never the credentials."""
+    text = str(err)
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "the specified bucket does not exist" in low:
+        return UserError(f"S3 bucket of {uri!r} does not exist; create it or fix the path")
+    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied",
+                              "forbidden", "credentials", "expiredtoken")):
+        return UserError(f"S3 refused access to {uri!r}: check AWS credentials (AWS_ACCESS_KEY_ID / profile / role)")
+    if isinstance(err, PermissionError) or "permission denied" in low:
+        return UserError(f"no permission to write or read {uri!r}")
+    if isinstance(err, FileNotFoundError):
+        return UserError(f"{uri!r} not found")
+    first = text.splitlines()[0] if text else type(err).__name__
+    return UserError(f"storage error at {uri!r}: {first}")
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as e:
+        raise _explain(uri, e) from None
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (OSError, FileNotFoundError) as e:
+        raise _explain(uri, e) from None
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole object: atomic on local disk (temp file + rename), single PUT on S3."""
+    fs, path = resolve(uri)
+    try:
+        if is_s3(uri):
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise _explain(uri, e) from None
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        fs.create_dir(path, recursive=True)
+    except OSError as e:
+        raise _explain(uri, e) from None
+
+
+def delete_dir(uri: str) -> None:
+    fs, path = resolve(uri)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+    except OSError as e:
+        raise _explain(uri, e) from None
+
+
+def list_dir(uri: str) -> list[str]:
+    """Names (not paths) directly under uri; empty if it does not exist."""
+    fs, path = resolve(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise _explain(uri, e) from None
+    return sorted(posixpath.basename(i.path) for i in infos)
+
+
+def check_writable(uri: str) -> None:
+    """Fail early, with one line, if uri cannot be written (missing bucket, bad credentials, read-only disk)."""
+    probe = join(uri, f".gl-ray-write-probe-{uuid.uuid4().hex[:8]}")
+    fs, path = resolve(probe)
+    try:
+        if not is_s3(uri):
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_output_stream(path) as f:
+            f.write(b"ok")
+        fs.delete_file(path)
+    except OSError as e:
+        raise _explain(uri, e) from None

@@ -1,0 +1,1 @@
+"""Runnable entrypoints for `ray job submit` (python -m pipelines.<name>) and their run configs."""
