@@ -177,7 +177,7 @@ def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, 
                     skipped += 1
                     continue
                 docs += 1
-                split = "val" if stable_hash(key) < val_fraction else "train"
+                split = "val" if stable_hash("split:" + key) < val_fraction else "train"
                 writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
             if max_docs and docs >= max_docs:
                 break

@@ -1,0 +1,1 @@
+"""Data: corpus -> tokenizer -> Parquet token shards, and per-stage packed rows."""

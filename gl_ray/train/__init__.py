@@ -1,0 +1,1 @@
+"""Training: the loop (Ray-free), checkpoints, outputs, and the Ray Train layers."""

@@ -1,0 +1,74 @@
+"""`gl-ray train`: validate everything, write RUN/config.yaml and plan.json, train (with or without Ray), print
+the summary. Running the same command again with the same name resumes from the newest good checkpoint.
+
+    summary = train(load_config("pipelines/configs/tiny-growlength.yaml"))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from gl_ray import storage
+from gl_ray.config import Config, dump_config, load_config
+from gl_ray.data.stream import get_stream, stage_accounting
+from gl_ray.errors import UserError
+from gl_ray.schedule import format_plan, make_plan
+from gl_ray.train.outputs import format_summary
+
+
+def run_uri_of(cfg: Config) -> str:
+    base = cfg.ray.storage_path if storage.is_s3(cfg.ray.storage_path) else os.path.abspath(cfg.ray.storage_path)
+    return storage.join(base, cfg.name)
+
+
+def train(cfg: Config, address: str | None = None, quiet: bool = False) -> dict:
+    """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
+    resource is claimed."""
+    say = (lambda *_: None) if quiet else print
+    train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
+    val = get_stream(cfg.data.path, "val")
+    plan = make_plan(cfg, cap_tokens=train_stream.tokens)
+    if plan.time_mode and plan.total_steps < len(plan.stages):
+        raise UserError(f"time mode: the token cap ({train_stream.tokens:,} train tokens) gives fewer than one "
+                        "step per stage; set schedule.budget_tokens or use more data")
+    if val.tokens < plan.final_len:
+        raise UserError(f"val split of {cfg.data.path!r} has {val.tokens} tokens, fewer than one row of the final "
+                        f"length {plan.final_len}; prepare with a larger --val-fraction")
+    run_uri = run_uri_of(cfg)
+    storage.check_writable(run_uri)
+    plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}, indent=1)
+    plan_uri = storage.join(run_uri, "plan.json")
+    if storage.exists(plan_uri) and json.loads(storage.read_bytes(plan_uri))["stages"] != plan.to_json()["stages"]:
+        raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
+                        f"(see its config.yaml) or choose a new name")
+    storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
+    storage.write_bytes(plan_uri, plan_doc.encode())
+    say(format_plan(plan))
+    say(f"run folder: {run_uri}")
+
+    if cfg.ray.num_workers == 0:
+        from gl_ray.train.loop import local_io
+        from gl_ray.train.worker import train_worker
+
+        io = local_io(cfg, plan, train_stream, run_uri, report=lambda m: None)
+        train_worker(cfg, plan, run_uri, io, print_progress=not quiet)
+    else:
+        from gl_ray.ray_utils import ensure_ray
+        from gl_ray.train.ray_train import fit
+
+        local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
+        ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
+        fit(cfg, plan, run_uri, cap_tokens=train_stream.tokens)
+    summary = json.loads(storage.read_bytes(storage.join(run_uri, "summary.json")))
+    say(format_summary(summary))
+    say(f"final model: {storage.join(run_uri, 'final')}")
+    return summary
+
+
+def train_from_args(config_path: str | None, overrides: list[str], no_ray: bool = False,
+                    address: str | None = None) -> dict:
+    """Entry point of `gl-ray train` and `python -m pipelines.pretrain`."""
+    if no_ray:
+        overrides = [*overrides, "ray.num_workers=0"]
+    return train(load_config(config_path, overrides), address=address)

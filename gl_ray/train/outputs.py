@@ -1,0 +1,120 @@
+"""What a run leaves in RUN = {ray.storage_path}/{name}, besides its checkpoints.
+
+    config.yaml     resolved config (no secrets: the config holds none; credentials come from the environment)
+    plan.json       the stage plan and per-stage data accounting
+    metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
+                    data_wait_frac, elapsed_s (+ val_loss, val_loss_final_len when evaluated); each step once,
+                    even across resumes
+    summary.json    tokens, steps, wall_s, final_val_loss, final_val_loss_final_len,
+                    stages: [{seq_len, tokens, steps, wall_s, tokens_per_s}]
+    final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gl_ray import storage
+from gl_ray.schedule import Plan
+from gl_ray.train.checkpoint import TrainState
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl. On (re)start, lines past the resumed step are dropped, so a step is never logged
+    twice. Local files are appended; S3 objects are rewritten whole (S3 has no append)."""
+
+    def __init__(self, run_uri: str, resume_step: int):
+        self.uri = storage.join(run_uri, "metrics.jsonl")
+        self.lines: list[str] = []
+        if storage.exists(self.uri):
+            for line in storage.read_bytes(self.uri).decode().splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        self.lines.append(line)
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a torn last line from a killed writer
+        storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
+
+    def append(self, metrics: dict) -> None:
+        line = json.dumps(metrics)
+        self.lines.append(line)
+        if storage.is_s3(self.uri):
+            storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
+        else:
+            with open(self.uri, "a") as f:
+                f.write(line + "\n")
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    uri = storage.join(run_uri, "metrics.jsonl")
+    if not storage.exists(uri):
+        return []
+    return [json.loads(ln) for ln in storage.read_bytes(uri).decode().splitlines() if ln.strip()]
+
+
+def progress_line(m: dict) -> str:
+    """stage i/n, L, tokens done/total, loss, tokens/s, ETA."""
+    total, done, rate = m.get("total_tokens", 0), m["tokens"], m["tokens_per_s"]
+    eta = datetime.timedelta(seconds=int((total - done) / rate)) if total and rate > 0 else "?"
+    val = f" val {m['val_loss']:.3f}/{m['val_loss_final_len']:.3f}@Lmax" if "val_loss" in m else ""
+    return (f"[gl-ray] stage {m['stage'] + 1}/{m.get('num_stages', '?')} L={m['seq_len']} "
+            f"tokens {done:,}/{total:,} ({100 * done / max(1, total):.0f}%) loss {m['loss']:.4f}{val} "
+            f"lr {m['lr']:.2e} {rate:,.0f} tok/s wait {100 * m['data_wait_frac']:.1f}% ETA {eta}")
+
+
+def export_final(run_uri: str, model: torch.nn.Module, tokenizer_uri: str) -> str:
+    """Save RUN/final/ as a plain HF folder (model + the dataset's tokenizer)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    final = storage.join(run_uri, "final")
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        for name in storage.list_dir(tokenizer_uri):
+            (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(tokenizer_uri, name)))
+        storage.delete_dir(final)
+        for p in sorted(Path(tmp).iterdir()):
+            storage.write_bytes(storage.join(final, p.name), p.read_bytes())
+    return final
+
+
+def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val: dict) -> dict:
+    stages = []
+    for st in plan.stages:
+        ms = [m for m in metrics if m["stage"] == st.index]
+        steps = _stage_steps(metrics, st.index)  # every stage end is logged
+        wall = state.stage_wall_s[st.index] if st.index < len(state.stage_wall_s) else 0.0
+        tokens = steps * plan.tokens_per_step
+        stages.append({"seq_len": st.seq_len, "tokens": tokens, "steps": steps, "wall_s": round(wall, 3),
+                       "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+                       "loss": ms[-1]["loss"] if ms else None})
+    return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3),
+            "final_val_loss": final_val.get("val_loss"), "final_val_loss_final_len": final_val.get("val_loss_final_len"),
+            "stages": stages}
+
+
+def _stage_steps(metrics: list[dict], stage: int) -> int:
+    """Optimizer steps of a stage: its last logged step minus the last logged step before it."""
+    ends: dict[int, int] = {}
+    for m in metrics:
+        ends[m["stage"]] = max(ends.get(m["stage"], 0), m["step"])
+    prev = max((v for k, v in ends.items() if k < stage), default=0)
+    return ends.get(stage, prev) - prev
+
+
+def format_summary(summary: dict) -> str:
+    rows = [f"{'stage':>5} {'seq_len':>7} {'tokens':>13} {'steps':>7} {'wall_s':>8} {'tokens/s':>10} {'loss':>8}"]
+    for i, s in enumerate(summary["stages"]):
+        loss = f"{s['loss']:.4f}" if s.get("loss") is not None else "-"
+        rows.append(f"{i:>5} {s['seq_len']:>7} {s['tokens']:>13,} {s['steps']:>7} {s['wall_s']:>8.1f} "
+                    f"{s['tokens_per_s']:>10,.0f} {loss:>8}")
+    v, vf = summary.get("final_val_loss"), summary.get("final_val_loss_final_len")
+    rows.append(f"total: {summary['tokens']:,} tokens, {summary['steps']} steps, {summary['wall_s']:.1f} s; "
+                f"val loss {v if v is None else round(v, 4)} (current L), {vf if vf is None else round(vf, 4)} "
+                "(final L)")
+    return "\n".join(rows)
