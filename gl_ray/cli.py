@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from gl_ray.errors import EXIT_USER_ERROR, UserError
+from gl_ray.errors import EXIT_USER_ERROR, UserError, find_user_error
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -91,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except UserError as e:
-        print(f"gl-ray {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:  # a user error may arrive wrapped by Ray; anything else is a bug: traceback
+        user = e if isinstance(e, UserError) else find_user_error(e)
+        if user is None:
+            raise
+        print(f"gl-ray {args.command}: error: {user}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print(f"gl-ray {args.command}: interrupted", file=sys.stderr)

@@ -174,6 +174,12 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     }[typ]
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
+    if typ in (int, float) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            num = float(value)
+            value = int(num) if typ is int and num.is_integer() else num
+        except ValueError:
+            pass
     if value is None and typ is list:
         value = []
     if not ok(value):

@@ -16,3 +16,21 @@ class UserError(Exception):
     def __str__(self) -> str:
         # Always one line, whatever the caller passed in.
         return " ".join(super().__str__().split())
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception that crossed a Ray boundary (task, actor, Train worker), if any."""
+    import re
+
+    stack, seen = [exc], set()
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    m = re.search(r"gl_ray\.errors\.UserError: ([^\n]*)", str(exc))
+    return UserError(m.group(1)) if m else None

@@ -73,7 +73,7 @@ def exists(uri: str) -> bool:
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.read()
     except (OSError, FileNotFoundError) as e:
         raise _explain(uri, e) from None
@@ -84,7 +84,7 @@ def write_bytes(uri: str, data: bytes) -> None:
     fs, path = resolve(uri)
     try:
         if is_s3(uri):
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ def check_writable(uri: str) -> None:
     try:
         if not is_s3(uri):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with fs.open_output_stream(path) as f:
+        with fs.open_output_stream(path, compression=None) as f:
             f.write(b"ok")
         fs.delete_file(path)
     except OSError as e:

@@ -23,7 +23,7 @@ from gl_ray import storage
 from gl_ray.data.corpus import list_source, read_documents, stable_hash
 from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
-from gl_ray.errors import UserError
+from gl_ray.errors import UserError, find_user_error
 
 TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
 ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py", ".txt.gz", ".md.gz", ".rst.gz", ".py.gz")  # one document per file
@@ -181,11 +181,11 @@ def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, 
                 writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
             if max_docs and docs >= max_docs:
                 break
-    except ray.exceptions.RayTaskError as e:
-        cause = getattr(e, "cause", None)
-        if isinstance(cause, UserError):
-            raise UserError(str(cause)) from None
-        raise
+    except ray.exceptions.RayError as e:
+        user = find_user_error(e)
+        if user is None:
+            raise
+        raise user from None
     for w in writers.values():
         w.flush()
     if not writers["train"].shards:

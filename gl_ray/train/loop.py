@@ -19,6 +19,7 @@ from gl_ray.data.stream import TokenStream
 from gl_ray.model import build_model, lm_loss, position_ids
 from gl_ray.schedule import Plan, lr_at
 from gl_ray.train.checkpoint import TrainState
+from gl_ray.train.faults import maybe_fail
 
 
 @dataclass
@@ -110,6 +111,7 @@ def run_training(cfg: Config, plan: Plan, vocab_size: int, eos_id: int, io: Work
         win_t0, win_tokens, win_wait, win_loss, win_steps = time.perf_counter(), 0, 0.0, 0.0, 0
         time_end = sum(s.time_s for s in plan.stages[: st.index + 1])
         while state.stage_step < st.steps:
+            maybe_fail(state.step, io.rank)
             elapsed = elapsed0 + time.perf_counter() - t_start
             lr = lr_at(state.tokens + plan.tokens_per_step, cfg.optim.lr, cfg.optim.min_lr,
                        cfg.optim.warmup_tokens, plan.total_tokens,

@@ -8,6 +8,7 @@ step, and the worker checks that the first row it gets is the step it restored.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 
@@ -80,6 +81,7 @@ def train_fn(config: dict) -> None:
     from gl_ray.train.loop import WorkerIO
     from gl_ray.train.worker import train_worker
 
+    os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
     cfg = config_from_dict(config["cfg"])
     plan = make_plan(cfg, cap_tokens=config["cap_tokens"])
     run_uri = config["run_uri"]
@@ -137,7 +139,7 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from gl_ray.errors import UserError
+    from gl_ray.errors import find_user_error
     from gl_ray.train.outputs import progress_line
 
     class Progress(ray.train.UserCallback):
@@ -153,7 +155,8 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
         storage_kwargs = {"storage_path": str(storage.resolve(run_uri)[1]).rsplit("/", 1)[0]}
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "cap_tokens": cap_tokens},
+        train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "cap_tokens": cap_tokens,
+                           "fault_env": {k: v for k, v in os.environ.items() if k.startswith("GL_RAY_FAIL_")}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -166,9 +169,7 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as e:
-        failures = getattr(e, "worker_failures", {}) or {}
-        for exc in failures.values():
-            text = str(exc)
-            if "UserError" in text or isinstance(exc, UserError):
-                raise UserError(text.strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
-        raise
+        user = find_user_error(e)
+        if user is None:
+            raise
+        raise user from None

@@ -1,0 +1,29 @@
+"""Test-only fault injection, off unless its environment variables are set.
+
+    GL_RAY_FAIL_AT_STEP=N    fail when N optimizer steps are done, before step N+1
+    GL_RAY_FAIL_RANK=R       on this rank only (default 0)
+    GL_RAY_FAIL_MODE=raise   raise InjectedFault (default), or `exit` to kill the process (os._exit(1))
+    GL_RAY_FAIL_MARKER=PATH  fail only once: skip if PATH exists, else create it and fail
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def maybe_fail(steps_done: int, rank: int) -> None:
+    at = os.environ.get("GL_RAY_FAIL_AT_STEP")
+    if at is None or int(at) != steps_done or int(os.environ.get("GL_RAY_FAIL_RANK", "0")) != rank:
+        return
+    marker = os.environ.get("GL_RAY_FAIL_MARKER")
+    if marker:
+        if os.path.exists(marker):
+            return
+        open(marker, "w").close()
+    if os.environ.get("GL_RAY_FAIL_MODE") == "exit":
+        os._exit(1)
+    raise InjectedFault(f"injected failure after step {steps_done} on rank {rank}")

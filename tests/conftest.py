@@ -1,0 +1,51 @@
+"""Shared fixtures: one local Ray instance and one tiny stdlib dataset for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NEOX_TOKENIZER = SHARED / "data" / "tokenizers" / "gpt-neox-20b"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for every test that needs Ray (4 logical CPUs: see the Ray Data deadlock note)."""
+    import ray
+
+    from gl_ray.ray_utils import ensure_ray
+
+    ensure_ray(None, num_cpus=4)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_data(ray_local, tmp_path_factory) -> str:
+    """A small dataset prepared from the stdlib corpus: ~120 documents, BPE vocab 1024, several shards."""
+    from gl_ray.data.prepare import prepare
+
+    out = str(tmp_path_factory.mktemp("data") / "stdlib")
+    prepare("stdlib", out, tokenizer="train:1024", val_fraction=0.2, shard_tokens=60_000, max_docs=120)
+    return out
+
+
+def tiny_overrides(data: str, storage: str, name: str, **extra) -> list[str]:
+    """--set overrides for a seconds-long tiny run: two stages (32 -> 64), 1024 tokens per step."""
+    sets = {
+        "name": name, "data.path": data, "ray.storage_path": storage, "model.preset": "tiny",
+        "model.max_position_embeddings": 128, "schedule.lengths": "[32,64]", "schedule.ratios": "[0.5,0.5]",
+        "schedule.tokens_per_step": 1024, "schedule.budget_tokens": 16384, "train.micro_batch_tokens": 512,
+        "train.log_every_steps": 1, "train.checkpoint_every_tokens": 4096, "train.eval_every_tokens": 8192,
+        "train.keep_checkpoints": 10, "data.eval_tokens": 2048, "optim.warmup_tokens": 2048, "optim.lr": 3e-3,
+        "ray.num_workers": 0,
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]

@@ -1,0 +1,97 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gl_ray.config import apply_overrides, config_from_dict, describe_keys, load_config
+from gl_ray.errors import UserError
+from gl_ray.schedule import make_plan
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    names = {p.stem for p in CONFIGS}
+    for size in ("70m", "160m", "410m"):
+        assert {f"pythia-{size}-growlength", f"pythia-{size}-fixed128", f"pythia-{size}-fixed1024"} <= names
+    assert "tiny-growlength" in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_plans(path):
+    cfg = load_config(path)
+    plan = make_plan(cfg)
+    assert plan.total_tokens == cfg.schedule.budget_tokens
+    assert plan.final_len == cfg.schedule.lengths[-1] <= cfg.model.max_position_embeddings
+    assert cfg.name == path.stem
+
+
+def test_overrides_are_parsed_as_yaml():
+    raw = apply_overrides({}, ["schedule.lengths=[64,128]", "schedule.ratios=[0.5, 0.5]", "optim.lr=1e-3",
+                               "ray.use_gpu=true", "name=abc"])
+    cfg = config_from_dict(raw)
+    assert cfg.schedule.lengths == [64, 128] and cfg.optim.lr == 1e-3 and cfg.ray.use_gpu is True
+    assert cfg.name == "abc"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["schedule.lenghts=[64]"], "did you mean 'schedule.lengths'"),
+    (["optim.lr=fast"], "expects float"),
+    (["schedule.lengths=64"], "expects list"),
+    (["model.max_position_embeddings=256"], "exceeds model.max_position_embeddings"),
+    (["model.position_mode=rope"], "extrapolate | interpolate | pose"),
+    (["model.preset=gpt5"], "unknown"),
+    (["train.micro_batch_tokens=0"], "must be positive"),
+    (["optim.min_lr=1"], "above optim.lr"),
+    (["schedule.lengths"], "section.key=value"),
+])
+def test_bad_values_are_one_line_user_errors(overrides, needle):
+    with pytest.raises(UserError, match=needle) as e:
+        load_config(CONFIGS[0], overrides)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_yaml_key_in_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\noptim:\n  weight_decy: 1\n")
+    with pytest.raises(UserError, match="unknown config key 'optim.weight_decy'; did you mean 'optim.weight_decay'"):
+        load_config(p)
+    p.write_text("name: x\nsched:\n  lengths: [64]\n")
+    with pytest.raises(UserError, match="did you mean 'schedule"):
+        load_config(p)
+    p.write_text("name: [unclosed\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_documented():
+    text = describe_keys()
+    for key in ("schedule.lengths", "schedule.budget_time_s", "train.micro_batch_tokens", "ray.num_workers",
+                "model.position_mode", "data.path", "optim.warmup_tokens"):
+        assert key in text
+    assert all(": " in line and line.split(": ", 1)[1].strip() for line in text.splitlines())
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "gl_ray", *args], capture_output=True, text=True, **kw)
+
+
+def test_cli_plan_json_and_help():
+    r = run_cli("plan", "--config", str(CONFIGS[0]), "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+
+    j = json.loads(r.stdout)
+    assert j["total_tokens"] == sum(s["tokens"] for s in j["stages"])
+    h = run_cli("plan", "--help")
+    assert "schedule.tokens_per_step" in h.stdout and "ray.num_workers" in h.stdout
+
+
+def test_cli_bad_config_exits_2_with_one_line():
+    r = run_cli("plan", "--config", str(CONFIGS[0]), "--set", "schedule.ratios=[0.3,0.3]")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "schedule.ratios" in r.stderr

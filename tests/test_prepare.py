@@ -1,0 +1,187 @@
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import NEOX_TOKENIZER
+from gl_ray.data.manifest import load_manifest
+from gl_ray.data.prepare import prepare
+from gl_ray.data.stream import TokenStream
+from gl_ray.errors import UserError
+
+
+def test_stdlib_dataset_is_valid_and_accounted(tiny_data):
+    m = json.loads((Path(tiny_data) / "manifest.json").read_text())
+    assert m["format"] == "gl-ray-shards/1" and m["tokenizer"] == "tokenizer"
+    for split in ("train", "val"):
+        s = m["splits"][split]
+        assert s["tokens"] == sum(sh["tokens"] for sh in s["shards"]) > 0
+        assert s["documents"] == sum(sh["rows"] for sh in s["shards"])
+        for sh in s["shards"]:
+            t = pq.read_table(Path(tiny_data) / sh["path"])
+            assert t.schema.field("input_ids").type == pa.list_(pa.int32())
+            ids = t.column("input_ids").to_pylist()
+            assert len(ids) == sh["rows"] and sum(map(len, ids)) == sh["tokens"]
+            assert all(doc[-1] == m["eos_token_id"] for doc in ids)  # every document ends with EOS
+            assert max(max(doc) for doc in ids) < m["vocab_size"]
+    assert len(m["splits"]["train"]["shards"]) > 1
+    tok = AutoTokenizer.from_pretrained(Path(tiny_data) / "tokenizer")
+    assert tok.eos_token_id == m["eos_token_id"] and len(tok) == m["vocab_size"]
+
+
+def test_prepare_is_deterministic(tiny_data, tmp_path):
+    again = tmp_path / "again"
+    prepare("stdlib", str(again), tokenizer="train:1024", val_fraction=0.2, shard_tokens=60_000, max_docs=120)
+    a = json.loads((Path(tiny_data) / "manifest.json").read_text())
+    b = json.loads((again / "manifest.json").read_text())
+    assert a == b
+    for sh in a["splits"]["train"]["shards"]:
+        assert pq.read_table(Path(tiny_data) / sh["path"]).equals(pq.read_table(again / sh["path"]))
+
+
+def test_text_jsonl_parquet_gz_sources_with_the_pythia_tokenizer(ray_local, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("Hello world")
+    (src / "b.md.gz").write_bytes(gzip.compress(b"# Title\nsome markdown"))
+    (src / "c.jsonl").write_text(json.dumps({"text": "first"}) + "\n\n" + json.dumps({"text": "second"}) + "\n")
+    pq.write_table(pa.table({"text": ["row one", "row two", ""]}), src / "d.parquet")
+    (src / "e.txt").write_bytes(b"caf\xe9 latin-1")  # not UTF-8: replaced and counted
+    (src / "ignored.bin").write_bytes(b"\x00")
+    out = tmp_path / "out"
+    m = prepare(str(src), str(out), tokenizer=str(NEOX_TOKENIZER), val_fraction=0.0)
+    assert m["vocab_size"] == 50277 and m["eos_token_id"] == 0
+    assert m["splits"]["train"]["documents"] == 7 and m["skipped_empty"] == 1
+    assert m["replaced_chars"] == 1
+    ids = [d for sh in m["splits"]["train"]["shards"]
+           for d in pq.read_table(out / sh["path"]).column("input_ids").to_pylist()]
+    assert [12092, 1533, 0] in ids  # "Hello world" + EOS with the real Pythia tokenizer
+
+
+@pytest.mark.parametrize("source, needle", [
+    ("/nonexistent/corpus", "does not exist"),
+    ("ftp://host/x", "unknown scheme"),
+    ("hf:wikitext", "hub datasets"),
+])
+def test_bad_sources(tmp_path, source, needle):
+    with pytest.raises(UserError, match=needle):
+        prepare(source, str(tmp_path / "o"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_corpus_leaves_nothing_behind(ray_local, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("   \n")
+    with pytest.raises(UserError, match="no non-empty"):
+        prepare(str(src), str(tmp_path / "o"), tokenizer=str(NEOX_TOKENIZER))
+    assert not list(tmp_path.glob("o*"))
+    (src / "b.py").write_text("")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no document files"):
+        prepare(str(empty), str(tmp_path / "o"))
+
+
+def test_refuses_to_overwrite(tiny_data):
+    with pytest.raises(UserError, match="already holds a dataset"):
+        prepare("stdlib", tiny_data)
+
+
+def _copy(tiny_data, tmp_path) -> Path:
+    import shutil
+
+    dst = tmp_path / "ds"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def _manifest(ds: Path) -> dict:
+    return json.loads((ds / "manifest.json").read_text())
+
+
+def _save(ds: Path, m: dict) -> None:
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
+def test_bad_datasets_are_named(tiny_data, tmp_path):
+    ds = _copy(tiny_data, tmp_path)
+    first = ds / _manifest(ds)["splits"]["train"]["shards"][0]["path"]
+    TokenStream(str(ds), "train")  # the copy is good
+
+    first.write_bytes(first.read_bytes()[:100])  # corrupt shard
+    with pytest.raises(UserError, match=f"shard .*{first.name}.* not a readable Parquet"):
+        TokenStream(str(ds), "train")
+    first.unlink()  # missing shard
+    with pytest.raises(UserError, match=f"{first.name}.* is missing"):
+        TokenStream(str(ds), "train")
+
+
+def test_manifest_mismatches(tiny_data, tmp_path):
+    ds = _copy(tiny_data, tmp_path)
+    good = _manifest(ds)
+    m = json.loads(json.dumps(good))
+    m["splits"]["train"]["shards"][0]["tokens"] += 1
+    m["splits"]["train"]["tokens"] += 1
+    _save(ds, m)
+    with pytest.raises(UserError, match="shard-00000.parquet.* holds .* tokens but the manifest says"):
+        TokenStream(str(ds), "train")
+    m = json.loads(json.dumps(good))
+    m["splits"]["train"]["tokens"] += 5
+    _save(ds, m)
+    with pytest.raises(UserError, match="differ from the sum over its shards"):
+        load_manifest(str(ds))
+    m = json.loads(json.dumps(good))
+    m["splits"]["train"]["shards"][0]["path"] = "../../etc/passwd"
+    _save(ds, m)
+    with pytest.raises(UserError, match="escapes the dataset folder"):
+        load_manifest(str(ds))
+    m = json.loads(json.dumps(good))
+    m["vocab_size"] = 10  # ids in the shards now exceed the vocab
+    _save(ds, m)
+    with pytest.raises(UserError, match="token ids outside"):
+        TokenStream(str(ds), "train")
+    (ds / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_manifest(str(ds))
+    with pytest.raises(UserError, match="manifest.json missing"):
+        load_manifest(str(tmp_path / "nothing"))
+
+
+def test_wrong_column_type(tiny_data, tmp_path):
+    ds = _copy(tiny_data, tmp_path)
+    m = _manifest(ds)
+    sh = ds / m["splits"]["train"]["shards"][0]["path"]
+    t = pq.read_table(sh)
+    bad = pa.table({"input_ids": t.column("input_ids").cast(pa.list_(pa.int64())), "num_tokens": t["num_tokens"]})
+    pq.write_table(bad, sh)
+    with pytest.raises(UserError, match="column 'input_ids' is list<.*int64.*expected list<.*int32"):
+        TokenStream(str(ds), "train")
+
+
+def test_cli_prepare_bad_input_exit_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "prepare", "--source", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+    assert "does not exist" in r.stderr
+
+
+def test_token_stream_reads_documents_in_order(tiny_data):
+    s = TokenStream(tiny_data, "train")
+    m = _manifest(Path(tiny_data))
+    flat = np.concatenate([np.concatenate(pq.read_table(Path(tiny_data) / sh["path"]).column("input_ids")
+                                          .to_pylist()) for sh in m["splits"]["train"]["shards"]])
+    assert s.tokens == len(flat) == m["splits"]["train"]["tokens"]
+    assert s.read(0, s.tokens).tolist() == flat.tolist()
+    assert s.read(100, 5000).tolist() == flat[100:5000].tolist()  # crosses shard boundaries
+    nxt = s.read(s.tokens, 2 * s.tokens)  # the second epoch: the same tokens, reshuffled by document
+    assert sorted(nxt.tolist()) == sorted(flat.tolist()) and nxt.tolist() != flat.tolist()
+    rows = s.rows(np.array([0, 64, 10_000]), 64)
+    assert rows.tolist() == [flat[0:64].tolist(), flat[64:128].tolist(), flat[10_000:10_064].tolist()]
