@@ -1,0 +1,136 @@
+"""The training loop without Ray (ray.num_workers: 0): plan adherence, exact resume, outputs, bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from gl_ray.config import load_config
+from gl_ray.errors import UserError
+from gl_ray.schedule import make_plan
+from gl_ray.train.driver import train
+from gl_ray.train.faults import InjectedFault
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict:
+    return load_file(run / "final" / "model.safetensors")
+
+
+def run_tiny(data, storage, name, **extra):
+    cfg = load_config(None, tiny_overrides(data, str(storage), name, **extra))
+    return cfg, train(cfg, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    cfg, summary = run_tiny(tiny_data, storage, "base")
+    return cfg, summary, storage / "base"
+
+
+def test_run_follows_the_plan(baseline):
+    cfg, summary, run = baseline
+    plan = make_plan(cfg)
+    ms = metrics(run)
+    assert [m["step"] for m in ms] == list(range(1, plan.total_steps + 1))  # log_every_steps=1: each step once
+    for m in ms:
+        st = plan.stage_at_step(m["step"] - 1)
+        assert (m["stage"], m["seq_len"]) == (st.index, st.seq_len)
+        assert m["tokens"] == m["step"] * plan.tokens_per_step
+        assert m["loss"] > 0 and 0 <= m["data_wait_frac"] <= 1 and m["tokens_per_s"] > 0
+    assert summary["tokens"] == plan.total_tokens and summary["steps"] == plan.total_steps
+    assert [s["tokens"] for s in summary["stages"]] == [s.tokens for s in plan.stages]
+    assert ms[-1]["loss"] < ms[0]["loss"]  # it learns
+    evals = [m for m in ms if "val_loss" in m]
+    assert len(evals) == 2 and summary["final_val_loss_final_len"] == evals[-1]["val_loss_final_len"]
+    assert {"config.yaml", "plan.json", "metrics.jsonl", "summary.json", "final"} <= {p.name for p in run.iterdir()}
+    # checkpoints every 4096 tokens (4 steps) and at stage ends
+    assert sorted(p.name for p in run.glob("checkpoint_step-*")) == \
+        [f"checkpoint_step-{s:07d}" for s in (4, 8, 12, 16)]
+
+
+def test_final_model_loads_and_generates(baseline):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, run = baseline
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tok = AutoTokenizer.from_pretrained(run / "final")
+    x = tok("def main():", return_tensors="pt")
+    out = model.generate(**x, max_new_tokens=5, do_sample=False, pad_token_id=tok.eos_token_id)
+    assert out.shape[1] == x["input_ids"].shape[1] + 5
+    assert isinstance(tok.decode(out[0]), str)
+
+
+@pytest.mark.parametrize("fail_at, mode", [(6, "extrapolate"), (8, "extrapolate"), (9, "pose")],
+                         ids=["mid-stage", "stage-boundary", "after-boundary-pose"])
+def test_interrupted_run_resumes_exactly(tiny_data, tmp_path, baseline, monkeypatch, fail_at, mode):
+    """Stop after `fail_at` steps, rerun the same command: same later batches, same losses, same weights."""
+    _, _, base_run = baseline
+    if mode != "extrapolate":  # a reference of this mode, uninterrupted
+        run_tiny(tiny_data, tmp_path, "ref", **{"model.position_mode": mode})
+        base_run = tmp_path / "ref"
+    monkeypatch.setenv("GL_RAY_FAIL_AT_STEP", str(fail_at))
+    with pytest.raises(InjectedFault):
+        run_tiny(tiny_data, tmp_path, "cut", **{"model.position_mode": mode})
+    monkeypatch.delenv("GL_RAY_FAIL_AT_STEP")
+    run_tiny(tiny_data, tmp_path, "cut", **{"model.position_mode": mode})
+    got, want = metrics(tmp_path / "cut"), metrics(base_run)
+    assert [m["step"] for m in got] == [m["step"] for m in want]  # no step lost or logged twice
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+    wa, wb = weights(tmp_path / "cut"), weights(base_run)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_position_modes_train(tiny_data, tmp_path):
+    for mode in ("interpolate", "pose"):
+        _, summary = run_tiny(tiny_data, tmp_path, f"pm-{mode}", **{"model.position_mode": mode,
+                                                                      "schedule.budget_tokens": 4096})
+        assert summary["final_val_loss_final_len"] > 0
+
+
+def test_time_budget_mode_switches_stages(tiny_data, tmp_path):
+    cfg, summary = run_tiny(tiny_data, tmp_path, "timed", **{"schedule.budget_time_s": 4, "schedule.budget_tokens": 0})
+    ms = metrics(tmp_path / "timed")
+    assert [m["stage"] for m in ms] == sorted(m["stage"] for m in ms)  # stages in order
+    assert ms[-1]["elapsed_s"] < 4 + 5  # stops near the budget (one step of slack, plus eval)
+    assert summary["steps"] == ms[-1]["step"]
+
+
+def test_resuming_with_a_different_plan_is_refused(baseline, tiny_data):
+    _, _, run = baseline
+    with pytest.raises(UserError, match="different plan"):
+        run_tiny(tiny_data, run.parent, "base", **{"schedule.lengths": "[64]", "schedule.ratios": "[1.0]"})
+
+
+def test_bad_training_input(tiny_data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="no permission|storage error|not a directory|exists"):
+        run_tiny(tiny_data, blocker, "x")
+    with pytest.raises(UserError, match="manifest.json missing"):
+        run_tiny(str(tmp_path / "nodata"), tmp_path, "x")
+    from gl_ray.data.stream import get_stream
+
+    big = (get_stream(tiny_data, "val").tokens // 8 + 1) * 8  # one row longer than the whole val split
+    with pytest.raises(UserError, match="fewer than one row"):
+        run_tiny(tiny_data, tmp_path, "x", **{"schedule.lengths": f"[{big}]", "schedule.ratios": "[1]",
+                                               "model.max_position_embeddings": big, "schedule.tokens_per_step": big,
+                                               "schedule.budget_tokens": big, "train.micro_batch_tokens": big})
+    assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_cli_train_bad_input_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "train", "--config",
+                        "pipelines/configs/tiny-growlength.yaml", "--set", f"data.path={tmp_path}/none", "--no-ray"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
