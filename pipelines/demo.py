@@ -15,7 +15,7 @@ DATA = "data/stdlib"
 
 def demo(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.demo")
-    p.add_argument("--max-docs", type=int, default=1500, help="stdlib documents to prepare (0: all)")
+    p.add_argument("--max-docs", type=int, default=0, help="stdlib documents to prepare (0: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
     if not (Path(DATA) / "manifest.json").exists():

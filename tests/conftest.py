@@ -16,7 +16,42 @@ NEOX_TOKENIZER = SHARED / "data" / "tokenizers" / "gpt-neox-20b"
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def s3_server():
+    """A real S3 HTTP endpoint in-process (moto) on 127.0.0.1, with fake credentials in the environment.
+
+    Started before Ray so that Ray's worker processes inherit AWS_ENDPOINT_URL and the credentials."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def bucket(s3_server, request) -> str:
+    """A fresh bucket per test."""
+    import uuid
+
+    import boto3
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
     """One local Ray instance for every test that needs Ray (4 logical CPUs: see the Ray Data deadlock note)."""
     import ray
 

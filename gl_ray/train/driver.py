@@ -26,6 +26,8 @@ def train(cfg: Config, address: str | None = None, quiet: bool = False) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
     resource is claimed."""
     say = (lambda *_: None) if quiet else print
+    if not storage.is_s3(cfg.data.path):  # workers do not share the driver's working directory
+        cfg.data.path = os.path.abspath(cfg.data.path)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
     val = get_stream(cfg.data.path, "val")
     plan = make_plan(cfg, cap_tokens=train_stream.tokens)

@@ -8,9 +8,11 @@ step, and the worker checks that the first row it gets is the step it restored.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+import threading
 
 import numpy as np
 
@@ -71,6 +73,50 @@ def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
     return {dataset_name(k, r): make(k, r) for k in range(first, len(plan.stages)) for r in range(plan.world_size)}
 
 
+
+class StageWarmer:
+    """Opens a stage's batch iterator and fetches its first batch in a background thread, so that the start-up
+    of a stage's Ray Data pipeline overlaps the training of the stage before it."""
+
+    def __init__(self, open_stage):
+        self.open_stage = open_stage
+        self.pending: dict[int, tuple[threading.Thread, dict]] = {}
+
+    def start(self, stage: int) -> None:
+        if stage in self.pending:
+            return
+        box: dict = {}
+
+        def run():
+            try:
+                box["it"] = self.open_stage(stage)
+                box["first"] = next(box["it"], None)
+            except BaseException as e:  # re-raised in the training thread by take()
+                box["error"] = e
+
+        thread = threading.Thread(target=run, name=f"gl-ray-warm-stage{stage}", daemon=True)
+        thread.start()
+        self.pending[stage] = (thread, box)
+
+    def take(self, stage: int):
+        self.start(stage)
+        thread, box = self.pending.pop(stage)
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        if box["first"] is not None:
+            yield box["first"]
+            yield from box["it"]
+
+
+def quiet_ray_logs() -> None:
+    """Per-report and per-dataset INFO lines from the workers drown the progress lines."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    for name in ("ray.data", "ray.train", train_context.__file__):  # that module logs under its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_fn(config: dict) -> None:
     """Ray Train per-worker function (train_loop_per_worker)."""
     import ray.train
@@ -82,22 +128,32 @@ def train_fn(config: dict) -> None:
     from gl_ray.train.worker import train_worker
 
     os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
+    quiet_ray_logs()
     cfg = config_from_dict(config["cfg"])
     plan = make_plan(cfg, cap_tokens=config["cap_tokens"])
     run_uri = config["run_uri"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
 
-    def batches(stage: int, start_step: int):
+    def open_stage(stage: int):
         st = plan.stages[stage]
-        it = ray.train.get_dataset_shard(dataset_name(stage, rank))
-        first = True
-        for b in it.iter_batches(batch_size=st.micro_batch, batch_format="numpy", drop_last=True,
-                                 prefetch_batches=cfg.data.prefetch_batches):
-            if first and int(b["step"][0]) != start_step:
+        return iter(ray.train.get_dataset_shard(dataset_name(stage, rank)).iter_batches(
+            batch_size=st.micro_batch, batch_format="numpy", drop_last=True,
+            prefetch_batches=cfg.data.prefetch_batches))
+
+    warm = StageWarmer(open_stage)
+    names = [dataset_name(k, rank) for k in range(len(plan.stages))]
+    first_stage = next((k for k, n in enumerate(names) if n in config["dataset_names"]), None)
+    if first_stage is not None:
+        warm.start(first_stage)  # Ray Data starts up while the model is built and restored
+
+    def batches(stage: int, start_step: int):
+        if stage + 1 < len(plan.stages):
+            warm.start(stage + 1)  # the next stage's pipeline starts while this one trains
+        for i, b in enumerate(warm.take(stage)):
+            if i == 0 and int(b["step"][0]) != start_step:
                 raise RuntimeError(f"stage {stage} data starts at step {int(b['step'][0])}, but the restored "
                                    f"checkpoint is at step {start_step}")
-            first = False
             yield b["input_ids"]
 
     def report(metrics: dict, checkpoint=None) -> None:
@@ -153,9 +209,11 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
         storage_kwargs = {"storage_path": path.rsplit("/", 1)[0], "storage_filesystem": fs}
     else:
         storage_kwargs = {"storage_path": str(storage.resolve(run_uri)[1]).rsplit("/", 1)[0]}
+    datasets = stage_datasets(cfg, plan, run_uri)
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "cap_tokens": cap_tokens,
+                           "dataset_names": sorted(datasets),
                            "fault_env": {k: v for k, v in os.environ.items() if k.startswith("GL_RAY_FAIL_")}},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
@@ -163,7 +221,7 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
             name=cfg.name, **storage_kwargs, callbacks=[Progress()],
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets=stage_datasets(cfg, plan, run_uri),
+        datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
     try:
