@@ -24,6 +24,9 @@ from gl_ray.train.checkpoint import checkpoint_name, find_resume_checkpoint, lis
     save_checkpoint
 
 
+WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
+
+
 def dataset_name(stage: int, rank: int) -> str:
     return f"stage{stage}_rank{rank}"
 
@@ -148,12 +151,17 @@ def train_fn(config: dict) -> None:
         warm.start(first_stage)  # Ray Data starts up while the model is built and restored
 
     def batches(stage: int, start_step: int):
-        if stage + 1 < len(plan.stages):
-            warm.start(stage + 1)  # the next stage's pipeline starts while this one trains
+        # warm the next stage a few steps before this one ends: earlier, its pipeline would run ahead and take
+        # CPU from training; later, its start-up would show as data wait
+        st = plan.stages[stage]
+        left = stage_num_rows(plan, stage, start_step) // st.micro_batch
+        warm_at = left - WARM_STEPS_AHEAD * st.grad_accum
         for i, b in enumerate(warm.take(stage)):
             if i == 0 and int(b["step"][0]) != start_step:
                 raise RuntimeError(f"stage {stage} data starts at step {int(b['step'][0])}, but the restored "
                                    f"checkpoint is at step {start_step}")
+            if i == max(0, warm_at) and stage + 1 < len(plan.stages):
+                warm.start(stage + 1)
             yield b["input_ids"]
 
     def report(metrics: dict, checkpoint=None) -> None:
