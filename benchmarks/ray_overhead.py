@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 
@@ -27,11 +28,12 @@ def steady_tokens_per_s(run_uri: str) -> dict[int, float]:
 
 
 def measure(data: str, preset: str, budget: int, workers: int, storage: str) -> dict[int, float]:
+    # Ray gives a worker OMP_NUM_THREADS = its CPUs: reserve every core so both runs use the same threads
     name = f"{preset}-w{workers}"
     cfg = load_config("pipelines/configs/tiny-growlength.yaml", [
         f"name={name}", f"data.path={data}", f"ray.storage_path={storage}", f"model.preset={preset}",
         f"schedule.budget_tokens={budget}", f"ray.num_workers={workers}", "train.log_every_steps=2",
-        "train.eval_every_tokens=0", "train.checkpoint_every_tokens=0"])
+        "train.eval_every_tokens=0", "train.checkpoint_every_tokens=0", f"ray.cpus_per_worker={os.cpu_count()}"])
     train(cfg, quiet=True)
     return steady_tokens_per_s(f"{storage}/{name}")
 

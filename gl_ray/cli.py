@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from gl_ray.errors import EXIT_USER_ERROR, UserError, find_user_error
 
@@ -55,6 +56,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gl_ray.evaluate import evaluate_models, format_eval
+    from gl_ray.plots import plot_eval
+
+    res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), args.max_tokens,
+                          device=args.device)
+    out = args.out or "eval.json"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=1))
+    png = plot_eval(res, str(Path(out).with_suffix(".png")))
+    print(format_eval(res))
+    print(f"wrote {out} and {png}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from gl_ray.bench import format_bench, parse_size, run_bench
+    from gl_ray.plots import plot_bench
+
+    res = run_bench(args.preset, _ints(args.lengths, "--lengths"), args.tokens_per_step, args.micro_batch_tokens,
+                    args.device, args.dtype, args.steps, args.warmup, args.memory_micro_batch,
+                    parse_size(args.memory_budget) if args.memory_budget else 0, args.vocab_size, args.peak_tflops)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{args.preset}-{res['device']}"
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
+    table = format_bench(res)
+    (out / f"{stem}.md").write_text(f"# {args.preset} on {res['device_name']}\n\n{table}\n")
+    plot_bench(res, str(out / f"{stem}.png"))
+    print(table)
+    print(f"wrote {out}/{stem}.json, .md, .png")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from gl_ray.report import build_report, format_report
+
+    rep = build_report(args.runs, args.out, smooth=args.smooth)
+    print(format_report(rep))
+    print(f"wrote {args.out}/report.md, report.json and PNGs")
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 128,256,512") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(prog="gl-ray", description="GrowLength pretraining on Ray.")
@@ -84,7 +135,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="run in one process without Ray (same as ray.num_workers=0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of trained models at each context length (no Ray)")
+    p.add_argument("--model", action="append", required=True, help="HF model folder, e.g. RUN/final (repeatable)")
+    p.add_argument("--data", required=True, help="prepared dataset (its val split is used)")
+    p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated context lengths")
+    p.add_argument("--max-tokens", type=int, default=262144, help="val tokens used at every length")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default=None, help="JSON output (a PNG is written beside it); default eval.json")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="time, memory and max batch per length: the paper's Tables 1-3 (no Ray)")
+    p.add_argument("--preset", default="pythia-160m", help="model preset")
+    p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated sequence lengths")
+    p.add_argument("--tokens-per-step", type=int, default=65536, help="tokens per optimizer step (Table 1)")
+    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per forward pass (Table 1)")
+    p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cpu | cuda")
+    p.add_argument("--dtype", default="bf16", help="bf16 (autocast, GPU) | fp32")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per length (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per length")
+    p.add_argument("--memory-micro-batch", type=int, default=8, help="sequences per micro batch for Table 2")
+    p.add_argument("--memory-budget", default=None, help="memory budget for Table 3, e.g. 16GiB (off if unset)")
+    p.add_argument("--vocab-size", type=int, default=50304, help="embedding rows (Pythia: 50304)")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--out", default="bench", help="output folder")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="compare runs: loss vs time/tokens, per-stage table, time to common loss")
+    p.add_argument("runs", nargs="+", help="run folders ({storage_path}/{name}), local or s3://")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--smooth", type=int, default=5, help="reports in the running mean of the training loss")
+    p.set_defaults(func=cmd_report)
     return parser
+
+
+def _has_cuda() -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

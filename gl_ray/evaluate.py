@@ -1,0 +1,101 @@
+"""`gl-ray eval`: loss and perplexity of trained models on the val split at each context length.
+
+The paper's context-window-extension test (its Figure 4): every length cuts the *same* tokens into
+non-overlapping windows (the first `max_tokens` val tokens, rounded down to a multiple of the longest length),
+including lengths beyond the lengths a model was trained at. No Ray.
+
+    res = evaluate_models(["runs/a/final"], "data/stdlib", [128, 256, 512, 1024])
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gl_ray.data.stream import TokenStream
+from gl_ray.errors import UserError
+from gl_ray.model import lm_loss
+
+
+def load_model(path: str, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"--model {path!r} is not a Hugging Face model folder (config.json missing); "
+                        "pass a run's final/ folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, device: torch.device) -> tuple[float, int]:
+    """Mean next-token loss over non-overlapping windows of seq_len; returns (loss, windows)."""
+    n = len(tokens) // seq_len
+    rows = torch.from_numpy(np.array(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
+    mb = max(1, batch_tokens // seq_len)
+    total = 0.0
+    for i in range(0, n, mb):
+        x = rows[i: i + mb].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            total += float(lm_loss(model, x)) * len(x)
+    return total / n, n
+
+
+def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens: int = 262144,
+                    batch_tokens: int = 16384, device: str = "auto") -> dict:
+    if not lengths or any(L <= 1 for L in lengths):
+        raise UserError(f"--lengths {lengths} must be lengths > 1")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    val = TokenStream(data, "val")
+    longest = max(lengths)
+    usable = min(max_tokens, val.tokens) // longest * longest
+    if usable == 0:
+        raise UserError(f"the val split of {data!r} has {val.tokens} tokens, fewer than one window of {longest}")
+    tokens = val.read(0, usable)
+    out: dict = {"data": data, "tokens": usable, "lengths": sorted(lengths), "models": {}}
+    for path in models:
+        model = load_model(path, dev)
+        if model.config.vocab_size < val.manifest.vocab_size:
+            raise UserError(f"model {path!r} has vocab {model.config.vocab_size}, smaller than the dataset's "
+                            f"{val.manifest.vocab_size}: it was trained on another tokenizer")
+        rows = {}
+        for L in sorted(lengths):
+            loss, windows = window_loss(model, tokens, L, batch_tokens, dev)
+            rows[str(L)] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "windows": windows,
+                            "beyond_trained": L > _trained_len(path)}
+        out["models"][model_label(path)] = rows
+    return out
+
+
+def _trained_len(path: str) -> int:
+    """The last stage length of the run that produced a final/ folder (from its plan.json), else max positions."""
+    import json
+
+    plan = Path(path).parent / "plan.json"
+    if plan.is_file():
+        return json.loads(plan.read_text())["stages"][-1]["seq_len"]
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    return int(cfg.get("max_position_embeddings", 0))
+
+
+def model_label(path: str) -> str:
+    p = Path(path).resolve()
+    return p.parent.name if p.name == "final" else p.name
+
+
+def format_eval(res: dict) -> str:
+    lengths = res["lengths"]
+    rows = ["| model | " + " | ".join(f"ppl@{L}" for L in lengths) + " |",
+            "| --- | " + " | ".join("---" for _ in lengths) + " |"]
+    for name, r in res["models"].items():
+        cells = [f"{r[str(L)]['ppl']:.2f}" + ("*" if r[str(L)]["beyond_trained"] else "") for L in lengths]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append(f"\n{res['tokens']:,} val tokens at every length; * = longer than the model's last training length")
+    return "\n".join(rows)

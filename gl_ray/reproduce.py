@@ -1,0 +1,78 @@
+"""The paper's comparison in one call: GrowLength vs fixed-shortest (LLM128) vs fixed-longest (LLM1024) on the same
+data and budget, then `report` and `eval`; optionally a ratio ablation (the paper's Figure 5).
+
+Runs go one after another into OUT/runs/; the comparison into OUT/report/ and OUT/eval.json (+ .png).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from gl_ray.config import load_config
+from gl_ray.errors import UserError
+from gl_ray.evaluate import evaluate_models, format_eval
+from gl_ray.plots import plot_eval
+from gl_ray.report import build_report, format_report
+from gl_ray.schedule import normalise_ratios
+from gl_ray.train.driver import train
+
+
+def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
+    """'0.25,0.25,0.25,0.25;0.1,0.2,0.3,0.4' -> checked lists (each sums to 1, one entry per stage)."""
+    sets = []
+    for part in [p for p in text.split(";") if p.strip()]:
+        try:
+            r = [float(x) for x in part.split(",")]
+        except ValueError:
+            raise UserError(f"--ratios {part!r}: expected comma-separated numbers") from None
+        sets.append(normalise_ratios([0] * stages, r))
+    return sets
+
+
+def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]]) -> list[list[str]]:
+    """Override lists of every run: GrowLength (one per ratio set), fixed shortest, fixed longest."""
+    cfg = load_config(base_config, overrides)
+    lengths, prefix = list(cfg.schedule.lengths), cfg.name
+    if len(lengths) < 2:
+        raise UserError(f"{base_config}: reproduce needs a GrowLength config with at least two lengths")
+    variants = []
+    for i, ratios in enumerate(ratio_sets or [list(cfg.schedule.ratios)]):
+        tag = "growlength" if not ratio_sets or len(ratio_sets) == 1 else f"growlength-r{i}"
+        variants.append([*overrides, f"name={prefix}-{tag}", f"schedule.ratios={ratios}"])
+    for L in (lengths[0], lengths[-1]):
+        variants.append([*overrides, f"name={prefix}-fixed{L}", f"schedule.lengths=[{L}]", "schedule.ratios=[1.0]"])
+    return variants
+
+
+def reproduce(base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
+              ratios: str = "", workers: int | None = None, eval_lengths: list[int] | None = None,
+              extra: list[str] | None = None, address: str | None = None) -> dict:
+    if not budget_tokens and not budget_time_s:
+        raise UserError("give a budget: --budget-tokens or --budget-time-s (the same for every run)")
+    runs_dir = str(Path(out, "runs").resolve())
+    overrides = [*(extra or []), f"data.path={data}", f"ray.storage_path={runs_dir}",
+                 f"schedule.budget_tokens={budget_tokens}", f"schedule.budget_time_s={budget_time_s}"]
+    if workers is not None:
+        overrides.append(f"ray.num_workers={workers}")
+    stages = len(load_config(base_config, overrides).schedule.lengths)
+    variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [])
+    configs = [load_config(base_config, v) for v in variants]  # validate every run before the first starts
+    names = []
+    for cfg in configs:
+        print(f"[reproduce] training {cfg.name} (lengths {cfg.schedule.lengths}, ratios {cfg.schedule.ratios})",
+              flush=True)
+        train(cfg, address=address)
+        names.append(cfg.name)
+    run_uris = [str(Path(runs_dir, n)) for n in names]
+    rep = build_report(run_uris, str(Path(out, "report")))
+    print(format_report(rep))
+    longest = max(max(c.schedule.lengths) for c in configs)
+    lengths = eval_lengths or sorted({min(c.schedule.lengths) for c in configs} | {longest // 2, longest,
+                                                                                     2 * longest, 4 * longest})
+    ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, lengths,
+                         max_tokens=max(lengths) * 64)
+    Path(out, "eval.json").write_text(json.dumps(ev, indent=1))
+    plot_eval(ev, str(Path(out, "eval.png")))
+    print(format_eval(ev))
+    return {"runs": run_uris, "report": rep, "eval": ev}

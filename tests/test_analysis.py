@@ -1,0 +1,116 @@
+"""eval, bench, report and the reproduction pipeline on tiny models and budgets."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_overrides
+from gl_ray.bench import max_micro_batch, parse_size, peak_memory, run_bench
+from gl_ray.errors import UserError
+from gl_ray.evaluate import evaluate_models
+from gl_ray.reproduce import reproduce
+from gl_ray.report import build_report, time_to_loss
+
+
+@pytest.fixture(scope="module")
+def repro(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("repro")
+    extra = [o for o in tiny_overrides(tiny_data, "unused", "tiny") if not o.startswith(("ray.storage_path",
+                                                                                         "schedule.budget"))]
+    res = reproduce("pipelines/configs/tiny-growlength.yaml", tiny_data, str(out), budget_tokens=8192,
+                    ratios="0.5,0.5;0.75,0.25", workers=0, eval_lengths=[32, 64, 128], extra=extra)
+    return out, res
+
+
+def test_reproduce_runs_growlength_and_both_baselines(repro):
+    out, res = repro
+    names = [Path(r).name for r in res["runs"]]
+    assert names == ["tiny-growlength-r0", "tiny-growlength-r1", "tiny-fixed32", "tiny-fixed64"]
+    for r in res["runs"]:
+        s = json.loads((Path(r) / "summary.json").read_text())
+        assert s["tokens"] == 8192  # the same budget for every run
+    r1 = json.loads((out / "runs" / "tiny-growlength-r1" / "plan.json").read_text())
+    assert [s["steps"] for s in r1["stages"]] == [6, 2]  # the ablation's ratios took effect
+    for png in ("loss_vs_time.png", "loss_vs_tokens.png", "val_loss_vs_time.png"):
+        assert (out / "report" / png).stat().st_size > 10_000
+    assert (out / "eval.png").stat().st_size > 10_000
+
+
+def test_report_time_to_common_loss(repro):
+    out, res = repro
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert len(rep["runs"]) == 4
+    for r in rep["runs"]:
+        assert r["time_to_common_loss_s"] is not None and r["time_to_common_loss_s"] <= r["wall_s"] + 1e-9
+        assert r["final_loss"] <= rep["common_loss"] + 1e-9 or r["time_to_common_loss_s"] is not None
+        assert len(r["stages"]) in (1, 2)
+    assert rep["runs"][0]["time_ratio_to_first"] == pytest.approx(1.0)
+    md = (out / "report" / "report.md").read_text()
+    assert "time to common loss" in md and "tiny-fixed64" in md
+
+
+def test_time_to_loss_uses_smoothed_loss():
+    ms = [{"loss": v, "elapsed_s": i, "tokens": 10 * i} for i, v in enumerate([5, 1, 5, 4, 3, 2])]
+    assert time_to_loss(ms, 1.0, k=1) == (1, 10)
+    assert time_to_loss(ms, 3.0, k=2) == (1, 10)  # (5+1)/2
+    assert time_to_loss(ms, 2.6, k=3) is None
+
+
+def test_eval_same_tokens_every_length(repro, tiny_data):
+    out, res = repro
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["lengths"] == [32, 64, 128]
+    for name, rows in ev["models"].items():
+        for L in (32, 64, 128):
+            r = rows[str(L)]
+            assert r["windows"] * L == ev["tokens"]  # the same tokens at every length
+            assert math.isfinite(r["loss"]) and r["ppl"] == pytest.approx(math.exp(r["loss"]))
+        assert rows["128"]["beyond_trained"] and not rows["32"]["beyond_trained"]
+
+
+def test_eval_bad_model(tmp_path, tiny_data):
+    with pytest.raises(UserError, match="not a Hugging Face model folder"):
+        evaluate_models([str(tmp_path)], tiny_data, [32])
+
+
+def test_bench_tables(tmp_path):
+    res = run_bench("tiny", [32, 64], tokens_per_step=2048, micro_batch_tokens=1024, device="cpu", dtype="fp32",
+                    steps=2, warmup=1, memory_micro_batch_seqs=32, memory_budget=0, vocab=512)
+    rows = res["lengths"]
+    assert [r["seq_len"] for r in rows] == [32, 64]
+    for r in rows:
+        assert r["step_time_s"] > 0 and r["tokens_per_s"] > 0 and r["flops_per_token"] > 0
+        assert r["micro_batch_seqs"] * r["grad_accum"] * r["seq_len"] == 2048
+        assert r["mfu"] is None  # no MFU on CPU
+    assert rows[1]["flops_per_token"] > rows[0]["flops_per_token"]
+    assert rows[1]["peak_memory_bytes"] >= rows[0]["peak_memory_bytes"] > 0  # grows with length
+
+
+def test_bench_max_batch_never_reports_a_size_that_did_not_fit():
+    base = peak_memory("tiny", 512, 1, 64, __import__("torch").device("cpu"), "fp32")
+    budget = base + (48 << 20)
+    seqs, probes = max_micro_batch("tiny", 512, 64, __import__("torch").device("cpu"), "fp32", budget,
+                                   limit_seqs=4096)
+    assert seqs >= 1
+    fitted = {p["seqs"] for p in probes if p["fits"]}
+    failed = {p["seqs"] for p in probes if not p["fits"]}
+    assert seqs in fitted and seqs not in failed
+    assert all(f > seqs for f in failed)  # everything larger that was tried did not fit
+    assert all(p["peak_bytes"] <= budget for p in probes if p["fits"])
+
+
+def test_bench_bad_input():
+    with pytest.raises(UserError, match="each must divide"):
+        run_bench("tiny", [48], 1024, 1024, "cpu", "fp32", 1, 0, 1, 0)
+    with pytest.raises(UserError, match="unknown"):
+        run_bench("gpt9", [32], 1024, 1024, "cpu", "fp32", 1, 0, 1, 0)
+    assert parse_size("2GiB") == 2 << 30 and parse_size("1e6") == 10**6
+    with pytest.raises(UserError):
+        parse_size("lots")
+
+
+def test_report_bad_run(tmp_path):
+    with pytest.raises(UserError, match="no metrics"):
+        build_report([str(tmp_path)], str(tmp_path / "out"))
