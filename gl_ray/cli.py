@@ -99,6 +99,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from gl_ray.tune import run_tune
+
+    res = run_tune(args.config, args.space, args.overrides, args.num_samples, args.address)
+    print(open(f"{res['tune_dir']}/results.md").read())
+    if "best" in res:
+        print(f"best config: {res['tune_dir']}/best.yaml (gl-ray train --config {res['tune_dir']}/best.yaml)")
+    return 0
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -160,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--out", default="bench", help="output folder")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="Ray Tune search over ladders, ratios and optimizer settings",
+                       formatter_class=fmt, epilog=_config_epilog())
+    _config_args(p)
+    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p.add_argument("--num-samples", type=int, default=None, help="override the space's num_samples")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("report", help="compare runs: loss vs time/tokens, per-stage table, time to common loss")
     p.add_argument("runs", nargs="+", help="run folders ({storage_path}/{name}), local or s3://")

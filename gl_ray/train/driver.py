@@ -22,9 +22,9 @@ def run_uri_of(cfg: Config) -> str:
     return storage.join(base, cfg.name)
 
 
-def train(cfg: Config, address: str | None = None, quiet: bool = False) -> dict:
+def train(cfg: Config, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
-    resource is claimed."""
+    resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one)."""
     say = (lambda *_: None) if quiet else print
     if not storage.is_s3(cfg.data.path):  # workers do not share the driver's working directory
         cfg.data.path = os.path.abspath(cfg.data.path)
@@ -61,7 +61,7 @@ def train(cfg: Config, address: str | None = None, quiet: bool = False) -> dict:
 
         local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
         ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
-        fit(cfg, plan, run_uri, cap_tokens=train_stream.tokens)
+        fit(cfg, plan, run_uri, cap_tokens=train_stream.tokens, callbacks=callbacks)
     summary = json.loads(storage.read_bytes(storage.join(run_uri, "summary.json")))
     say(format_summary(summary))
     say(f"final model: {storage.join(run_uri, 'final')}")

@@ -197,7 +197,7 @@ def train_fn(config: dict) -> None:
     train_worker(cfg, plan, run_uri, io, print_progress=False)
 
 
-def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
+def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int, callbacks: list | None = None) -> None:
     """Driver function: build and fit the TorchTrainer (the caller has connected to Ray)."""
     import ray
     import ray.train
@@ -226,7 +226,7 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg.name, **storage_kwargs, callbacks=[Progress()],
+            name=cfg.name, **storage_kwargs, callbacks=[Progress(), *(callbacks or [])],
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets=datasets,
