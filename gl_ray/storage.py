@@ -49,10 +49,11 @@ def _explain(uri: str, err: Exception) -> UserError:
     """Turn a storage exception into one line that names the location, never the credentials."""
     text = str(err)
     low = text.lower()
-    if "nosuchbucket" in low or "bucket does not exist" in low or "the specified bucket does not exist" in low:
+    compact = low.replace("_", "").replace(" ", "")  # pyarrow says INVALID_ACCESS_KEY_ID, S3 InvalidAccessKeyId
+    if "nosuchbucket" in compact or "bucketdoesnotexist" in compact:
         return UserError(f"S3 bucket of {uri!r} does not exist; create it or fix the path")
-    if any(k in low for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "accessdenied",
-                              "forbidden", "credentials", "expiredtoken")):
+    if any(k in compact for k in ("invalidaccesskeyid", "signaturedoesnotmatch", "accessdenied", "forbidden",
+                                  "credentials", "expiredtoken", "invalidtoken")):
         return UserError(f"S3 refused access to {uri!r}: check AWS credentials (AWS_ACCESS_KEY_ID / profile / role)")
     if isinstance(err, PermissionError) or "permission denied" in low:
         return UserError(f"no permission to write or read {uri!r}")

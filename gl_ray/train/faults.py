@@ -4,11 +4,13 @@
     GL_RAY_FAIL_RANK=R       on this rank only (default 0)
     GL_RAY_FAIL_MODE=raise   raise InjectedFault (default), or `exit` to kill the process (os._exit(1))
     GL_RAY_FAIL_MARKER=PATH  fail only once: skip if PATH exists, else create it and fail
+    GL_RAY_SLOW_STEP_S=S     sleep S seconds before every step (so a test can kill a run mid-way)
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 
 class InjectedFault(RuntimeError):
@@ -16,6 +18,8 @@ class InjectedFault(RuntimeError):
 
 
 def maybe_fail(steps_done: int, rank: int) -> None:
+    if os.environ.get("GL_RAY_SLOW_STEP_S"):
+        time.sleep(float(os.environ["GL_RAY_SLOW_STEP_S"]))
     at = os.environ.get("GL_RAY_FAIL_AT_STEP")
     if at is None or int(at) != steps_done or int(os.environ.get("GL_RAY_FAIL_RANK", "0")) != rank:
         return

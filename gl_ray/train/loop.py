@@ -163,6 +163,8 @@ def run_training(cfg: Config, plan: Plan, vocab_size: int, eos_id: int, io: Work
                 "data_wait_frac": win_wait / max(1e-9, now - win_t0), "elapsed_s": state.elapsed_s,
                 "total_tokens": plan.total_tokens, "num_stages": len(plan.stages),
             }
+            if plan.time_mode:
+                metrics["budget_time_s"] = plan.budget_time_s
             if due_eval:
                 metrics["val_loss"] = evaluator.loss(model, st.seq_len, io, device, amp)
                 metrics["val_loss_final_len"] = evaluator.loss(model, plan.final_len, io, device, amp)

@@ -60,7 +60,10 @@ def read_metrics(run_uri: str) -> list[dict]:
 def progress_line(m: dict) -> str:
     """stage i/n, L, tokens done/total, loss, tokens/s, ETA."""
     total, done, rate = m.get("total_tokens", 0), m["tokens"], m["tokens_per_s"]
-    eta = datetime.timedelta(seconds=int((total - done) / rate)) if total and rate > 0 else "?"
+    if m.get("budget_time_s"):  # time mode: the clock decides, tokens are only a cap
+        eta = datetime.timedelta(seconds=max(0, int(m["budget_time_s"] - m["elapsed_s"])))
+    else:
+        eta = datetime.timedelta(seconds=int((total - done) / rate)) if total and rate > 0 else "?"
     val = f" val {m['val_loss']:.3f}/{m['val_loss_final_len']:.3f}@Lmax" if "val_loss" in m else ""
     return (f"[gl-ray] stage {m['stage'] + 1}/{m.get('num_stages', '?')} L={m['seq_len']} "
             f"tokens {done:,}/{total:,} ({100 * done / max(1, total):.0f}%) loss {m['loss']:.4f}{val} "

@@ -1,0 +1,218 @@
+"""Bad-input matrix through the CLI, tampered checkpoints, a killed driver, and secrets kept out of outputs.
+
+Every bad input: exit code 2, one line on stderr naming the problem, no traceback, no Ray started, and nothing
+half-written (no run folder, no dataset folder)."""
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_overrides
+from test_train_local import metrics, run_tiny
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "pipelines" / "configs" / "tiny-growlength.yaml")
+
+
+def cli(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "gl_ray", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def assert_user_error(r, needle):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    err = r.stderr.strip()
+    assert "\n" not in err and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert needle.lower() in err.lower(), err
+    assert "Started a local Ray instance" not in r.stderr + r.stdout  # no Ray resource was claimed
+
+
+def copy_data(tiny_data, tmp_path) -> Path:
+    dst = tmp_path / "ds"
+    shutil.copytree(tiny_data, dst)
+    return dst
+
+
+def first_shard(ds: Path) -> Path:
+    return ds / json.loads((ds / "manifest.json").read_text())["splits"]["train"]["shards"][0]["path"]
+
+
+def break_corrupt(ds):
+    first_shard(ds).write_bytes(b"PAR1 not really parquet PAR1")
+
+
+def break_missing(ds):
+    first_shard(ds).unlink()
+
+
+def break_count(ds):
+    m = json.loads((ds / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["rows"] += 1
+    m["splits"]["train"]["documents"] += 1
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
+def break_range(ds):
+    m = json.loads((ds / "manifest.json").read_text())
+    m["vocab_size"] = 5
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
+def break_type(ds):
+    sh = first_shard(ds)
+    t = pq.read_table(sh)
+    pq.write_table(pa.table({"input_ids": t["input_ids"].cast(pa.list_(pa.float32())), "num_tokens": t["num_tokens"]}),
+                   sh)
+
+
+def break_escape(ds):
+    m = json.loads((ds / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["path"] = "../outside.parquet"
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("breaker, needle", [
+    (break_corrupt, "not a readable parquet"), (break_missing, "is missing"), (break_count, "rows but the manifest"),
+    (break_range, "token ids outside"), (break_type, "column 'input_ids'"), (break_escape, "escapes the dataset"),
+], ids=["corrupt-shard", "shard-missing", "count-mismatch", "token-out-of-range", "wrong-column-type",
+        "path-escape"])
+def test_bad_dataset(tiny_data, tmp_path, breaker, needle):
+    ds = copy_data(tiny_data, tmp_path)
+    breaker(ds)
+    r = cli("train", "--config", CONFIG, "--set", f"data.path={ds}", "--set", f"ray.storage_path={tmp_path}/runs")
+    assert_user_error(r, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["schedule.lengths=[128,64]", "schedule.ratios=[0.5,0.5]"], "strictly increasing"),
+    (["schedule.ratios=[0.5,0.2,0.2,0.2]"], "sum to 1.1"),
+    (["schedule.tokens_per_step=8200"], "not divisible"),
+    (["model.max_position_embeddings=256"], "exceeds model.max_position_embeddings"),
+    (["schedule.lenghts=[64]"], "did you mean 'schedule.lengths'"),
+    (["schedule.budget_tokens=16384"], "smaller than one optimizer step"),
+], ids=["lengths-not-increasing", "ratios-sum", "tokens-per-step", "max-positions", "unknown-key", "tiny-budget"])
+def test_bad_config(tmp_path, sets, needle):
+    args = [x for s in sets for x in ("--set", s)]
+    r = cli("train", "--config", CONFIG, "--set", f"ray.storage_path={tmp_path}/runs", *args)
+    assert_user_error(r, needle)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("\n\n")
+    r = cli("prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tokenizer",
+            str(REPO.parent / "shared" / "data" / "tokenizers" / "gpt-neox-20b"))
+    assert r.returncode == 2 and "no non-empty" in r.stderr and "Traceback" not in r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_unwritable_storage(tiny_data, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the runs folder should be")
+    r = cli("train", "--config", CONFIG, "--set", f"data.path={tiny_data}", "--set", f"ray.storage_path={blocker}")
+    assert_user_error(r, str(blocker))
+
+
+def test_s3_bucket_missing(tiny_data, s3_server, tmp_path):
+    r = cli("train", "--config", CONFIG, "--set", f"data.path={tiny_data}",
+            "--set", "ray.storage_path=s3://bucket-that-is-not-there/runs")
+    assert_user_error(r, "does not exist")
+
+
+class Deny(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that refuses every request as a bad access key would be refused."""
+
+    def _deny(self):
+        body = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS "
+                b"Access Key Id you provided does not exist in our records.</Message></Error>")
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _deny
+
+    def log_message(self, *args):
+        pass
+
+
+def test_s3_credentials_wrong(tiny_data, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Deny)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    secret = "SECRETfake0123456789abcdefDONOTLEAK"
+    try:
+        r = cli("train", "--config", CONFIG, "--set", f"data.path={tiny_data}", "--set", "ray.storage_path=s3://b/runs",
+                env={"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_port}", "AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID",
+                     "AWS_SECRET_ACCESS_KEY": secret, "AWS_EC2_METADATA_DISABLED": "true"})
+    finally:
+        server.shutdown()
+    assert_user_error(r, "check AWS credentials")
+    assert secret not in r.stderr + r.stdout and "AKIAFAKEKEYID" not in r.stderr + r.stdout
+
+
+def test_tampered_checkpoint_falls_back_to_the_previous_one(tiny_data, tmp_path, capsys):
+    run_tiny(tiny_data, tmp_path, "t")
+    want = load_file(tmp_path / "t" / "final" / "model.safetensors")
+    newest = tmp_path / "t" / "checkpoint_step-0000016" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    capsys.readouterr()
+    run_tiny(tiny_data, tmp_path, "t")
+    out = capsys.readouterr().out
+    assert "refusing checkpoint" in out and "checkpoint_step-0000016" in out
+    assert [m["step"] for m in metrics(tmp_path / "t")] == list(range(1, 17))  # 13..16 retrained, once each
+    got = load_file(tmp_path / "t" / "final" / "model.safetensors")
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+
+def test_killed_driver_resumes_with_the_same_command(tiny_data, tmp_path):
+    """SIGKILL the (Ray-free) driver mid-run; the same command finishes the run as if nothing happened."""
+    ref = tmp_path / "ref"
+    run_tiny(tiny_data, ref, "k")
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "k", **{"train.checkpoint_every_tokens": 2048})
+            for x in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"})
+    log = tmp_path / "k" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 7):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(log.read_text().splitlines()) < 16  # killed mid-run
+    r = cli("train", *sets)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, want = metrics(tmp_path / "k"), metrics(ref / "k")
+    assert [m["step"] for m in got] == list(range(1, 17))
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+
+
+def test_secrets_stay_out_of_run_outputs(s3_server, bucket, tiny_data, tmp_path):
+    from gl_ray import storage
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    r = cli("train", "--config", CONFIG, *[x for s in tiny_overrides(tiny_data, f"s3://{bucket}/runs", "sec",
+                                                                         **{"schedule.budget_tokens": 4096})
+                                           for x in ("--set", s)])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert secret not in r.stdout + r.stderr
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "plan.json"):
+        text = storage.read_bytes(f"s3://{bucket}/runs/sec/{name}").decode()
+        assert secret not in text
