@@ -20,8 +20,11 @@ def s3_server():
     """A real S3 HTTP endpoint in-process (moto) on 127.0.0.1, with fake credentials in the environment.
 
     Started before Ray so that Ray's worker processes inherit AWS_ENDPOINT_URL and the credentials."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per S3 request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
