@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     manifest = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        shard_tokens=args.shard_tokens, max_docs=args.max_docs, address=args.address,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, no_ray=args.no_ray)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     print(f"wrote {args.out}: vocab {manifest['vocab_size']}, train {tr['documents']} docs / {tr['tokens']:,} "
           f"tokens in {len(tr['shards'])} shards, val {va['documents']} docs / {va['tokens']:,} tokens")
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="target tokens per Parquet shard")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0: all)")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    p.add_argument("--no-ray", action="store_true", help="tokenize in this process (no Ray needed)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_prepare)
 

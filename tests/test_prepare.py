@@ -46,6 +46,16 @@ def test_prepare_is_deterministic(tiny_data, tmp_path):
         assert pq.read_table(Path(tiny_data) / sh["path"]).equals(pq.read_table(again / sh["path"]))
 
 
+def test_prepare_without_ray_gives_the_same_dataset(tiny_data, tmp_path):
+    out = tmp_path / "noray"
+    prepare("stdlib", str(out), tokenizer="train:1024", val_fraction=0.2, shard_tokens=60_000, max_docs=120,
+            no_ray=True)
+    a = json.loads((Path(tiny_data) / "manifest.json").read_text())
+    assert json.loads((out / "manifest.json").read_text()) == a
+    for sh in a["splits"]["val"]["shards"]:
+        assert pq.read_table(Path(tiny_data) / sh["path"]).equals(pq.read_table(out / sh["path"]))
+
+
 def test_text_jsonl_parquet_gz_sources_with_the_pythia_tokenizer(ray_local, tmp_path):
     src = tmp_path / "src"
     src.mkdir()

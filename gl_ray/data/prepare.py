@@ -1,7 +1,7 @@
 """`gl-ray prepare`: corpus -> tokenizer -> Parquet token shards + manifest (format: gl_ray.data.manifest).
 
 Tokenization runs as a Ray Data pipeline (`from_items(files) -> map_batches(tokenize)`) so it scales out on
-a cluster; the driver consumes the results in file order, splits train/val by a hash of each document's key,
+a cluster (or, with `no_ray`, the same batch function in this process, for machines without Ray); the driver consumes the results in file order, splits train/val by a hash of each document's key,
 and writes shards as they fill. Nothing is half-written: a local DEST is built in a temp folder and renamed
 into place; on S3 the manifest goes last and a failed run deletes what it wrote.
 """
@@ -26,6 +26,7 @@ from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from gl_ray.errors import UserError, find_user_error
 
 TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
+FILES_PER_BATCH = 16  # files per tokenize task
 ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py", ".txt.gz", ".md.gz", ".rst.gz", ".py.gz")  # one document per file
 
 
@@ -110,7 +111,7 @@ def _upload_dir(local: str, dest: str) -> None:
 
 def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: float = 0.01,
             shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
-            overwrite: bool = False) -> dict:
+            overwrite: bool = False, no_ray: bool = False) -> dict:
     """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
@@ -131,7 +132,7 @@ def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: 
     staging = out if storage.is_s3(out) else f"{Path(out).resolve()}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         manifest = _write_dataset(files, tok, eos_id, staging, source, val_fraction, shard_tokens, max_docs,
-                                  address)
+                                  address, no_ray)
     except BaseException:
         if storage.is_s3(out):
             for split in SPLITS + ("tokenizer",):
@@ -148,44 +149,53 @@ def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: 
     return manifest
 
 
-def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, max_docs, address) -> dict:
+def tokenized_batches(files: list[str], tokenizer_json: str, eos_id: int, address: str | None, no_ray: bool):
+    """Tokenized documents in file order: a Ray Data pipeline (scales out on a cluster), or in this process."""
+    if no_ray:
+        for i in range(0, len(files), FILES_PER_BATCH):
+            yield tokenize_files({"uri": files[i:i + FILES_PER_BATCH]}, tokenizer_json, eos_id)
+        return
     import ray
 
     from gl_ray.ray_utils import ensure_ray
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        _upload_dir(tmp, storage.join(out, "tokenizer"))
     ensure_ray(address)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # documents come back in file order: reruns are identical
-    tokenizer_json = tok.backend_tokenizer.to_str()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # reruns give identical shards
     ds = ray.data.from_items([{"uri": f} for f in files]).map_batches(
-        tokenize_files, batch_size=16, batch_format="numpy",
+        tokenize_files, batch_size=FILES_PER_BATCH, batch_format="numpy",
         fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id})
-
-    writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
-    docs = replaced = skipped = 0
     try:
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for key, ids, empty, bad in zip(batch.column("key").to_pylist(), batch.column("input_ids"),
-                                            batch.column("empty").to_pylist(), batch.column("replaced").to_pylist()):
-                if max_docs and docs >= max_docs:
-                    break
-                replaced += bad
-                if empty:
-                    skipped += 1
-                    continue
-                docs += 1
-                split = "val" if stable_hash("split:" + key) < val_fraction else "train"
-                writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
-            if max_docs and docs >= max_docs:
-                break
+        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
     except ray.exceptions.RayError as e:
         user = find_user_error(e)
         if user is None:
             raise
         raise user from None
+
+
+def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, max_docs, address,
+                   no_ray) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        _upload_dir(tmp, storage.join(out, "tokenizer"))
+    batches = tokenized_batches(files, tok.backend_tokenizer.to_str(), eos_id, address, no_ray)
+
+    writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
+    docs = replaced = skipped = 0
+    for batch in batches:
+        for key, ids, empty, bad in zip(batch.column("key").to_pylist(), batch.column("input_ids"),
+                                        batch.column("empty").to_pylist(), batch.column("replaced").to_pylist()):
+            if max_docs and docs >= max_docs:
+                break
+            replaced += bad
+            if empty:
+                skipped += 1
+                continue
+            docs += 1
+            split = "val" if stable_hash("split:" + key) < val_fraction else "train"
+            writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
+        if max_docs and docs >= max_docs:
+            break
     for w in writers.values():
         w.flush()
     if not writers["train"].shards:
