@@ -172,7 +172,8 @@ def run_training(cfg: Config, plan: Plan, vocab_size: int, eos_id: int, io: Work
             if stage_done:
                 state.stage, state.stage_step = st.index + 1, 0
             io.report(metrics, checkpoint=(model, optimizer, state) if due_ckpt else None)
-            win_t0, win_tokens, win_wait, win_loss, win_steps = time.perf_counter(), 0, 0.0, 0.0, 0
+            # the next window starts now, so the time spent in eval, checkpoint and report counts against it
+            win_t0, win_tokens, win_wait, win_loss, win_steps = now, 0, 0.0, 0.0, 0
             if stage_done:
                 break
         if plan.time_mode and state.elapsed_s >= plan.budget_time_s:
