@@ -65,3 +65,8 @@ def test_smoke_space_end_to_end(tiny_data, ray_local, tmp_path):
     best = load_config(tune_dir / "best.yaml")  # a complete run config that plan and train accept as is
     assert best.schedule.lengths == [int(x) for x in rows[0]["param:ladder"].split("-")]
     assert make_plan(best).total_tokens == 16384
+    # the same command again restores the finished search (Tuner.restore) instead of starting a new one
+    again = run_tune(None, str(REPO / "tune_spaces" / "smoke.yaml"),
+                     [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
+    assert [r["trial"] for r in again["rows"]] == [r["trial"] for r in res["rows"]]
+    assert len(list((tune_dir / "trials").iterdir())) == 2  # no trial ran twice
