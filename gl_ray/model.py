@@ -74,13 +74,6 @@ def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope
     return model
 
 
-def num_params(model: torch.nn.Module, non_embedding: bool = True) -> int:
-    n = sum(p.numel() for p in model.parameters())
-    if non_embedding:
-        n -= model.gpt_neox.embed_in.weight.numel()
-    return n
-
-
 def flops_per_token(preset: str, vocab_size: int, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/Chinchilla accounting:
     6 * (non-embedding params + unembedding) + 6 * layers * seq_len * hidden (attention scores and values)."""

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
-from gl_ray.data.packing import row_token_starts, stream_segments
+from gl_ray.data.packing import pack_rows, row_token_starts, stream_segments
 from gl_ray.schedule import Plan
 
 _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the default 16M tokens)
@@ -75,7 +75,8 @@ class TokenStream:
             j = i + 1
             while j < len(starts) and starts[j] == starts[j - 1] + seq_len:
                 j += 1
-            out[i:j] = self.read(int(starts[i]), int(starts[j - 1]) + seq_len).reshape(j - i, seq_len)
+            out[i:j], dropped = pack_rows(self.read(int(starts[i]), int(starts[j - 1]) + seq_len), seq_len)
+            assert dropped == 0  # a run of back-to-back rows is a whole number of rows
             i = j
         return out
 
