@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 
 test: $(STAMP)
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q tests
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check gl_ray pipelines tests benchmarks

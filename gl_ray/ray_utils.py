@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 
 def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
@@ -11,6 +12,11 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
     A local instance gets at least 4 logical CPUs: with only as many as train workers, Ray Data's read tasks
     never get a CPU and the run hangs (see shared RAY_NOTES).
     """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address and "ray" not in sys.modules:
+        # Ray resolves 127.0.0.1 to the machine's address; in its single-node mode (read once, when ray is first
+        # imported) it keeps a local cluster on loopback, so nothing it starts listens on the network.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -20,7 +26,6 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
     # blocks until the one before it was taken: with reports closer than that, training stalls. 0.5 s is cheap.
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
-    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         # inside `ray job submit`, Ray refuses env vars that the job's runtime env sets too: leave those to it
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}

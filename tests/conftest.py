@@ -56,11 +56,11 @@ def bucket(s3_server, request) -> str:
 @pytest.fixture(scope="session")
 def ray_local(s3_server):
     """One local Ray instance for every test that needs Ray (4 logical CPUs: see the Ray Data deadlock note)."""
-    import ray
-
     from gl_ray.ray_utils import ensure_ray
 
-    ensure_ray(None, num_cpus=4)
+    ensure_ray(None, num_cpus=4)  # before anything imports ray: see ensure_ray on loopback
+    import ray
+
     yield ray
     ray.shutdown()
 

@@ -90,9 +90,9 @@ def test_bench_tables(tmp_path):
 
 def test_bench_max_batch_never_reports_a_size_that_did_not_fit():
     base = peak_memory("tiny", 512, 1, 64, __import__("torch").device("cpu"), "fp32")
-    budget = base + (48 << 20)
+    budget = base + (16 << 20)
     seqs, probes = max_micro_batch("tiny", 512, 64, __import__("torch").device("cpu"), "fp32", budget,
-                                   limit_seqs=4096)
+                                   limit_seqs=1024)
     assert seqs >= 1
     fitted = {p["seqs"] for p in probes if p["fits"]}
     failed = {p["seqs"] for p in probes if not p["fits"]}

@@ -17,6 +17,11 @@ def ray_run(tiny_data, ray_local, tmp_path_factory):
     return cfg, summary, storage / "ray2"
 
 
+def test_the_local_cluster_listens_on_loopback_only(ray_local):
+    assert {n["NodeManagerAddress"] for n in ray_local.nodes()} == {"127.0.0.1"}
+    assert ray_local.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
 def test_two_workers_two_stages_follow_the_plan(ray_run):
     cfg, summary, run = ray_run
     plan = make_plan(cfg)
