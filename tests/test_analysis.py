@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_overrides
-from gl_ray.bench import max_micro_batch, parse_size, peak_memory, run_bench
+from gl_ray.bench import parse_size, peak_memory, run_bench
 from gl_ray.errors import UserError
 from gl_ray.evaluate import evaluate_models
 from gl_ray.reproduce import reproduce
@@ -88,17 +88,35 @@ def test_bench_tables(tmp_path):
     assert rows[1]["peak_memory_bytes"] >= rows[0]["peak_memory_bytes"] > 0  # grows with length
 
 
-def test_bench_max_batch_never_reports_a_size_that_did_not_fit():
-    base = peak_memory("tiny", 512, 1, 64, __import__("torch").device("cpu"), "fp32")
-    budget = base + (16 << 20)
-    seqs, probes = max_micro_batch("tiny", 512, 64, __import__("torch").device("cpu"), "fp32", budget,
-                                   limit_seqs=1024)
-    assert seqs >= 1
+def test_bench_max_batch_never_reports_a_size_that_did_not_fit(monkeypatch):
+    """The search logic, against a simulated device: memory grows with the batch and anything above the budget
+    runs out of memory (peak None), as a CUDA OOM or an over-budget child process would report it."""
+    import gl_ray.bench as bench
+
+    base, per_seq, budget = 500 << 20, 3 << 20, 600 << 20
+    calls = []
+
+    def fake_peak(preset, vocab, seqs, seq_len, device, dtype, budget_=0):
+        calls.append(seqs)
+        peak = base + per_seq * seqs
+        return None if peak > budget_ else peak
+
+    monkeypatch.setattr(bench, "peak_memory", fake_peak)
+    seqs, probes = bench.max_micro_batch("tiny", 512, 64, "cpu", "fp32", budget, limit_seqs=4096)
+    assert seqs == (budget - base) // per_seq == 33
     fitted = {p["seqs"] for p in probes if p["fits"]}
     failed = {p["seqs"] for p in probes if not p["fits"]}
-    assert seqs in fitted and seqs not in failed
-    assert all(f > seqs for f in failed)  # everything larger that was tried did not fit
-    assert all(p["peak_bytes"] <= budget for p in probes if p["fits"])
+    assert seqs in fitted and all(f > seqs for f in failed) and seqs + 1 in failed
+    assert len(calls) <= 2 * 12  # doubling then bisection, not a scan
+    assert bench.max_micro_batch("tiny", 512, 64, "cpu", "fp32", base)[0] == 0  # not even one sequence fits
+
+
+def test_bench_real_peak_memory_on_cpu():
+    import torch
+
+    one = peak_memory("tiny", 512, 1, 64, torch.device("cpu"), "fp32")
+    assert one is not None and one > 0
+    assert peak_memory("tiny", 512, 1, 64, torch.device("cpu"), "fp32", budget=1 << 20) is None  # over budget
 
 
 def test_bench_bad_input():

@@ -125,8 +125,8 @@ def test_bad_config(tmp_path, capsys, sets, needle):
 def test_empty_corpus(tmp_path):
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "a.txt").write_text("\n\n")
-    r = cli("prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--tokenizer",
-            str(REPO.parent / "shared" / "data" / "tokenizers" / "gpt-neox-20b"))
+    r = cli("prepare", "--source", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--no-ray",
+            "--tokenizer", str(REPO.parent / "shared" / "data" / "tokenizers" / "gpt-neox-20b"))
     assert r.returncode == 2 and "no non-empty" in r.stderr and "Traceback" not in r.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
