@@ -43,9 +43,9 @@ def bench_stream_rows(data: str, seq_len: int, tokens: int) -> float:
 def bench_ray_stage(data: str, seq_len: int, tokens: int) -> float:
     import ray
 
+    from gl_ray.config import Config
     from gl_ray.ray_utils import ensure_ray
     from gl_ray.schedule import plan_stages
-    from gl_ray.config import Config
     from gl_ray.train.ray_train import stage_dataset
 
     ensure_ray(None, num_cpus=4)

@@ -99,7 +99,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Check everything that can be checked without data or Ray; raises UserError."""
         from gl_ray.model import PRESETS  # late import: model pulls in torch
 

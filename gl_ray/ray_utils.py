@@ -43,4 +43,4 @@ def _job_env_vars() -> set[str]:
     raw = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
     if not raw:
         return set()
-    return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
+    return set((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {})

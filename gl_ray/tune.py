@@ -348,7 +348,7 @@ def _cell(v) -> str:
 
 
 def _plot(rows: list[dict], space: Space, path: str) -> None:
-    from gl_ray.plots import plt, _save
+    from gl_ray.plots import _save, plt
 
     names = list(space.params)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)

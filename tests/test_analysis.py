@@ -5,13 +5,13 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from gl_ray.bench import parse_size, peak_memory, run_bench
 from gl_ray.errors import UserError
 from gl_ray.evaluate import evaluate_models
-from gl_ray.reproduce import reproduce
 from gl_ray.report import build_report, time_to_loss
+from gl_ray.reproduce import reproduce
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_bench_tables(tmp_path):
 def test_bench_max_batch_never_reports_a_size_that_did_not_fit(monkeypatch):
     """The search logic, against a simulated device: memory grows with the batch and anything above the budget
     runs out of memory (peak None), as a CUDA OOM or an over-budget child process would report it."""
-    import gl_ray.bench as bench
+    from gl_ray import bench
 
     base, per_seq, budget = 500 << 20, 3 << 20, 600 << 20
     calls = []

@@ -11,8 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_overrides
+
 from gl_ray import storage
 
 REPO = Path(__file__).resolve().parents[1]

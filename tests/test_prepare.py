@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import NEOX_TOKENIZER
 from transformers import AutoTokenizer
 
-from conftest import NEOX_TOKENIZER
 from gl_ray.data.manifest import load_manifest
 from gl_ray.data.prepare import prepare
 from gl_ray.data.stream import TokenStream

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from test_train_local import metrics, run_tiny, weights
 
 from gl_ray.schedule import make_plan

@@ -18,9 +18,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_overrides
+from safetensors.torch import load_file
 from test_train_local import metrics, run_tiny
 
 REPO = Path(__file__).resolve().parents[1]

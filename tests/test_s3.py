@@ -5,8 +5,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import tiny_overrides
+
 from gl_ray import storage
 from gl_ray.config import load_config
 from gl_ray.data.prepare import prepare

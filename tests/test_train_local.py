@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import tiny_overrides
 from gl_ray.config import load_config
 from gl_ray.errors import UserError
 from gl_ray.schedule import make_plan

@@ -14,8 +14,8 @@ import hashlib
 import io
 import json
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -28,7 +28,7 @@ DOC_EXTS = TEXT_EXTS + (".jsonl", ".parquet")
 
 
 def _kind(name: str) -> str | None:
-    base = name[:-3] if name.endswith(".gz") else name
+    base = name.removesuffix(".gz")
     for ext in DOC_EXTS:
         if base.endswith(ext):
             return ext

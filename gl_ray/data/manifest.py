@@ -102,7 +102,7 @@ def load_manifest(root: str) -> Manifest:
     return Manifest(root, vocab, eos, tok, splits, raw)
 
 
-def read_shard_lengths(shard: ShardInfo, vocab_size: int) -> "pa.Array":
+def read_shard_lengths(shard: ShardInfo, vocab_size: int) -> pa.Array:
     """Check one shard against its manifest entry and return its document lengths (num_tokens column).
 
     Reads only the Parquet footer and the small num_tokens column; the token-id range comes from the footer's
@@ -142,7 +142,7 @@ def read_shard_lengths(shard: ShardInfo, vocab_size: int) -> "pa.Array":
     return lengths
 
 
-def read_shard_tokens(shard: ShardInfo, vocab_size: int) -> "pa.Array":
+def read_shard_tokens(shard: ShardInfo, vocab_size: int) -> pa.Array:
     """All token ids of a shard as one flat int32 array (documents concatenated in row order)."""
     fs, path = storage.resolve(shard.uri)
     try:

@@ -11,7 +11,7 @@ same order (see gl_ray.data.packing for the layout).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

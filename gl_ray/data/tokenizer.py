@@ -6,8 +6,8 @@ tokenizer folder, or a hub name (loaded with AutoTokenizer; needs network).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -128,8 +128,13 @@ def prune_checkpoints(run_uri: str, keep: int) -> None:
         storage.delete_dir(folder)
 
 
-def restore_latest(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                   ) -> TrainState | None:
-    """Load the newest good checkpoint of a run into model and optimizer (None: nothing to resume)."""
-    found = find_resume_checkpoint(run_uri)
-    return load_checkpoint(found[0], model, optimizer) if found else None
+def restore_latest(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   warn=print) -> TrainState | None:
+    """Load the newest good checkpoint of a run into model and optimizer (None: nothing to resume). Each file is
+    read once: load_checkpoint checks every digest before it loads anything, and a bad checkpoint is skipped."""
+    for _, folder in reversed(list_checkpoints(run_uri)):
+        try:
+            return load_checkpoint(folder, model, optimizer)
+        except UserError as e:
+            warn(f"gl-ray: refusing checkpoint, falling back to the previous one: {e}")
+    return None

@@ -20,9 +20,13 @@ from gl_ray import storage
 from gl_ray.config import Config, config_from_dict
 from gl_ray.data.stream import fetch_rows, stage_num_rows, stage_row_args
 from gl_ray.schedule import Plan, make_plan
-from gl_ray.train.checkpoint import checkpoint_name, find_resume_checkpoint, list_checkpoints, load_checkpoint, \
-    save_checkpoint
-
+from gl_ray.train.checkpoint import (
+    checkpoint_name,
+    find_resume_checkpoint,
+    list_checkpoints,
+    restore_latest,
+    save_checkpoint,
+)
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
@@ -181,8 +185,7 @@ def train_fn(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def restore(model, optimizer):
-        found = find_resume_checkpoint(run_uri, warn=print if rank == 0 else (lambda _: None))
-        return load_checkpoint(found[0], model, optimizer) if found else None
+        return restore_latest(run_uri, model, optimizer, warn=print if rank == 0 else (lambda _: None))
 
     def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         if world > 1 and dist.is_initialized():
