@@ -61,27 +61,38 @@ def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.
     storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta).encode())
 
 
-def read_state(folder: str) -> TrainState:
-    """The state.json of a checkpoint (UserError if missing or unreadable)."""
+def _read_meta(folder: str) -> tuple[TrainState, dict]:
+    """(state, {file: sha256}) from state.json (UserError if missing or unreadable)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(folder, "state.json")))
-        meta.pop("files")
-        return TrainState(**meta)
+        digests = meta.pop("files")
+        return TrainState(**meta), digests
     except (UserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         raise UserError(f"checkpoint {folder!r} has no valid state.json") from None
 
 
-def load_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
-                    ) -> TrainState:
-    """Restore model, optimizer and RNG from a checkpoint; verifies every file's digest first."""
-    state = read_state(folder)
-    digests = json.loads(storage.read_bytes(storage.join(folder, "state.json")))["files"]
+def read_state(folder: str) -> TrainState:
+    """The state.json of a checkpoint (UserError if missing or unreadable)."""
+    return _read_meta(folder)[0]
+
+
+def _verified(folder: str) -> tuple[TrainState, dict]:
+    """(state, {file: bytes}) of a checkpoint whose files all match their digests (UserError otherwise)."""
+    state, digests = _read_meta(folder)
     blobs = {}
     for name, want in digests.items():
-        data = storage.read_bytes(storage.join(folder, name))
+        uri = storage.join(folder, name)
+        data = storage.read_bytes(uri) if storage.exists(uri) else b""
         if hashlib.sha256(data).hexdigest() != want:
-            raise UserError(f"checkpoint {folder!r}: {name} is truncated or modified (digest mismatch)")
+            raise UserError(f"checkpoint {folder!r}: {name} is missing, truncated or modified (digest mismatch)")
         blobs[name] = data
+    return state, blobs
+
+
+def load_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                    ) -> TrainState:
+    """Restore model, optimizer and RNG from a checkpoint; verifies every file's digest before loading any."""
+    state, blobs = _verified(folder)
     model.load_state_dict(st_load(blobs["model.safetensors"]))
     if optimizer is not None:
         optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer.pt"]), weights_only=True))
@@ -103,13 +114,7 @@ def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
 
 def verify_checkpoint(folder: str) -> TrainState:
     """The state of a checkpoint whose files all match their digests (UserError otherwise)."""
-    state = read_state(folder)
-    digests = json.loads(storage.read_bytes(storage.join(folder, "state.json")))["files"]
-    for name, want in digests.items():
-        uri = storage.join(folder, name)
-        if not storage.exists(uri) or hashlib.sha256(storage.read_bytes(uri)).hexdigest() != want:
-            raise UserError(f"checkpoint {folder!r}: {name} is missing, truncated or modified (digest mismatch)")
-    return state
+    return _verified(folder)[0]
 
 
 def find_resume_checkpoint(run_uri: str, warn=print) -> tuple[str, TrainState] | None:
