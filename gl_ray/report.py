@@ -81,8 +81,10 @@ def format_report(rep: dict) -> str:
              f"Common loss (the best smoothed training loss every run reached): **{rep['common_loss']:.4f}**", "",
              "| run | tokens | wall s | final loss | val loss @ final len | time to common loss (s) | "
              "tokens to common loss | time ratio to first |", "|" + " --- |" * 8]
+    def f(v, spec):
+        return format(v, spec) if v is not None else "-"
+
     for r in rep["runs"]:
-        f = (lambda v, spec: format(v, spec) if v is not None else "-")
         lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['final_loss']:.4f} | "
                      f"{f(r['final_val_loss_final_len'], '.4f')} | {f(r['time_to_common_loss_s'], '.1f')} | "
                      f"{f(r['tokens_to_common_loss'], ',')} | {f(r['time_ratio_to_first'], '.2f')} |")

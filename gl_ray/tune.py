@@ -95,7 +95,8 @@ def load_space(path: str, extra_overrides: list[str] | None = None, num_samples:
     if set(budget) - {"tokens", "time_s"} or not budget:
         raise UserError(f"search space {path!r}: budget must be {{tokens: N}} or {{time_s: S}}")
     space = Space(name=str(raw.get("name") or Path(path).stem), base_config=str(raw.get("base_config", "")),
-                  params=raw.get("params") or {}, overrides=list(raw.get("overrides") or []) + list(extra_overrides or []),
+                  params=raw.get("params") or {},
+                  overrides=list(raw.get("overrides") or []) + list(extra_overrides or []),
                   budget_tokens=int(budget.get("tokens", 0)), budget_time_s=float(budget.get("time_s", 0.0)),
                   evals=int(raw.get("evals", 4)), search=str(raw.get("search", "random")),
                   num_samples=int(num_samples or raw.get("num_samples", 4)),

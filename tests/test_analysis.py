@@ -62,7 +62,7 @@ def test_eval_same_tokens_every_length(repro, tiny_data):
     out, res = repro
     ev = json.loads((out / "eval.json").read_text())
     assert ev["lengths"] == [32, 64, 128]
-    for name, rows in ev["models"].items():
+    for rows in ev["models"].values():
         for L in (32, 64, 128):
             r = rows[str(L)]
             assert r["windows"] * L == ev["tokens"]  # the same tokens at every length

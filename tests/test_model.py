@@ -18,7 +18,8 @@ def test_model_config_is_pythia_shaped():
     assert c.vocab_size == 1024 == padded_vocab(1000)
     assert padded_vocab(50277) == 50304
     assert c.rope_parameters["partial_rotary_factor"] == 0.25 and c.use_parallel_residual
-    assert not c.tie_word_embeddings and m.get_output_embeddings().weight.data_ptr() != m.gpt_neox.embed_in.weight.data_ptr()
+    assert not c.tie_word_embeddings
+    assert m.get_output_embeddings().weight.data_ptr() != m.gpt_neox.embed_in.weight.data_ptr()
     assert c._attn_implementation == "sdpa"
 
 

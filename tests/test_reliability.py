@@ -6,6 +6,7 @@ half-written (no run folder, no dataset folder)."""
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -27,18 +28,31 @@ CONFIG = str(REPO / "pipelines" / "configs" / "tiny-growlength.yaml")
 
 
 def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "gl_ray", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "gl_ray", *args], check=False, capture_output=True, text=True,
+                          cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def cli_inprocess(capsys, *args):
-    """The CLI's main() in this process (seconds cheaper than a subprocess); returns (exit code, stdout, stderr)."""
+# A line the Ray log monitor streams from some actor or worker: "(RayTrainWorker pid=3270) ...", maybe coloured.
+RAY_STREAMED_LOG = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
+
+
+def cli_inprocess(capsys, monkeypatch, *args):
+    """The CLI's main() in this process (seconds cheaper than a subprocess); returns (exit code, stdout, stderr).
+
+    Claiming Ray fails the test outright. The suite's shared Ray instance may still stream log lines of earlier
+    tests' actors into this process's stderr while main() runs; those lines are not the CLI's and are dropped."""
+    import gl_ray.ray_utils
     from gl_ray.cli import main
 
+    def no_ray(*a, **k):
+        raise AssertionError("bad input reached ensure_ray(): a Ray resource would be claimed")
+
+    monkeypatch.setattr(gl_ray.ray_utils, "ensure_ray", no_ray)
     capsys.readouterr()
     code = main(list(args))
     out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
+    err = "".join(line for line in out.err.splitlines(keepends=True) if not RAY_STREAMED_LOG.match(line))
+    return subprocess.CompletedProcess(args, code, out.out, err)
 
 
 def assert_user_error(r, needle):
@@ -98,10 +112,11 @@ def break_escape(ds):
     (break_range, "token ids outside"), (break_type, "column 'input_ids'"), (break_escape, "escapes the dataset"),
 ], ids=["corrupt-shard", "shard-missing", "count-mismatch", "token-out-of-range", "wrong-column-type",
         "path-escape"])
-def test_bad_dataset(tiny_data, tmp_path, capsys, breaker, needle):
+def test_bad_dataset(tiny_data, tmp_path, capsys, monkeypatch, breaker, needle):
     ds = copy_data(tiny_data, tmp_path)
     breaker(ds)
-    r = cli_inprocess(capsys, "train", "--config", CONFIG, "--set", f"data.path={ds}", "--set", f"ray.storage_path={tmp_path}/runs")
+    r = cli_inprocess(capsys, monkeypatch, "train", "--config", CONFIG, "--set", f"data.path={ds}",
+                      "--set", f"ray.storage_path={tmp_path}/runs")
     assert_user_error(r, needle)
     assert not (tmp_path / "runs").exists()
 
@@ -114,9 +129,10 @@ def test_bad_dataset(tiny_data, tmp_path, capsys, breaker, needle):
     (["schedule.lenghts=[64]"], "did you mean 'schedule.lengths'"),
     (["schedule.budget_tokens=16384"], "smaller than one optimizer step"),
 ], ids=["lengths-not-increasing", "ratios-sum", "tokens-per-step", "max-positions", "unknown-key", "tiny-budget"])
-def test_bad_config(tmp_path, capsys, sets, needle):
+def test_bad_config(tmp_path, capsys, monkeypatch, sets, needle):
     args = [x for s in sets for x in ("--set", s)]
-    r = cli_inprocess(capsys, "train", "--config", CONFIG, "--set", f"ray.storage_path={tmp_path}/runs", *args)
+    r = cli_inprocess(capsys, monkeypatch, "train", "--config", CONFIG, "--set", f"ray.storage_path={tmp_path}/runs",
+                      *args)
     assert_user_error(r, needle)
     assert not (tmp_path / "runs").exists()
 

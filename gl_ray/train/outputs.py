@@ -97,8 +97,8 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
                        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
                        "loss": ms[-1]["loss"] if ms else None})
     return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3),
-            "final_val_loss": final_val.get("val_loss"), "final_val_loss_final_len": final_val.get("val_loss_final_len"),
-            "stages": stages}
+            "final_val_loss": final_val.get("val_loss"),
+            "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
 
 
 def _stage_steps(metrics: list[dict], stage: int) -> int:
