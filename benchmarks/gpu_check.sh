@@ -1,36 +1,57 @@
 #!/usr/bin/env bash
-# One short GPU check on a machine without Ray: `gl-ray bench` (the paper's Tables 1-3) and a few hundred
-# optimizer steps of the Ray-free training loop, all written under $OUT.
-#   OUT=/tmp/out bash benchmarks/gpu_check.sh                       # on the GPU machine (defaults below)
-#   OUT=/tmp/out DEVICE=cpu PRESET=tiny LENGTHS=64,128 STEPS=4 TRAIN_TOKENS=65536 BUDGET= bash benchmarks/gpu_check.sh
+# One short GPU check that needs no Ray (the GPU machine has none): `gl-ray bench` (the paper's Tables 1-3) and a
+# few hundred optimizer steps of the Ray-free GrowLength loop, folded into $OUT/gpu_check.{json,md}.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
+#
+# Every size is an environment variable (defaults: the GPU run). tests/test_gpu_check.py runs this script on CPU
+# with a tiny preset and Ray made unimportable. Data and runs go to $WORK; $OUT gets at most 8 small files:
+# env.txt bench.log bench.json train.log train_summary.json metrics.jsonl gpu_check.json gpu_check.md.
+# TOKENIZER: the default trains a BPE on the stdlib corpus; for Pythia's own vocab copy
+# shared/data/tokenizers/gpt-neox-20b into the repo (git-ignored), carry it, and pass its path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to an output folder}
+WORK=${WORK:-/tmp/gl-ray-gpu-check}
+PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
 PRESET=${PRESET:-pythia-160m}
-LENGTHS=${LENGTHS:-128,256,512,1024,2048}
-STEPS=${STEPS:-10}
-BUDGET=${BUDGET-100GiB}                 # Table 3 memory budget; empty: skip Table 3
-TRAIN_TOKENS=${TRAIN_TOKENS:-78643200}  # 300 steps of 262,144 tokens
-PY=${PY:-python}
-mkdir -p "$OUT"
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/env.txt"
+LENGTHS=${LENGTHS:-128,256,512,1024,2048}      # bench lengths
+STEPS=${STEPS:-10}                              # timed bench steps per length
+BUDGET=${BUDGET-100GiB}                         # Table 3 memory budget; empty: skip Table 3
+TOKENS_PER_STEP=${TOKENS_PER_STEP:-262144}
+MICRO_BATCH_TOKENS=${MICRO_BATCH_TOKENS:-65536}
+TRAIN_LENGTHS=${TRAIN_LENGTHS:-[128,256,512,1024]}
+TRAIN_TOKENS=${TRAIN_TOKENS:-78643200}          # 300 steps of 262,144 tokens
+MAX_POSITIONS=${MAX_POSITIONS:-2048}
+EVAL_TOKENS=${EVAL_TOKENS:-65536}               # validation tokens for the final eval
+TOKENIZER=${TOKENIZER:-train:8192}
+DATA=${DATA:-$WORK/data}                        # prepared here (no Ray) from the stdlib corpus if missing
+mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK/runs" "$WORK/bench"
 
-$PY -m gl_ray bench --preset "$PRESET" --lengths "$LENGTHS" --device "$DEVICE" --dtype bf16 \
-    --tokens-per-step 262144 --micro-batch-tokens 65536 --steps "$STEPS" --warmup 3 --memory-micro-batch 8 \
-    ${BUDGET:+--memory-budget "$BUDGET"} --out "$OUT/bench" 2>&1 | tee "$OUT/bench.log"
+$PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
+torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/env.txt"
 
-# the Ray-free loop: a GrowLength run of the preset on the stdlib corpus (prepared here without Ray)
-[ -f "$OUT/data/manifest.json" ] || $PY -m gl_ray prepare --source stdlib --out "$OUT/data" --no-ray \
-    --val-fraction 0.02 2>&1 | tail -1 | tee "$OUT/prepare.log"
-$PY -m gl_ray train --config "pipelines/configs/${PRESET}-growlength.yaml" --no-ray \
-    --set "name=gpu-check" --set "data.path=$OUT/data" --set "ray.storage_path=$OUT/runs" \
-    --set "model.preset=$PRESET" --set "schedule.lengths=${TRAIN_LENGTHS:-[128,256,512,1024]}" \
-    --set "model.max_position_embeddings=2048" \
-    --set "schedule.ratios=[0.25,0.25,0.25,0.25]" --set "schedule.tokens_per_step=262144" \
-    --set "schedule.budget_tokens=$TRAIN_TOKENS" --set "train.micro_batch_tokens=65536" \
-    --set "train.log_every_steps=10" --set "train.eval_every_tokens=0" --set "train.checkpoint_every_tokens=0" \
-    --set "train.device=$DEVICE" --set "optim.warmup_tokens=2621440" --set "data.eval_tokens=65536" \
+$PY -m gl_ray bench --preset "$PRESET" --lengths "$LENGTHS" --device "$DEVICE" --dtype "$DTYPE" \
+    --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens "$MICRO_BATCH_TOKENS" --steps "$STEPS" --warmup 3 \
+    --memory-micro-batch 8 ${BUDGET:+--memory-budget "$BUDGET"} --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
+cp "$WORK/bench/bench-$PRESET-$DEVICE.json" "$OUT/bench.json"
+
+[ -f "$DATA/manifest.json" ] || $PY -m gl_ray prepare --source stdlib --out "$DATA" --no-ray \
+    --tokenizer "$TOKENIZER" --val-fraction 0.02 2>&1 | tail -3
+$PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ray \
+    --set "name=gpu-check" --set "data.path=$DATA" --set "ray.storage_path=$WORK/runs" \
+    --set "model.preset=$PRESET" --set "model.max_position_embeddings=$MAX_POSITIONS" \
+    --set "schedule.lengths=$TRAIN_LENGTHS" --set "schedule.ratios=[]" \
+    --set "schedule.tokens_per_step=$TOKENS_PER_STEP" --set "schedule.budget_tokens=$TRAIN_TOKENS" \
+    --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$MICRO_BATCH_TOKENS" \
+    --set "train.device=$DEVICE" --set "train.precision=$DTYPE" --set "train.log_every_steps=10" \
+    --set "train.eval_every_tokens=0" --set "train.checkpoint_every_tokens=0" \
+    --set "optim.warmup_tokens=$((TRAIN_TOKENS / 30))" --set "data.eval_tokens=$EVAL_TOKENS" \
     2>&1 | tee "$OUT/train.log"
-cp "$OUT/runs/gpu-check/summary.json" "$OUT/train_summary.json"
-echo "gpu check done: $OUT/bench/*.json, $OUT/train_summary.json"
+cp "$WORK/runs/gpu-check/summary.json" "$OUT/train_summary.json"
+cp "$WORK/runs/gpu-check/metrics.jsonl" "$OUT/metrics.jsonl"
+$PY -m benchmarks.gpu_check_summary --bench "$OUT/bench.json" --train "$OUT/train_summary.json" --data "$DATA" \
+    --out "$OUT/gpu_check"

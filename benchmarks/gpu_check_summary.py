@@ -1,0 +1,80 @@
+"""Fold the GPU check's outputs into one JSON and one Markdown table for docs/BENCHMARKS.md.
+
+    python -m benchmarks.gpu_check_summary --bench OUT/bench.json --train OUT/train_summary.json \
+        --data DATA --out OUT/gpu_check
+
+Reads the `gl-ray bench` JSON (Tables 1-3 at fixed tokens per step) and the Ray-free training run's summary.json,
+and adds for each training stage: seconds per optimizer step, tokens/s, achieved TFLOP/s and model FLOPs
+utilisation (MFU: achieved / the device's bf16 peak, the same accounting as `gl-ray bench`). Writes OUT.json and
+OUT.md; needs neither Ray nor a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def train_rows(summary: dict, preset: str, vocab_size: int, peak_tflops: float | None) -> list[dict]:
+    """Per-stage throughput of a training summary (stage wall time includes data waits and stage switches)."""
+    from gl_ray.model import flops_per_token
+
+    rows = []
+    for st in summary["stages"]:
+        tps = st["tokens_per_s"]
+        tflops = flops_per_token(preset, vocab_size, st["seq_len"]) * tps / 1e12
+        rows.append({"seq_len": st["seq_len"], "steps": st["steps"], "tokens": st["tokens"], "wall_s": st["wall_s"],
+                     "step_time_s": st["wall_s"] / st["steps"] if st["steps"] else None, "tokens_per_s": tps,
+                     "achieved_tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
+                     "loss": st["loss"]})
+    return rows
+
+
+def to_markdown(doc: dict) -> str:
+    from gl_ray.bench import format_bench
+
+    def pct(v: float | None) -> str:
+        return f"{100 * v:.1f}%" if v is not None else "-"
+
+    b, t = doc["bench"], doc["train"]
+    lines = [f"Device: {b['device_name']} ({b['dtype']}); preset {b['preset']}; vocab {b['vocab_size']:,} in the "
+             f"bench, {t['vocab_size']:,} (the dataset's tokenizer) in training.", "",
+             f"`gl-ray bench`, {b['tokens_per_step']:,} tokens per step, memory at {b['memory_micro_batch_seqs']} "
+             "sequences per micro batch:", "", format_bench(b), "",
+             f"Ray-free GrowLength training: {t['steps']} steps, {t['tokens']:,} tokens in {t['wall_s']:.1f} s "
+             f"({t['tokens'] / t['wall_s']:,.0f} tokens/s), final loss {t['final_loss']:.3f}:", "",
+             "| seq_len | steps | s/step | tokens/s | TFLOP/s | MFU | loss at stage end |", "|" + " --- |" * 7]
+    for r in t["stages"]:
+        lines.append(f"| {r['seq_len']} | {r['steps']} | {r['step_time_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+                     f"{r['achieved_tflops']:.2f} | {pct(r['mfu'])} | {r['loss']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize(bench: dict, summary: dict, vocab_size: int) -> dict:
+    stages = train_rows(summary, bench["preset"], vocab_size, bench["peak_tflops"] if bench["device"] == "cuda"
+                        else None)
+    final_loss = stages[-1]["loss"] if stages else None
+    return {"bench": bench, "train": {"vocab_size": vocab_size, "steps": summary["steps"], "tokens": summary["tokens"],
+                                      "wall_s": summary["wall_s"], "final_loss": final_loss, "stages": stages}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bench", required=True, help="gl-ray bench JSON")
+    ap.add_argument("--train", required=True, help="the training run's summary.json")
+    ap.add_argument("--data", required=True, help="the dataset the run trained on (its manifest gives the vocab)")
+    ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
+    a = ap.parse_args()
+    from gl_ray.data.manifest import load_manifest
+
+    doc = summarize(json.loads(Path(a.bench).read_text()), json.loads(Path(a.train).read_text()),
+                    load_manifest(a.data).vocab_size)
+    Path(f"{a.out}.json").write_text(json.dumps(doc, indent=1))
+    md = to_markdown(doc)
+    Path(f"{a.out}.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""benchmarks/gpu_check.sh, the script a GPU session runs, end to end on CPU with a tiny preset, on a Python where
+Ray and boto3 cannot be imported (the GPU machine has neither)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_ray_python(tmp_path) -> dict:
+    """PYTHONPATH entries that make `import ray` and `import boto3` fail as on a machine without them."""
+    blocked = tmp_path / "blocked"
+    for name in ("ray", "boto3"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
+    return {"PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
+
+
+def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, **no_ray_python, "OUT": str(out), "WORK": str(work), "PY": sys.executable,
+           "DEVICE": "cpu", "DTYPE": "fp32", "PRESET": "tiny", "LENGTHS": "32,64", "STEPS": "1", "BUDGET": "",
+           "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "TRAIN_LENGTHS": "[32,64]",
+           "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["env.txt", "bench.log", "bench.json", "train.log", "train_summary.json", "metrics.jsonl",
+                            "gpu_check.json", "gpu_check.md"])  # the device tool brings back at most 8 files
+    doc = json.loads((out / "gpu_check.json").read_text())
+    assert [row["seq_len"] for row in doc["bench"]["lengths"]] == [32, 64]
+    assert all(row["step_time_s"] > 0 and row["peak_memory_bytes"] > 0 for row in doc["bench"]["lengths"])
+    train = doc["train"]
+    assert train["tokens"] == 8192 and train["steps"] == 8  # every planned step ran: 8 x 1,024 tokens
+    assert [s["seq_len"] for s in train["stages"]] == [32, 64]
+    assert sum(s["steps"] for s in train["stages"]) == 8
+    for s in train["stages"]:
+        assert s["tokens_per_s"] > 0 and s["achieved_tflops"] > 0
+        assert s["step_time_s"] == pytest.approx(s["wall_s"] / s["steps"])
+        assert s["mfu"] is None  # no bf16 peak on CPU: MFU is left out, not made up
+    md = (out / "gpu_check.md").read_text()
+    assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md
