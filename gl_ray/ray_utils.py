@@ -31,7 +31,19 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
-    ray.init(num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env})
+    ray.init(num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": env, "worker_process_setup_hook": "gl_ray.ray_utils.quiet_local_worker"})
+
+
+def quiet_local_worker() -> None:
+    """Setup hook of every worker process of a local instance that gl-ray starts (which has no dashboard).
+
+    Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, whether the controller is
+    alive; without a dashboard it logs a warning every second for the whole run. It only matters when a controller
+    dies and its cluster lives on; a local instance ends with its driver, so the warning is noise here."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def _job_env_vars() -> set[str]:

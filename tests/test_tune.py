@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gl_ray.config import load_config
 from gl_ray.errors import UserError
@@ -70,3 +71,28 @@ def test_smoke_space_end_to_end(tiny_data, ray_local, tmp_path):
                      [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
     assert [r["trial"] for r in again["rows"]] == [r["trial"] for r in res["rows"]]
     assert len(list((tune_dir / "trials").iterdir())) == 2  # no trial ran twice
+
+
+@pytest.mark.slow
+def test_optuna_search_samples_within_the_space(tiny_data, ray_local, tmp_path):
+    """search: optuna drives the trials (Ray's OptunaSearch); every sampled first_ratio lies in its range and
+    reaches the trial's plan."""
+    space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
+    space.update(name="tune-optuna", search="optuna", num_samples=2, params={"first_ratio": {"uniform": [0.2, 0.8]}})
+    space["overrides"] = [*space["overrides"], "schedule.lengths=[32,64]"]
+    space["base_config"] = str(REPO / space["base_config"])
+    path = tmp_path / "optuna.yaml"
+    path.write_text(yaml.safe_dump(space))
+    res = run_tune(None, str(path), [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
+    tune_dir = Path(res["tune_dir"])
+    with open(tune_dir / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" for r in rows)
+    sampled = [float(r["param:first_ratio"]) for r in rows]
+    assert all(0.2 <= x <= 0.8 for x in sampled) and sampled[0] != sampled[1]
+    for r, x in zip(rows, sampled):  # each trial trained with the share it was given
+        trial_cfg = load_config(tune_dir / "trials" / f"trial-{r['trial']}" / "config.yaml")
+        assert trial_cfg.schedule.ratios == pytest.approx([x, 1 - x])
+    best = load_config(tune_dir / "best.yaml")
+    assert best.schedule.ratios[0] == pytest.approx(sampled[0], rel=1e-6)  # rows are ranked: best first
+    assert sum(best.schedule.ratios) == pytest.approx(1.0)

@@ -122,6 +122,8 @@ def quiet_ray_logs() -> None:
 
     for name in ("ray.data", "ray.train", train_context.__file__):  # that module logs under its file path
         logging.getLogger(name).setLevel(logging.WARNING)
+    # gl-ray turns Ray Data's progress bars off on purpose (they garble worker logs); Ray warns about it once
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def train_fn(config: dict) -> None:
