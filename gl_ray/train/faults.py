@@ -17,6 +17,11 @@ class InjectedFault(RuntimeError):
     pass
 
 
+def fault_env() -> dict[str, str]:
+    """The driver's fault variables, to hand to Ray workers (which do not inherit the driver's environment)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("GL_RAY_FAIL_", "GL_RAY_SLOW_"))}
+
+
 def maybe_fail(steps_done: int, rank: int) -> None:
     if os.environ.get("GL_RAY_SLOW_STEP_S"):
         time.sleep(float(os.environ["GL_RAY_SLOW_STEP_S"]))

@@ -27,6 +27,7 @@ from gl_ray.train.checkpoint import (
     restore_latest,
     save_checkpoint,
 )
+from gl_ray.train.faults import fault_env
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
@@ -227,7 +228,7 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int, callbacks: list 
         train_fn,
         train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "cap_tokens": cap_tokens,
                            "dataset_names": sorted(datasets),
-                           "fault_env": {k: v for k, v in os.environ.items() if k.startswith("GL_RAY_FAIL_")}},
+                           "fault_env": fault_env()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=ray.train.RunConfig(
