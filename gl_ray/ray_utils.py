@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+# gl-ray turns Ray Data's progress bars off on purpose (they garble logs); Ray warns once per process that it did
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
 def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
@@ -22,6 +26,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
     # Ray Train's controller takes a worker's report every health-check interval (2 s by default), and a report
     # blocks until the one before it was taken: with reports closer than that, training stalls. 0.5 s is cheap.
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -41,8 +46,6 @@ def quiet_local_worker() -> None:
     Ray Train's PlacementGroupCleaner asks the State API, which the dashboard serves, whether the controller is
     alive; without a dashboard it logs a warning every second for the whole run. It only matters when a controller
     dies and its cluster lives on; a local instance ends with its driver, so the warning is noise here."""
-    import logging
-
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 

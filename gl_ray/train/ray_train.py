@@ -19,6 +19,7 @@ import numpy as np
 from gl_ray import storage
 from gl_ray.config import Config, config_from_dict
 from gl_ray.data.stream import fetch_rows, stage_num_rows, stage_row_args
+from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER
 from gl_ray.schedule import Plan, make_plan
 from gl_ray.train.checkpoint import (
     checkpoint_name,
@@ -123,8 +124,7 @@ def quiet_ray_logs() -> None:
 
     for name in ("ray.data", "ray.train", train_context.__file__):  # that module logs under its file path
         logging.getLogger(name).setLevel(logging.WARNING)
-    # gl-ray turns Ray Data's progress bars off on purpose (they garble worker logs); Ray warns about it once
-    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
 
 
 def train_fn(config: dict) -> None:
