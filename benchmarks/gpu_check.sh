@@ -28,6 +28,7 @@ MAX_POSITIONS=${MAX_POSITIONS:-2048}
 EVAL_TOKENS=${EVAL_TOKENS:-65536}               # validation tokens for the final eval
 TOKENIZER=${TOKENIZER:-train:8192}
 DATA=${DATA:-$WORK/data}                        # prepared here (no Ray) from the stdlib corpus if missing
+COMPILE=${COMPILE:-0}                           # 1: torch.compile in Table 1 and training (adds minutes of compiling)
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
@@ -36,7 +37,8 @@ torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_availa
 
 $PY -m gl_ray bench --preset "$PRESET" --lengths "$LENGTHS" --device "$DEVICE" --dtype "$DTYPE" \
     --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens "$MICRO_BATCH_TOKENS" --steps "$STEPS" --warmup 3 \
-    --memory-micro-batch 8 ${BUDGET:+--memory-budget "$BUDGET"} --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
+    --memory-micro-batch 8 ${BUDGET:+--memory-budget "$BUDGET"} $([ "$COMPILE" = 1 ] && echo --compile) \
+    --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
 cp "$WORK/bench/bench-$PRESET-$DEVICE.json" "$OUT/bench.json"
 
 [ -f "$DATA/manifest.json" ] || $PY -m gl_ray prepare --source stdlib --out "$DATA" --no-ray \
@@ -48,6 +50,7 @@ $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ra
     --set "schedule.tokens_per_step=$TOKENS_PER_STEP" --set "schedule.budget_tokens=$TRAIN_TOKENS" \
     --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$MICRO_BATCH_TOKENS" \
     --set "train.device=$DEVICE" --set "train.precision=$DTYPE" --set "train.log_every_steps=10" \
+    --set "train.compile=$([ "$COMPILE" = 1 ] && echo true || echo false)" \
     --set "train.eval_every_tokens=0" --set "train.checkpoint_every_tokens=0" \
     --set "optim.warmup_tokens=$((TRAIN_TOKENS / 30))" --set "data.eval_tokens=$EVAL_TOKENS" \
     2>&1 | tee "$OUT/train.log"

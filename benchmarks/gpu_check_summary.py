@@ -38,8 +38,9 @@ def to_markdown(doc: dict) -> str:
         return f"{100 * v:.1f}%" if v is not None else "-"
 
     b, t = doc["bench"], doc["train"]
-    lines = [f"Device: {b['device_name']} ({b['dtype']}); preset {b['preset']}; vocab {b['vocab_size']:,} in the "
-             f"bench, {t['vocab_size']:,} (the dataset's tokenizer) in training.", "",
+    lines = [f"Device: {b['device_name']} ({b['dtype']}{', torch.compile' if b.get('compile') else ''}); preset "
+             f"{b['preset']}; vocab {b['vocab_size']:,} in the bench, {t['vocab_size']:,} (the dataset's tokenizer) "
+             "in training.", "",
              f"`gl-ray bench`, {b['tokens_per_step']:,} tokens per step, memory at {b['memory_micro_batch_seqs']} "
              "sequences per micro batch:", "", format_bench(b), "",
              f"Ray-free GrowLength training: {t['steps']} steps, {t['tokens']:,} tokens in {t['wall_s']:.1f} s "

@@ -42,10 +42,12 @@ def _amp(device: torch.device, dtype: str):
 
 
 def step_time(preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
-              device: torch.device, dtype: str, steps: int, warmup: int) -> dict:
-    """Median seconds per optimizer step (forward+backward of every micro batch, then AdamW)."""
+              device: torch.device, dtype: str, steps: int, warmup: int, use_compile: bool = False) -> dict:
+    """Median seconds per optimizer step (forward+backward of every micro batch, then AdamW), as training runs
+    it (`use_compile`: train.compile; the compile itself falls in the warm-up steps)."""
     model = build_model(preset, vocab, max(seq_len, 2048)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type == "cuda" else None)
+    net = torch.compile(model, dynamic=False) if use_compile else model
     seqs = tokens_per_step // seq_len
     mb = max(1, min(seqs, micro_batch_tokens // seq_len))
     while seqs % mb:
@@ -58,7 +60,7 @@ def step_time(preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro
         t0 = time.perf_counter()
         for _ in range(seqs // mb):
             with _amp(device, dtype):
-                loss = lm_loss(model, x) / (seqs // mb)
+                loss = lm_loss(net, x) / (seqs // mb)
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -66,7 +68,7 @@ def step_time(preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    del model, opt
+    del model, net, opt
     return {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb}
 
 
@@ -136,7 +138,7 @@ def max_micro_batch(preset: str, vocab: int, seq_len: int, device: torch.device,
 
 def run_bench(preset: str, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int, device: str,
               dtype: str, steps: int, warmup: int, memory_micro_batch_seqs: int, memory_budget: int,
-              vocab: int = 50304, peak_tflops: float = 0.0) -> dict:
+              vocab: int = 50304, peak_tflops: float = 0.0, use_compile: bool = False) -> dict:
     if preset not in PRESETS:
         raise UserError(f"--preset {preset!r} unknown; choose one of {', '.join(PRESETS)}")
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
@@ -147,10 +149,11 @@ def run_bench(preset: str, lengths: list[int], tokens_per_step: int, micro_batch
     res = {"preset": preset, "device": dev.type, "device_name": name, "dtype": dtype if dev.type == "cuda" else "fp32",
            "tokens_per_step": tokens_per_step, "micro_batch_tokens": micro_batch_tokens,
            "memory_micro_batch_seqs": memory_micro_batch_seqs, "memory_budget_bytes": memory_budget,
-           "peak_tflops": peak or None, "vocab_size": vocab, "lengths": []}
+           "peak_tflops": peak or None, "vocab_size": vocab, "compile": use_compile, "lengths": []}
     for L in sorted(lengths):
         row = {"seq_len": L}
-        row.update(step_time(preset, vocab, L, tokens_per_step, micro_batch_tokens, dev, dtype, steps, warmup))
+        row.update(step_time(preset, vocab, L, tokens_per_step, micro_batch_tokens, dev, dtype, steps, warmup,
+                             use_compile))
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
         row["flops_per_token"] = flops_per_token(preset, vocab, L)
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12

@@ -77,7 +77,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     res = run_bench(args.preset, _ints(args.lengths, "--lengths"), args.tokens_per_step, args.micro_batch_tokens,
                     args.device, args.dtype, args.steps, args.warmup, args.memory_micro_batch,
-                    parse_size(args.memory_budget) if args.memory_budget else 0, args.vocab_size, args.peak_tflops)
+                    parse_size(args.memory_budget) if args.memory_budget else 0, args.vocab_size, args.peak_tflops,
+                    args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.preset}-{res['device']}"
@@ -169,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default=None, help="memory budget for Table 3, e.g. 16GiB (off if unset)")
     p.add_argument("--vocab-size", type=int, default=50304, help="embedding rows (Pythia: 50304)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for Table 1, as train.compile")
     p.add_argument("--out", default="bench", help="output folder")
     p.set_defaults(func=cmd_bench)
 

@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = _f(0, "seed for weight init and PoSE position ids")
     device: str = _f("auto", "auto | cpu | cuda")
     precision: str = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
+    compile: bool = _f(False, "torch.compile the model (faster GPU steps after a one-off compile per stage length)")
     log_every_steps: int = _f(10, "optimizer steps between metric reports")
     eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
     checkpoint_every_tokens: int = _f(0, "training tokens between checkpoints (0: only at stage ends)")

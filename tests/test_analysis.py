@@ -88,6 +88,24 @@ def test_bench_tables(tmp_path):
     assert rows[1]["peak_memory_bytes"] >= rows[0]["peak_memory_bytes"] > 0  # grows with length
 
 
+def test_bench_compile_times_the_compiled_model(monkeypatch):
+    """--compile: Table 1 times the model as train.compile runs it (aot_eager here: no C++ codegen on CPU)."""
+    import torch
+
+    from gl_ray import bench
+
+    real_compile, compiled = torch.compile, []
+
+    def spy(model, **kw):
+        compiled.append(kw)
+        return real_compile(model, backend="aot_eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    row = bench.step_time("tiny", 512, 32, 1024, 512, torch.device("cpu"), "fp32", steps=2, warmup=1,
+                          use_compile=True)
+    assert compiled == [{"dynamic": False}] and row["step_time_s"] > 0 and row["grad_accum"] == 2
+
+
 def test_bench_max_batch_never_reports_a_size_that_did_not_fit(monkeypatch):
     """The search logic, against a simulated device: memory grows with the batch and anything above the budget
     runs out of memory (peak None), as a CUDA OOM or an over-budget child process would report it."""
