@@ -77,13 +77,13 @@ def build_report(runs: list[str], out_dir: str, smooth: int = 5) -> dict:
 
 
 def format_report(rep: dict) -> str:
+    def f(v, spec):  # a value that may be missing
+        return format(v, spec) if v is not None else "-"
+
     lines = ["# Run comparison", "",
              f"Common loss (the best smoothed training loss every run reached): **{rep['common_loss']:.4f}**", "",
              "| run | tokens | wall s | final loss | val loss @ final len | time to common loss (s) | "
              "tokens to common loss | time ratio to first |", "|" + " --- |" * 8]
-    def f(v, spec):
-        return format(v, spec) if v is not None else "-"
-
     for r in rep["runs"]:
         lines.append(f"| {r['run']} | {r['tokens']:,} | {r['wall_s']:.1f} | {r['final_loss']:.4f} | "
                      f"{f(r['final_val_loss_final_len'], '.4f')} | {f(r['time_to_common_loss_s'], '.1f')} | "

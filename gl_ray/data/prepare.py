@@ -3,8 +3,8 @@
 Tokenization runs as a Ray Data pipeline (`from_items(files) -> map_batches(tokenize)`) so it scales out on
 a cluster (or, with `no_ray`, the same batch function in this process, for machines without Ray); the driver
 consumes the results in file order, splits train/val by a hash of each document's key, and writes shards as they
-fill. Nothing is half-written: a local DEST is built in a temp folder and renamed
-into place; on S3 the manifest goes last and a failed run deletes what it wrote.
+fill. Nothing is half-written: a local DEST is built in a temp folder and renamed into place; on S3 the manifest
+goes last and a failed run deletes what it wrote.
 """
 
 from __future__ import annotations
