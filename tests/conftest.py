@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,3 +91,15 @@ def tiny_overrides(data: str, storage: str, name: str, **extra) -> list[str]:
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+def train_then_sigkill(sets: list[str], log: Path, lines: int, env: dict, timeout_s: float) -> None:
+    """Run `gl-ray train --set ...` in a subprocess and SIGKILL it once its metrics.jsonl `log` has `lines` lines
+    (or after `timeout_s`), as an OOM killer or a lost session would."""
+    proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= lines):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

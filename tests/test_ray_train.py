@@ -1,21 +1,18 @@
 """GrowLength on local Ray Train: two CPU workers, two stages, resume and worker restarts."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides, train_then_sigkill
 from test_train_local import metrics, run_tiny, weights
 
 from gl_ray.schedule import make_plan
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +68,8 @@ def test_killed_ray_driver_resumes_with_the_same_command(ray_run, tiny_data, tmp
             for x in ("--set", s)]
     env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.4"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = tmp_path / "cut" / "metrics.jsonl"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 6):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    train_then_sigkill(sets, log, lines=6, env=env, timeout_s=240)
     killed_at = time.time()
     # Ray's workers outlive their killed driver by the seconds it takes them to notice the raylet is gone (a few
     # steps here); they must then stop: wait until the run folder has been quiet for 3 s, within 30 s of the kill

@@ -8,18 +8,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import tiny_overrides, train_then_sigkill
 from safetensors.torch import load_file
 from test_train_local import metrics, run_tiny
 
@@ -212,14 +210,8 @@ def test_killed_driver_resumes_with_the_same_command(tiny_data, tmp_path):
     run_tiny(tiny_data, ref, "k")
     sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "k", **{"train.checkpoint_every_tokens": 2048})
             for x in ("--set", s)]
-    proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"})
     log = tmp_path / "k" / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 7):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    train_then_sigkill(sets, log, lines=7, env={**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"}, timeout_s=120)
     assert len(log.read_text().splitlines()) < 16  # killed mid-run
     r = cli("train", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
