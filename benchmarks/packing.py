@@ -43,18 +43,17 @@ def bench_stream_rows(data: str, seq_len: int, tokens: int) -> float:
 def bench_ray_stage(data: str, seq_len: int, tokens: int) -> float:
     import ray
 
-    from gl_ray.config import Config
+    from gl_ray.data.packing import RowLayout
+    from gl_ray.data.pipeline import stage_dataset
     from gl_ray.ray_utils import ensure_ray
     from gl_ray.schedule import plan_stages
-    from gl_ray.train.ray_train import stage_dataset
 
     ensure_ray(None, num_cpus=4)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     tokens_per_step = 64 * seq_len
-    plan = plan_stages([seq_len], [1.0], tokens_per_step, tokens_per_step, 1, budget_tokens=tokens)
-    cfg = Config()
-    cfg.data.path = data
-    ds = stage_dataset(cfg, plan, 0, 0, 0)
+    plan = plan_stages(lengths=[seq_len], ratios=[1.0], tokens_per_step=tokens_per_step,
+                       micro_batch_tokens=tokens_per_step, num_workers=1, budget_tokens=tokens)
+    ds = stage_dataset(data, 0, RowLayout.of(plan.stages[0], rank=0, start_step=0))
     t0 = time.perf_counter()
     n = 0
     for b in ds.iter_batches(batch_size=64, batch_format="numpy", drop_last=True, prefetch_batches=4):

@@ -19,7 +19,7 @@ import statistics
 import tempfile
 
 from gl_ray.config import load_config
-from gl_ray.train.driver import train
+from gl_ray.train.driver import launch_run
 from gl_ray.train.outputs import read_metrics
 
 
@@ -37,7 +37,7 @@ def measure(data: str, preset: str, budget: int, workers: int, storage: str, tag
         f"name={name}", f"data.path={data}", f"ray.storage_path={storage}", f"model.preset={preset}",
         f"schedule.budget_tokens={budget}", f"ray.num_workers={workers}", "train.log_every_steps=2",
         "train.eval_every_tokens=0", "train.checkpoint_every_tokens=0", f"ray.cpus_per_worker={os.cpu_count()}"])
-    train(cfg, quiet=True)
+    launch_run(cfg, quiet=True)
     return steady_tokens_per_s(f"{storage}/{name}")
 
 

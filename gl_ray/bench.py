@@ -11,71 +11,62 @@ Also: analytic training FLOPs per token and, on GPU, model FLOPs utilisation (MF
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing as mp
 import resource
 import statistics
 import time
 
+import numpy as np
 import torch
 
+from gl_ray.config import OptimConfig
+from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
-from gl_ray.model import PRESETS, build_model, flops_per_token, lm_loss
+from gl_ray.model import build_model, check_preset, flops_per_token, lm_loss
+from gl_ray.schedule import micro_batch_for
+from gl_ray.train.step import make_optimizer, train_step
 
 # dense bf16 peak TFLOP/s by device name fragment, for MFU
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
-    return torch.device(name)
+def _batch(vocab: int, seqs: int, seq_len: int) -> np.ndarray:
+    """Random token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop."""
+    rng = np.random.default_rng(seqs * 7919 + seq_len)
+    return rng.integers(1, vocab, (seqs, seq_len), dtype=np.int32)
 
 
-def _batch(vocab: int, seqs: int, seq_len: int, device) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seqs * 7919 + seq_len)
-    return torch.randint(1, vocab, (seqs, seq_len), generator=g).to(device)
-
-
-def _amp(device: torch.device, dtype: str):
-    use = device.type == "cuda" and dtype == "bf16"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def step_time(preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
+def step_time(*, preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
               device: torch.device, dtype: str, steps: int, warmup: int, use_compile: bool = False) -> dict:
-    """Median seconds per optimizer step (forward+backward of every micro batch, then AdamW), as training runs
-    it (`use_compile`: train.compile; the compile itself falls in the warm-up steps)."""
+    """Median seconds per optimizer step as training runs it: the same optimizer, micro batch choice and
+    `train_step` (`use_compile`: train.compile; the compile itself falls in the warm-up steps)."""
     model = build_model(preset, vocab, max(seq_len, 2048)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True if device.type == "cuda" else None)
+    optimizer = make_optimizer(model, OptimConfig(lr=1e-4))
     net = torch.compile(model, dynamic=False) if use_compile else model
     seqs = tokens_per_step // seq_len
-    mb = max(1, min(seqs, micro_batch_tokens // seq_len))
-    while seqs % mb:
-        mb -= 1
-    x = _batch(vocab, mb, seq_len, device)
+    mb = micro_batch_for(seqs, seq_len, max(seq_len, micro_batch_tokens))
+    batches = itertools.repeat(_batch(vocab, mb, seq_len))
+    amp = autocast_for(device, dtype)
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(seqs // mb):
-            with _amp(device, dtype):
-                loss = lm_loss(net, x) / (seqs // mb)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(net, optimizer, batches, grad_accum=seqs // mb, device=device, amp=amp, grad_clip=1.0)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    del model, net, opt
+    del model, net, optimizer
     return {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb}
 
 
 def _fwd_bwd(preset: str, vocab: int, seqs: int, seq_len: int, device: torch.device, dtype: str) -> None:
     model = build_model(preset, vocab, max(seq_len, 2048)).to(device)
-    with _amp(device, dtype):
-        loss = lm_loss(model, _batch(vocab, seqs, seq_len, device))
+    x = torch.from_numpy(_batch(vocab, seqs, seq_len)).to(device, dtype=torch.long)
+    with autocast_for(device, dtype)():
+        loss = lm_loss(model, x)
     loss.backward()
 
 
@@ -136,24 +127,24 @@ def max_micro_batch(preset: str, vocab: int, seq_len: int, device: torch.device,
     return lo, probes
 
 
-def run_bench(preset: str, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int, device: str,
+def run_bench(*, preset: str, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int, device: str,
               dtype: str, steps: int, warmup: int, memory_micro_batch_seqs: int, memory_budget: int,
               vocab: int = 50304, peak_tflops: float = 0.0, use_compile: bool = False) -> dict:
-    if preset not in PRESETS:
-        raise UserError(f"--preset {preset!r} unknown; choose one of {', '.join(PRESETS)}")
+    check_preset(preset, "--preset")
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
-    dev = _device(device)
+    dev = pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-    res = {"preset": preset, "device": dev.type, "device_name": name, "dtype": dtype if dev.type == "cuda" else "fp32",
+    res = {"preset": preset, "device": dev.type, "device_name": name, "dtype": resolved_precision(dev, dtype),
            "tokens_per_step": tokens_per_step, "micro_batch_tokens": micro_batch_tokens,
            "memory_micro_batch_seqs": memory_micro_batch_seqs, "memory_budget_bytes": memory_budget,
            "peak_tflops": peak or None, "vocab_size": vocab, "compile": use_compile, "lengths": []}
     for L in sorted(lengths):
         row = {"seq_len": L}
-        row.update(step_time(preset, vocab, L, tokens_per_step, micro_batch_tokens, dev, dtype, steps, warmup,
-                             use_compile))
+        row.update(step_time(preset=preset, vocab=vocab, seq_len=L, tokens_per_step=tokens_per_step,
+                             micro_batch_tokens=micro_batch_tokens, device=dev, dtype=dtype, steps=steps,
+                             warmup=warmup, use_compile=use_compile))
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
         row["flops_per_token"] = flops_per_token(preset, vocab, L)
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12

@@ -3,6 +3,7 @@
     gl-ray plan --config pipelines/configs/tiny-growlength.yaml --set schedule.lengths=[64,128]
     gl-ray prepare --source stdlib --out data/stdlib
     gl-ray train --config pipelines/configs/tiny-growlength.yaml
+    gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --budget-time-s 90 --out results/tiny
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from gl_ray.errors import EXIT_USER_ERROR, UserError, find_user_error
+from gl_ray.errors import EXIT_USER_ERROR, UserError, unwrap_user_errors
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -50,9 +51,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gl_ray.train.driver import train_from_args
+    from gl_ray.config import load_config
+    from gl_ray.train.driver import launch_run
 
-    train_from_args(args.config, args.overrides, no_ray=args.no_ray, address=args.address)
+    overrides = [*args.overrides, "ray.num_workers=0"] if args.no_ray else args.overrides
+    launch_run(load_config(args.config, overrides), address=args.address)
     return 0
 
 
@@ -75,10 +78,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gl_ray.bench import format_bench, parse_size, run_bench
     from gl_ray.plots import plot_bench
 
-    res = run_bench(args.preset, _ints(args.lengths, "--lengths"), args.tokens_per_step, args.micro_batch_tokens,
-                    args.device, args.dtype, args.steps, args.warmup, args.memory_micro_batch,
-                    parse_size(args.memory_budget) if args.memory_budget else 0, args.vocab_size, args.peak_tflops,
-                    args.compile)
+    res = run_bench(preset=args.preset, lengths=_ints(args.lengths, "--lengths"),
+                    tokens_per_step=args.tokens_per_step, micro_batch_tokens=args.micro_batch_tokens,
+                    device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
+                    memory_micro_batch_seqs=args.memory_micro_batch,
+                    memory_budget=parse_size(args.memory_budget) if args.memory_budget else 0,
+                    vocab=args.vocab_size, peak_tflops=args.peak_tflops, use_compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{args.preset}-{res['device']}"
@@ -110,6 +115,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from gl_ray.reproduce import reproduce
+
+    reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
+              budget_time_s=args.budget_time_s, ratios=args.ratios, workers=args.workers,
+              eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, extra=args.overrides,
+              address=args.address)
+    return 0
+
+
 def _ints(text: str, flag: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -117,17 +132,16 @@ def _ints(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 128,256,512") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _add_plan(sub) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(prog="gl-ray", description="GrowLength pretraining on Ray.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
     p = sub.add_parser("plan", help="print the stage plan of a run config", formatter_class=fmt,
                        epilog=_config_epilog())
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into Parquet token shards")
     p.add_argument("--source", default="stdlib",
                    help="stdlib (default), a folder or glob of text files, or s3://bucket/prefix")
@@ -142,12 +156,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_prepare)
 
+
+def _add_train(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("train", help="run GrowLength pretraining", formatter_class=fmt, epilog=_config_epilog())
     _config_args(p)
     p.add_argument("--no-ray", action="store_true", help="run in one process without Ray (same as ray.num_workers=0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="perplexity of trained models at each context length (no Ray)")
     p.add_argument("--model", action="append", required=True, help="HF model folder, e.g. RUN/final (repeatable)")
     p.add_argument("--data", required=True, help="prepared dataset (its val split is used)")
@@ -157,13 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON output (a PNG is written beside it); default eval.json")
     p.set_defaults(func=cmd_eval)
 
+
+def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time, memory and max batch per length: the paper's Tables 1-3 (no Ray)")
     p.add_argument("--preset", default="pythia-160m", help="model preset")
     p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated sequence lengths")
     p.add_argument("--tokens-per-step", type=int, default=65536, help="tokens per optimizer step (Table 1)")
     p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per forward pass (Table 1)")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cpu | cuda")
-    p.add_argument("--dtype", default="bf16", help="bf16 (autocast, GPU) | fp32")
+    p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32, as train.precision")
     p.add_argument("--steps", type=int, default=5, help="timed steps per length (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per length")
     p.add_argument("--memory-micro-batch", type=int, default=8, help="sequences per micro batch for Table 2")
@@ -174,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench", help="output folder")
     p.set_defaults(func=cmd_bench)
 
+
+def _add_tune(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
     p = sub.add_parser("tune", help="Ray Tune search over ladders, ratios and optimizer settings",
                        formatter_class=fmt, epilog=_config_epilog())
     _config_args(p)
@@ -182,11 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="compare runs: loss vs time/tokens, per-stage table, time to common loss")
     p.add_argument("runs", nargs="+", help="run folders ({storage_path}/{name}), local or s3://")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--smooth", type=int, default=5, help="reports in the running mean of the training loss")
     p.set_defaults(func=cmd_report)
+
+
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's comparison: GrowLength vs fixed shortest vs fixed longest at "
+                       "one budget, then report and eval")
+    p.add_argument("--config", default="pipelines/configs/tiny-growlength.yaml", help="GrowLength base config")
+    p.add_argument("--data", default="data/stdlib", help="prepared dataset")
+    p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
+    p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
+    p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
+    p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
+    p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
+    p.add_argument("--out", default="results", help="output folder")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every run (repeatable)")
+    p.set_defaults(func=cmd_reproduce)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gl-ray", description="GrowLength pretraining on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_plan, _add_prepare, _add_train, _add_eval, _add_bench, _add_tune, _add_report, _add_reproduce):
+        add(sub)
     return parser
 
 
@@ -203,11 +254,9 @@ def _has_cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except Exception as e:  # a user error may arrive wrapped by Ray; anything else is a bug: traceback
-        user = e if isinstance(e, UserError) else find_user_error(e)
-        if user is None:
-            raise
+        with unwrap_user_errors():  # a user error may arrive wrapped by Ray; anything else is a bug: traceback
+            return args.func(args)
+    except UserError as user:
         print(f"gl-ray {args.command}: error: {user}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

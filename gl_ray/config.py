@@ -1,8 +1,9 @@
 """The one typed config tree of a gl-ray run.
 
 Load order: dataclass defaults, then a YAML file, then `--set section.key=value` overrides (values parsed as
-YAML, e.g. `--set schedule.lengths=[128,512]`), then validation in `__post_init__`/`validate()`. Every field
-carries a one-line doc (`metadata["doc"]`) that `gl-ray <cmd> --help` prints.
+YAML, e.g. `--set schedule.lengths=[128,512]`), each value checked against its field's type as it is set
+(`Literal` fields against their choices, `list[int]` element by element), then `Config.validate()` for what
+spans fields. Every field carries a one-line doc (`metadata["doc"]`) that `gl-ray <cmd> --help` prints.
 
     cfg = load_config("pipelines/configs/tiny-growlength.yaml", ["train.seed=1"])
 """
@@ -14,11 +15,15 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
 
 from gl_ray.errors import UserError
+
+PositionMode = Literal["extrapolate", "interpolate", "pose"]
+Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -40,15 +45,15 @@ class DataConfig:
 class ModelConfig:
     preset: str = _f("tiny", "architecture preset: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
     max_position_embeddings: int = _f(2048, "largest position the model supports; must be >= the last stage length")
-    position_mode: str = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
+    position_mode: PositionMode = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
     rope_theta: float = _f(10000.0, "RoPE base frequency")
     init_std: float = _f(0.02, "std of the normal weight init")
 
 
 @dataclass
 class ScheduleConfig:
-    lengths: list = _f([128, 256, 512, 1024], "stage sequence lengths, strictly increasing, multiples of 8")
-    ratios: list = _f([], "share of the budget per stage, summing to 1 (empty: equal shares)")
+    lengths: list[int] = _f([128, 256, 512, 1024], "stage sequence lengths, strictly increasing, multiples of 8")
+    ratios: list[float] = _f([], "share of the budget per stage, summing to 1 (empty: equal shares)")
     budget_tokens: int = _f(0, "total training tokens (0 with budget_time_s: cap that sizes each stage's data)")
     budget_time_s: float = _f(0.0, "wall-time budget in seconds; stages switch at their fractions of it (0: off)")
     tokens_per_step: int = _f(65536, "global tokens per optimizer step, the same in every stage")
@@ -70,8 +75,8 @@ class OptimConfig:
 class TrainConfig:
     micro_batch_tokens: int = _f(8192, "tokens per forward pass per worker; gradient accumulation is derived")
     seed: int = _f(0, "seed for weight init and PoSE position ids")
-    device: str = _f("auto", "auto | cpu | cuda")
-    precision: str = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
+    device: Device = _f("auto", "auto | cpu | cuda")
+    precision: Precision = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
     compile: bool = _f(False, "torch.compile the model (faster GPU steps after a one-off compile per stage length)")
     log_every_steps: int = _f(10, "optimizer steps between metric reports")
     eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
@@ -102,16 +107,12 @@ class Config:
 
     def validate(self) -> Config:
         """Check everything that can be checked without data or Ray; raises UserError."""
-        from gl_ray.model import PRESETS  # late import: model pulls in torch
+        from gl_ray.model import check_preset  # late import: model pulls in torch
 
-        s, t = self.schedule, self.train
+        s = self.schedule
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
-        if self.model.preset not in PRESETS:
-            raise UserError(f"model.preset {self.model.preset!r} unknown; choose one of {', '.join(PRESETS)}")
-        _choice("model.position_mode", self.model.position_mode, ("extrapolate", "interpolate", "pose"))
-        _choice("train.device", t.device, ("auto", "cpu", "cuda"))
-        _choice("train.precision", t.precision, ("auto", "fp32", "bf16"))
+        check_preset(self.model.preset, "model.preset")
         if s.lengths and s.lengths[-1] > self.model.max_position_embeddings:
             raise UserError(
                 f"last stage length {s.lengths[-1]} exceeds model.max_position_embeddings="
@@ -127,9 +128,9 @@ class Config:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
-        from gl_ray.schedule import make_plan  # validates lengths, ratios, budget, divisibility
+        from gl_ray.schedule import make_plan
 
-        make_plan(self)
+        make_plan(self)  # a plan can be made (lengths, ratios, budget, divisibility); the driver builds the real one
         return self
 
     def get(self, dotted: str) -> Any:
@@ -140,11 +141,6 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _choice(key: str, value: str, allowed: tuple) -> None:
-    if value not in allowed:
-        raise UserError(f"{key}={value!r} is not one of {' | '.join(allowed)}")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig,
@@ -158,20 +154,31 @@ def all_keys() -> list[str]:
     return keys
 
 
-def _unknown(key: str, valid: list[str]) -> UserError:
+def unknown_key(key: str, valid: list[str]) -> UserError:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
     return UserError(f"unknown config key {key!r}{hint}")
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
-    """Check a YAML value against the field type; ints are accepted for floats."""
+    """Check a YAML value against the field type (ints are accepted for floats); returns the value to set."""
+    if get_origin(typ) is Literal:
+        choices = get_args(typ)
+        if value not in choices:
+            raise UserError(f"{key}={value!r} is not one of {' | '.join(choices)}")
+        return value
+    if get_origin(typ) is list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise UserError(f"config key {key!r} expects list, got {value!r}")
+        (item,) = get_args(typ)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     ok = {
         int: lambda v: isinstance(v, int) and not isinstance(v, bool),
         float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
         bool: lambda v: isinstance(v, bool),
         str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
     }[typ]
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)
@@ -181,8 +188,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             value = int(num) if typ is int and num.is_integer() else num
         except ValueError:
             pass
-    if value is None and typ is list:
-        value = []
     if not ok(value):
         raise UserError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     return float(value) if typ is float else value
@@ -199,7 +204,7 @@ def config_from_dict(raw: dict) -> Config:
             cfg.name = _coerce("name", value, str)
             continue
         if top not in SECTIONS:
-            raise _unknown(str(top), valid)
+            raise unknown_key(str(top), valid)
         if not isinstance(value, dict):
             raise UserError(f"config section {top!r} must be a mapping, got {value!r}")
         section = getattr(cfg, top)
@@ -207,7 +212,7 @@ def config_from_dict(raw: dict) -> Config:
         for key, v in value.items():
             dotted = f"{top}.{key}"
             if key not in hints:
-                raise _unknown(dotted, valid)
+                raise unknown_key(dotted, valid)
             setattr(section, key, _coerce(dotted, v, hints[key]))
     return cfg
 
@@ -224,7 +229,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {dotted}: value {text!r} is not valid YAML") from None
         parts = dotted.strip().split(".")
         if dotted.strip() not in all_keys():
-            raise _unknown(dotted.strip(), all_keys())
+            raise unknown_key(dotted.strip(), all_keys())
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})

@@ -7,6 +7,9 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 EXIT_USER_ERROR = 2
 
 
@@ -34,3 +37,16 @@ def find_user_error(exc: BaseException) -> UserError | None:
         stack += list((getattr(e, "worker_failures", None) or {}).values())
     m = re.search(r"gl_ray\.errors\.UserError: ([^\n]*)", str(exc))
     return UserError(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def unwrap_user_errors() -> Iterator[None]:
+    """Re-raise an exception that carries a UserError (e.g. wrapped by a Ray task, actor or Train worker) as that
+    UserError alone; any other exception is a bug and propagates unchanged."""
+    try:
+        yield
+    except Exception as e:
+        user = find_user_error(e)
+        if user is None or user is e:
+            raise
+        raise user from None

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from gl_ray.data.stream import TokenStream
+from gl_ray.devices import autocast_for, pick_device
 from gl_ray.errors import UserError
 from gl_ray.model import lm_loss
 
@@ -39,10 +40,11 @@ def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, devi
     n = len(tokens) // seq_len
     rows = torch.from_numpy(np.array(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
     mb = max(1, batch_tokens // seq_len)
+    amp = autocast_for(device, "auto")
     total = 0.0
     for i in range(0, n, mb):
         x = rows[i: i + mb].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with amp():
             total += float(lm_loss(model, x)) * len(x)
     return total / n, n
 
@@ -51,8 +53,7 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens
                     batch_tokens: int = 16384, device: str = "auto") -> dict:
     if not lengths or any(L <= 1 for L in lengths):
         raise UserError(f"--lengths {lengths} must be lengths > 1")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = pick_device(device)
     val = TokenStream(data, "val")
     longest = max(lengths)
     usable = min(max_tokens, val.tokens) // longest * longest

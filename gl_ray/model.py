@@ -40,11 +40,16 @@ def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def check_preset(preset: str, what: str = "model.preset") -> Preset:
+    """The preset of that name; UserError naming `what` (the config key or flag) if there is none."""
+    if preset not in PRESETS:
+        raise UserError(f"{what} {preset!r} unknown; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
 def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
                  init_std: float = 0.02, eos_token_id: int = 0) -> GPTNeoXConfig:
-    if preset not in PRESETS:
-        raise UserError(f"model.preset {preset!r} unknown; choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    p = check_preset(preset)
     return GPTNeoXConfig(
         vocab_size=padded_vocab(vocab_size),
         hidden_size=p.hidden,

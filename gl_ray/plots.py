@@ -8,7 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -27,7 +27,7 @@ def plot_eval(res: dict, path: str) -> str:
     ax.set_title("Context-window extension")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_bench(res: dict, path: str) -> str:
@@ -47,7 +47,7 @@ def plot_bench(res: dict, path: str) -> str:
         ax.set_xlabel("sequence length")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{res['preset']} on {res['device_name']}")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_runs(runs: dict[str, list[dict]], x: str, path: str, y: str = "loss", title: str = "") -> str:
@@ -62,4 +62,4 @@ def plot_runs(runs: dict[str, list[dict]], x: str, path: str, y: str = "loss", t
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 
-# gl-ray turns Ray Data's progress bars off on purpose (they garble logs); Ray warns once per process that it did
+# gl-ray turns Ray Data's progress bars off on purpose (they garble logs); Ray then warns once per process that
+# they are off, under this logger, which gl-ray quiets.
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
@@ -14,7 +15,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
     """Join `address` (or RAY_ADDRESS); without either, start a local instance.
 
     A local instance gets at least 4 logical CPUs: with only as many as train workers, Ray Data's read tasks
-    never get a CPU and the run hangs (see shared RAY_NOTES).
+    never get a CPU and the run hangs (Ray 2.60 on a 2-core machine).
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address and "ray" not in sys.modules:

@@ -2,6 +2,9 @@
 data and budget, then `report` and `eval`; optionally a ratio ablation (the paper's Figure 5).
 
 Runs go one after another into OUT/runs/; the comparison into OUT/report/ and OUT/eval.json (+ .png).
+
+    gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --data data/stdlib --budget-time-s 90 \
+        --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--workers 0]
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from gl_ray.evaluate import evaluate_models, format_eval
 from gl_ray.plots import plot_eval
 from gl_ray.report import build_report, format_report
 from gl_ray.schedule import normalise_ratios
-from gl_ray.train.driver import train
+from gl_ray.train.driver import launch_run
 
 
 def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
@@ -45,7 +48,7 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
     return variants
 
 
-def reproduce(base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
+def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
               ratios: str = "", workers: int | None = None, eval_lengths: list[int] | None = None,
               extra: list[str] | None = None, address: str | None = None) -> dict:
     if not budget_tokens and not budget_time_s:
@@ -62,7 +65,7 @@ def reproduce(base_config: str, data: str, out: str, budget_tokens: int = 0, bud
     for cfg in configs:
         print(f"[reproduce] training {cfg.name} (lengths {cfg.schedule.lengths}, ratios {cfg.schedule.ratios})",
               flush=True)
-        train(cfg, address=address)
+        launch_run(cfg, address=address)
         names.append(cfg.name)
     run_uris = [str(Path(runs_dir, n)) for n in names]
     rep = build_report(run_uris, str(Path(out, "report")))

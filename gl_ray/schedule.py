@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from gl_ray.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stage:
     index: int
     seq_len: int
@@ -32,8 +32,18 @@ class Stage:
     start_token: int  # tokens before this stage (offset of its slice in the train stream)
     time_s: float  # wall-time share in time mode, else 0
 
+    @property
+    def rows_per_rank_step(self) -> int:
+        """Sequences one worker takes per optimizer step (micro_batch * grad_accum)."""
+        return self.micro_batch * self.grad_accum
 
-@dataclass(frozen=True)
+    @property
+    def end_step(self) -> int:
+        """Global optimizer steps done when this stage ends."""
+        return self.start_step + self.steps
+
+
+@dataclass(frozen=True, kw_only=True)
 class Plan:
     stages: tuple[Stage, ...]
     tokens_per_step: int
@@ -55,11 +65,24 @@ class Plan:
     def stage_at_step(self, step: int) -> Stage:
         """The stage that optimizer step `step` (0-based, global) belongs to."""
         for st in self.stages:
-            if step < st.start_step + st.steps:
+            if step < st.end_step:
                 return st
         raise ValueError(f"step {step} is past the plan ({self.total_steps} steps)")
 
+    def time_end_s(self, stage: int) -> float:
+        """Elapsed wall time (time mode) at which stage `stage` ends: the cumulative share of the budget."""
+        return sum(s.time_s for s in self.stages[: stage + 1])
+
+    def to_dict(self) -> dict:
+        """Every field, for shipping the plan to workers; `Plan.from_dict` gives it back."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        return cls(**(d | {"stages": tuple(Stage(**s) for s in d["stages"])}))
+
     def to_json(self) -> dict:
+        """The summary written to RUN/plan.json and printed by `gl-ray plan --json`."""
         keys = ("index", "seq_len", "sequences_per_step", "micro_batch", "grad_accum", "steps", "tokens")
         out = {
             "stages": [{k: asdict(s)[k] for k in keys} | ({"time_s": s.time_s} if self.time_mode else {})
@@ -117,6 +140,7 @@ def micro_batch_for(seqs_per_worker: int, seq_len: int, micro_batch_tokens: int)
 
 
 def plan_stages(
+    *,
     lengths: list[int],
     ratios: list[float],
     tokens_per_step: int,
@@ -166,19 +190,23 @@ def plan_stages(
                         f"{total_steps} steps; raise the budget or that ratio")
     stages, step0 = [], 0
     for k, ((L, seqs, mb, ga), n) in enumerate(zip(shapes, steps)):
-        stages.append(Stage(k, L, seqs, mb, ga, n, n * tokens_per_step, step0, step0 * tokens_per_step,
-                            ratios[k] * budget_time_s))
+        stages.append(Stage(index=k, seq_len=L, sequences_per_step=seqs, micro_batch=mb, grad_accum=ga, steps=n,
+                            tokens=n * tokens_per_step, start_step=step0, start_token=step0 * tokens_per_step,
+                            time_s=ratios[k] * budget_time_s))
         step0 += n
     total_tokens = step0 * tokens_per_step
-    return Plan(tuple(stages), tokens_per_step, world, total_tokens, step0, budget_tokens, budget_time_s,
+    return Plan(stages=tuple(stages), tokens_per_step=tokens_per_step, world_size=world, total_tokens=total_tokens,
+                total_steps=step0, budget_tokens=budget_tokens, budget_time_s=budget_time_s,
                 unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0)
 
 
 def make_plan(cfg, cap_tokens: int = 0) -> Plan:
-    """The plan of a Config (see gl_ray.config)."""
+    """The plan of a Config (see gl_ray.config). The driver builds it once (with the corpus size as `cap_tokens`)
+    and ships it to the workers as `Plan.to_dict()`."""
     s = cfg.schedule
-    return plan_stages(list(s.lengths), list(s.ratios), s.tokens_per_step, cfg.train.micro_batch_tokens,
-                       cfg.ray.num_workers, s.budget_tokens, s.budget_time_s, cap_tokens)
+    return plan_stages(lengths=list(s.lengths), ratios=list(s.ratios), tokens_per_step=s.tokens_per_step,
+                       micro_batch_tokens=cfg.train.micro_batch_tokens, num_workers=cfg.ray.num_workers,
+                       budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens)
 
 
 def lr_at(tokens_seen: int, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int,

@@ -9,9 +9,11 @@ role); `AWS_ENDPOINT_URL` points it at another endpoint (MinIO, moto). Credentia
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -45,7 +47,7 @@ def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_s3(base) else str(Path(base, *parts))
 
 
-def _explain(uri: str, err: Exception) -> UserError:
+def explain(uri: str, err: Exception) -> UserError:
     """Turn a storage exception into one line that names the location, never the credentials."""
     text = str(err)
     low = text.lower()
@@ -63,27 +65,31 @@ def _explain(uri: str, err: Exception) -> UserError:
     return UserError(f"storage error at {uri!r}: {first}")
 
 
+@contextlib.contextmanager
+def errors_at(uri: str) -> Iterator[None]:
+    """Turn a storage error (OSError) inside the block into the one-line UserError of `explain`."""
+    try:
+        yield
+    except OSError as e:
+        raise explain(uri, e) from None
+
+
 def exists(uri: str) -> bool:
     fs, path = resolve(uri)
-    try:
+    with errors_at(uri):
         return fs.get_file_info(path).type != pafs.FileType.NotFound
-    except OSError as e:
-        raise _explain(uri, e) from None
 
 
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
-    try:
-        with fs.open_input_stream(path, compression=None) as f:
-            return f.read()
-    except (OSError, FileNotFoundError) as e:
-        raise _explain(uri, e) from None
+    with errors_at(uri), fs.open_input_stream(path, compression=None) as f:
+        return f.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole object: atomic on local disk (temp file + rename), single PUT on S3."""
     fs, path = resolve(uri)
-    try:
+    with errors_at(uri):
         if is_s3(uri):
             with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
@@ -93,34 +99,20 @@ def write_bytes(uri: str, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except OSError as e:
-        raise _explain(uri, e) from None
-
-
-def makedirs(uri: str) -> None:
-    fs, path = resolve(uri)
-    try:
-        fs.create_dir(path, recursive=True)
-    except OSError as e:
-        raise _explain(uri, e) from None
 
 
 def delete_dir(uri: str) -> None:
     fs, path = resolve(uri)
-    try:
+    with errors_at(uri):
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
-    except OSError as e:
-        raise _explain(uri, e) from None
 
 
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under uri; empty if it does not exist."""
     fs, path = resolve(uri)
-    try:
+    with errors_at(uri):
         infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    except OSError as e:
-        raise _explain(uri, e) from None
     return sorted(posixpath.basename(i.path) for i in infos)
 
 
@@ -128,11 +120,9 @@ def check_writable(uri: str) -> None:
     """Fail early, with one line, if uri cannot be written (missing bucket, bad credentials, read-only disk)."""
     probe = join(uri, f".gl-ray-write-probe-{uuid.uuid4().hex[:8]}")
     fs, path = resolve(probe)
-    try:
+    with errors_at(uri):
         if not is_s3(uri):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         with fs.open_output_stream(path, compression=None) as f:
             f.write(b"ok")
         fs.delete_file(path)
-    except OSError as e:
-        raise _explain(uri, e) from None

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from gl_ray import storage
-from gl_ray.config import _unknown, all_keys, dump_config, load_config
+from gl_ray.config import unknown_key, all_keys, dump_config, load_config
 from gl_ray.errors import UserError, find_user_error
 
 SPECIAL = ("ladder", "first_ratio", "ratios")
@@ -112,7 +112,7 @@ def load_space(path: str, extra_overrides: list[str] | None = None, num_samples:
     keys = all_keys()
     for name, dist in space.params.items():
         if name not in SPECIAL and name not in keys:
-            raise _unknown(name, list(SPECIAL) + keys)
+            raise unknown_key(name, list(SPECIAL) + keys)
         if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
             raise UserError(f"param {name!r}: give one distribution of {', '.join(DISTRIBUTIONS)}, e.g. "
                             "{choice: [a, b]}")
@@ -205,13 +205,13 @@ def _trial_driver(config: dict, space: Space, trials_dir: str) -> None:
     named by the trial id, so a restarted trial resumes its own checkpoints."""
     import ray.tune
 
-    from gl_ray.train.driver import train
+    from gl_ray.train.driver import launch_run
 
     trial_id = ray.tune.get_context().get_trial_id()
     overrides = trial_overrides(space, dict(config), name=f"trial-{trial_id}")
     overrides.append(f"ray.storage_path={trials_dir}")
     cfg = load_config(space.base_config, overrides)
-    train(cfg, quiet=True, callbacks=[_objective_callback()])
+    launch_run(cfg, quiet=True, callbacks=[_objective_callback()])
 
 
 def _objective_callback():
@@ -234,35 +234,35 @@ def _objective_callback():
     return TuneObjective()
 
 
-def run_tune(config_path: str | None, space_path: str, overrides: list[str], num_samples: int | None = None,
-             address: str | None = None) -> dict:
-    space = load_space(space_path, overrides, num_samples)
-    if config_path:
-        space.base_config = _find_config(config_path, space_path)
-        _validate_combinations(space)
-    base = load_config(space.base_config, trial_overrides(space, {}), validate=False)  # params complete it
-    if not storage.is_s3(base.data.path):  # trials run in other working directories
-        space.overrides.append(f"data.path={os.path.abspath(base.data.path)}")
-    if storage.is_s3(base.ray.storage_path):
-        raise UserError("gl-ray tune keeps its results on local disk: set ray.storage_path to a local folder")
-    tune_dir = os.path.abspath(os.path.join(base.ray.storage_path, space.name))
-    Path(tune_dir, "trials").mkdir(parents=True, exist_ok=True)
+def _concurrency(space: Space, base) -> int:
+    """Trials at once: the space's setting, else as many as the cluster's CPUs (and GPUs) fit."""
     import ray
+
+    per_trial_cpus = 1 + base.ray.num_workers * base.ray.cpus_per_worker + 1  # driver + workers + data
+    concurrent = space.max_concurrent_trials or max(1, int(ray.cluster_resources().get("CPU", 1) // per_trial_cpus))
+    if base.ray.use_gpu:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        concurrent = min(concurrent, max(1, int(gpus // max(1, base.ray.num_workers))))
+    return concurrent
+
+
+def _param_space(space: Space) -> dict:
+    """Tune domains of the params; under grid search, every choice list becomes a grid axis."""
     from ray import tune
 
-    from gl_ray.ray_utils import ensure_ray
+    def domain(d: dict):
+        kind, arg = next(iter(d.items()))
+        if space.search == "grid" and kind in ("choice", "grid"):
+            return tune.grid_search(list(arg))
+        return _domain(kind, arg)
 
-    local_cpus = base.ray.local_num_cpus or int(base.ray.num_workers * base.ray.cpus_per_worker) + 3
-    ensure_ray(address or base.ray.address or None, num_cpus=local_cpus)
-    per_trial_cpus = 1 + base.ray.num_workers * base.ray.cpus_per_worker + 1  # driver + workers + data
-    cpus = ray.cluster_resources().get("CPU", 1)
-    concurrent = space.max_concurrent_trials or max(1, int(cpus // per_trial_cpus))
-    if base.ray.use_gpu:
-        concurrent = min(concurrent, max(1, int(ray.cluster_resources().get("GPU", 0) // max(1, base.ray.num_workers))))
-    param_space = {k: _domain(*next(iter(d.items()))) for k, d in space.params.items()}
-    if space.search == "grid":
-        param_space = {k: tune.grid_search(list(d.get("choice", d.get("grid")))) if "choice" in d or "grid" in d
-                       else _domain(*next(iter(d.items()))) for k, d in space.params.items()}
+    return {k: domain(d) for k, d in space.params.items()}
+
+
+def _tune_config(space: Space, concurrent: int):
+    """Scheduler (ASHA on tokens or elapsed time, or FIFO) and search algorithm of the space."""
+    from ray import tune
+
     time_attr = "elapsed_s" if space.budget_time_s else "tokens"
     max_t = space.budget_time_s or space.budget_tokens
     if space.scheduler.get("type") == "asha":
@@ -282,17 +282,41 @@ def run_tune(config_path: str | None, space_path: str, overrides: list[str], num
         except ImportError:
             raise UserError("search: optuna needs the optuna package (pip install optuna)") from None
         search_alg = OptunaSearch()
-    tune_config = tune.TuneConfig(metric="objective", mode="min", scheduler=scheduler, search_alg=search_alg,
-                                  num_samples=space.num_samples, max_concurrent_trials=concurrent)
+    return tune.TuneConfig(metric="objective", mode="min", scheduler=scheduler, search_alg=search_alg,
+                           num_samples=space.num_samples, max_concurrent_trials=concurrent)
+
+
+def run_tune(config_path: str | None, space_path: str, overrides: list[str], num_samples: int | None = None,
+             address: str | None = None) -> dict:
+    """The Tune driver: validate the space, start or resume the search, write ranked results and best.yaml."""
+    space = load_space(space_path, overrides, num_samples)
+    if config_path:
+        space.base_config = _find_config(config_path, space_path)
+        _validate_combinations(space)
+    base = load_config(space.base_config, trial_overrides(space, {}), validate=False)  # params complete it
+    if not storage.is_s3(base.data.path):  # trials run in other working directories
+        space.overrides.append(f"data.path={os.path.abspath(base.data.path)}")
+    if storage.is_s3(base.ray.storage_path):
+        raise UserError("gl-ray tune keeps its results on local disk: set ray.storage_path to a local folder")
+    tune_dir = os.path.abspath(os.path.join(base.ray.storage_path, space.name))
+    Path(tune_dir, "trials").mkdir(parents=True, exist_ok=True)
+    from ray import tune
+
+    from gl_ray.ray_utils import ensure_ray
+
+    local_cpus = base.ray.local_num_cpus or int(base.ray.num_workers * base.ray.cpus_per_worker) + 3
+    ensure_ray(address or base.ray.address or None, num_cpus=local_cpus)
+    param_space = _param_space(space)
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, space=space, trials_dir=os.path.join(tune_dir, "trials")), {"CPU": 1})
-    run_config = tune.RunConfig(name=space.name, storage_path=os.path.dirname(tune_dir))
     if tune.Tuner.can_restore(tune_dir):
         print(f"[tune] resuming the search in {tune_dir}", flush=True)
         tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_unfinished=True, resume_errored=True,
                                    param_space=param_space)
     else:
-        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+        tuner = tune.Tuner(trainable, param_space=param_space,
+                           tune_config=_tune_config(space, _concurrency(space, base)),
+                           run_config=tune.RunConfig(name=space.name, storage_path=os.path.dirname(tune_dir)))
     grid = tuner.fit()
     res = write_results(space, grid, tune_dir)
     if all(r["status"] == "ERROR" for r in res["rows"]):
@@ -349,7 +373,7 @@ def _cell(v) -> str:
 
 
 def _plot(rows: list[dict], space: Space, path: str) -> None:
-    from gl_ray.plots import _save, plt
+    from gl_ray.plots import plt, save_figure
 
     names = list(space.params)
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.5), squeeze=False)
@@ -366,4 +390,4 @@ def _plot(rows: list[dict], space: Space, path: str) -> None:
         ax.set_ylabel("val loss at final length")
         ax.grid(alpha=0.3)
     fig.suptitle(space.name)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -91,6 +92,27 @@ def tiny_overrides(data: str, storage: str, name: str, **extra) -> list[str]:
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
+
+
+def metrics(run: Path) -> list[dict]:
+    """The lines of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict:
+    """The exported final weights of a run."""
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "model.safetensors")
+
+
+def run_tiny(data, storage, name, **extra):
+    """Train a tiny run (tiny_overrides + extra) in this process or on the shared Ray; returns (config, summary)."""
+    from gl_ray.config import load_config
+    from gl_ray.train.driver import launch_run
+
+    cfg = load_config(None, tiny_overrides(data, str(storage), name, **extra))
+    return cfg, launch_run(cfg, quiet=True)
 
 
 def train_then_sigkill(sets: list[str], log: Path, lines: int, env: dict, timeout_s: float) -> None:

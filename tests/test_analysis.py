@@ -19,7 +19,8 @@ def repro(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("repro")
     extra = [o for o in tiny_overrides(tiny_data, "unused", "tiny") if not o.startswith(("ray.storage_path",
                                                                                          "schedule.budget"))]
-    res = reproduce("pipelines/configs/tiny-growlength.yaml", tiny_data, str(out), budget_tokens=8192,
+    res = reproduce(base_config="pipelines/configs/tiny-growlength.yaml", data=tiny_data, out=str(out),
+                    budget_tokens=8192,
                     ratios="0.5,0.5;0.75,0.25", workers=0, eval_lengths=[32, 64, 128], extra=extra)
     return out, res
 
@@ -101,8 +102,8 @@ def test_bench_compile_times_the_compiled_model(monkeypatch):
         return real_compile(model, backend="aot_eager", **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
-    row = bench.step_time("tiny", 512, 32, 1024, 512, torch.device("cpu"), "fp32", steps=2, warmup=1,
-                          use_compile=True)
+    row = bench.step_time(preset="tiny", vocab=512, seq_len=32, tokens_per_step=1024, micro_batch_tokens=512,
+                          device=torch.device("cpu"), dtype="fp32", steps=2, warmup=1, use_compile=True)
     assert compiled == [{"dynamic": False}] and row["step_time_s"] > 0 and row["grad_accum"] == 2
 
 
@@ -138,10 +139,12 @@ def test_bench_real_peak_memory_on_cpu():
 
 
 def test_bench_bad_input():
+    kw = dict(tokens_per_step=1024, micro_batch_tokens=1024, device="cpu", dtype="fp32", steps=1, warmup=0,
+              memory_micro_batch_seqs=1, memory_budget=0)
     with pytest.raises(UserError, match="each must divide"):
-        run_bench("tiny", [48], 1024, 1024, "cpu", "fp32", 1, 0, 1, 0)
+        run_bench(preset="tiny", lengths=[48], **kw)
     with pytest.raises(UserError, match="unknown"):
-        run_bench("gpt9", [32], 1024, 1024, "cpu", "fp32", 1, 0, 1, 0)
+        run_bench(preset="gpt9", lengths=[32], **kw)
     assert parse_size("2GiB") == 2 << 30 and parse_size("1e6") == 10**6
     with pytest.raises(UserError):
         parse_size("lots")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from gl_ray.data.packing import concat_documents, epoch_order, pack_rows, row_token_starts, stream_segments
+from gl_ray.data.packing import RowLayout, concat_documents, epoch_order, pack_rows, stream_segments
 
 
 def test_pack_rows_cuts_exact_rows_and_counts_the_drop():
@@ -57,14 +57,18 @@ def test_row_layout_covers_each_step_once_across_ranks(world, mb, ga):
     starts = []
     for rank in range(world):
         local = np.arange(3 * per)  # three steps
-        starts.append(row_token_starts(local, stage_start_token=1000, seq_len=L, sequences_per_step=seqs,
-                                       rows_per_rank_step=per, rank=rank, start_step=0))
+        layout = RowLayout(stage_start_token=1000, seq_len=L, sequences_per_step=seqs, rows_per_rank_step=per,
+                           rank=rank, start_step=0, stage_steps=3)
+        assert layout.num_rows == len(local)
+        starts.append(layout.token_starts(local))
     allstarts = np.sort(np.concatenate(starts))
     assert allstarts.tolist() == list(range(1000, 1000 + 3 * seqs * L, L))
 
 
 def test_row_layout_resume_cursor_skips_nothing_and_replays_nothing():
-    kw = dict(stage_start_token=0, seq_len=8, sequences_per_step=6, rows_per_rank_step=3, rank=1)
-    full = row_token_starts(np.arange(5 * 3), start_step=0, **kw)
-    resumed = row_token_starts(np.arange(3 * 3), start_step=2, **kw)
-    assert resumed.tolist() == full[2 * 3:].tolist()
+    kw = dict(stage_start_token=0, seq_len=8, sequences_per_step=6, rows_per_rank_step=3, rank=1, stage_steps=5)
+    full, resumed = RowLayout(start_step=0, **kw), RowLayout(start_step=2, **kw)
+    assert (full.num_rows, resumed.num_rows) == (15, 9)
+    assert resumed.token_starts(np.arange(9)).tolist() == full.token_starts(np.arange(15))[2 * 3:].tolist()
+    assert resumed.steps(np.arange(9)).tolist() == full.steps(np.arange(15))[2 * 3:].tolist() == \
+        [2, 2, 2, 3, 3, 3, 4, 4, 4]

@@ -7,8 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, tiny_overrides, train_then_sigkill
-from test_train_local import metrics, run_tiny, weights
+from conftest import REPO, metrics, run_tiny, tiny_overrides, train_then_sigkill, weights
 
 from gl_ray.schedule import make_plan
 

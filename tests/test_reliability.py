@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import tiny_overrides, train_then_sigkill
+from conftest import metrics, run_tiny, tiny_overrides, train_then_sigkill
 from safetensors.torch import load_file
-from test_train_local import metrics, run_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "pipelines" / "configs" / "tiny-growlength.yaml")

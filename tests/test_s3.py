@@ -12,7 +12,7 @@ from gl_ray.config import load_config
 from gl_ray.data.prepare import prepare
 from gl_ray.data.stream import TokenStream
 from gl_ray.errors import UserError
-from gl_ray.train.driver import train
+from gl_ray.train.driver import launch_run
 from gl_ray.train.faults import InjectedFault
 
 
@@ -49,9 +49,9 @@ def test_train_with_data_and_runs_in_s3_and_resume_from_the_bucket(ray_local, s3
     sets = tiny_overrides(f"s3://{bucket}/data", f"s3://{bucket}/runs", "s3run")
     monkeypatch.setenv("GL_RAY_FAIL_AT_STEP", "6")
     with pytest.raises(InjectedFault):
-        train(load_config(None, sets), quiet=True)
+        launch_run(load_config(None, sets), quiet=True)
     monkeypatch.delenv("GL_RAY_FAIL_AT_STEP")
-    summary = train(load_config(None, sets), quiet=True)
+    summary = launch_run(load_config(None, sets), quiet=True)
     got = keys(s3_server, bucket, "runs/s3run/")
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "summary.json", "final/model.safetensors",
                  "final/config.json", "final/tokenizer.json", "checkpoint_step-0000016/state.json"):
@@ -63,6 +63,6 @@ def test_train_with_data_and_runs_in_s3_and_resume_from_the_bucket(ray_local, s3
 
 def test_missing_bucket_is_one_clear_line(s3_server, tiny_data):
     with pytest.raises(UserError, match="bucket .* does not exist"):
-        train(load_config(None, tiny_overrides(tiny_data, "s3://no-such-bucket-x/runs", "x")), quiet=True)
+        launch_run(load_config(None, tiny_overrides(tiny_data, "s3://no-such-bucket-x/runs", "x")), quiet=True)
     with pytest.raises(UserError, match="does not exist|no dataset"):
         TokenStream("s3://no-such-bucket-x/ds", "train")

@@ -7,27 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_overrides
+from conftest import metrics, run_tiny, weights
 from safetensors.torch import load_file
 
-from gl_ray.config import load_config
 from gl_ray.errors import UserError
 from gl_ray.schedule import make_plan
-from gl_ray.train.driver import train
 from gl_ray.train.faults import InjectedFault
-
-
-def metrics(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def weights(run: Path) -> dict:
-    return load_file(run / "final" / "model.safetensors")
-
-
-def run_tiny(data, storage, name, **extra):
-    cfg = load_config(None, tiny_overrides(data, str(storage), name, **extra))
-    return cfg, train(cfg, quiet=True)
 
 
 @pytest.fixture(scope="module")

@@ -47,10 +47,8 @@ def list_source(src: str) -> list[str]:
         files = [str(p) for p in root.rglob("*.py") if "site-packages" not in p.parts]
     elif storage.is_s3(src):
         fs, path = storage.resolve(src)
-        try:
+        with storage.errors_at(src):
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-        except OSError as e:
-            raise storage._explain(src, e) from None
         files = ["s3://" + i.path for i in infos if i.type == pafs.FileType.File and _kind(i.path)]
     elif src.startswith("hf:"):
         raise UserError(f"source {src!r}: hub datasets are not supported in this build; download the data and "

@@ -6,14 +6,21 @@ documents in an order shuffled by (seed, epoch). Stage k owns the contiguous str
 twice within an epoch and a stage's tokens are all packed (documents run across row boundaries, separated by
 their EOS token).
 
-Row layout of a stage: optimizer step s holds sequences_per_step rows; worker r takes the contiguous block of
-micro_batch * grad_accum rows at offset r * micro_batch * grad_accum within the step. So the rows of a (stage,
-rank, step) cursor are a pure function of the plan, and resume replays nothing and skips nothing.
+Row layout of a stage (`RowLayout`): optimizer step s holds sequences_per_step rows; worker r takes the
+contiguous block of rows_per_rank_step (= micro_batch * grad_accum) rows at offset r * rows_per_rank_step within
+the step. So the rows of a (stage, rank, step) cursor are a pure function of the plan, and resume replays nothing
+and skips nothing.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:
+    from gl_ray.schedule import Stage
 
 
 def pack_rows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
@@ -77,13 +84,42 @@ def stream_segments(doc_lengths: np.ndarray, doc_offsets: np.ndarray, start: int
     return segs
 
 
-def row_token_starts(local_rows: np.ndarray, *, stage_start_token: int, seq_len: int, sequences_per_step: int,
-                     rows_per_rank_step: int, rank: int, start_step: int) -> np.ndarray:
-    """Stream offset of the first token of each row a worker reads.
+@dataclass(frozen=True, kw_only=True)
+class RowLayout:
+    """The rows one worker reads in one stage, from a stage-local optimizer step on (its resume cursor).
 
-    local_rows: 0-based row numbers in the worker's dataset for this stage, which begins at start_step.
+    Local row i (0-based, counted from start_step) belongs to stage step start_step + i // rows_per_rank_step;
+    `token_starts` maps local rows to the stream offsets of their first tokens.
+
+        layout = RowLayout.of(plan.stages[1], rank=0, start_step=0)
+        starts = layout.token_starts(np.arange(layout.num_rows))
     """
-    step = start_step + local_rows // rows_per_rank_step
-    within = local_rows % rows_per_rank_step
-    global_seq = step * sequences_per_step + rank * rows_per_rank_step + within
-    return stage_start_token + global_seq * seq_len
+
+    stage_start_token: int  # stream offset of the stage's slice
+    seq_len: int
+    sequences_per_step: int  # global, all workers
+    rows_per_rank_step: int  # this worker's sequences per optimizer step
+    rank: int
+    start_step: int  # stage-local optimizer step the first local row belongs to
+    stage_steps: int  # optimizer steps of the whole stage
+
+    @classmethod
+    def of(cls, stage: Stage, rank: int, start_step: int) -> RowLayout:
+        return cls(stage_start_token=stage.start_token, seq_len=stage.seq_len,
+                   sequences_per_step=stage.sequences_per_step, rows_per_rank_step=stage.rows_per_rank_step,
+                   rank=rank, start_step=start_step, stage_steps=stage.steps)
+
+    @property
+    def num_rows(self) -> int:
+        """Local rows from start_step to the end of the stage."""
+        return max(0, self.stage_steps - self.start_step) * self.rows_per_rank_step
+
+    def steps(self, local_rows: np.ndarray) -> np.ndarray:
+        """Stage-local optimizer step of each local row."""
+        return self.start_step + local_rows // self.rows_per_rank_step
+
+    def token_starts(self, local_rows: np.ndarray) -> np.ndarray:
+        """Stream offset of the first token of each local row."""
+        within = local_rows % self.rows_per_rank_step
+        global_seq = self.steps(local_rows) * self.sequences_per_step + self.rank * self.rows_per_rank_step + within
+        return self.stage_start_token + global_seq * self.seq_len

@@ -24,7 +24,7 @@ from gl_ray import storage
 from gl_ray.data.corpus import list_source, read_documents, stable_hash
 from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
-from gl_ray.errors import UserError, find_user_error
+from gl_ray.errors import UserError, unwrap_user_errors
 
 TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
 FILES_PER_BATCH = 16  # files per tokenize task
@@ -71,10 +71,8 @@ class ShardWriter:
         fs, path = storage.resolve(uri)
         if not storage.is_s3(uri):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        try:
+        with storage.errors_at(uri):
             pq.write_table(table, path, filesystem=fs, write_statistics=True)
-        except OSError as e:
-            raise storage._explain(uri, e) from None
         self.shards.append({"path": rel, "rows": len(self.docs), "tokens": self.pending_tokens})
         self.docs, self.pending_tokens = [], 0
 
@@ -110,7 +108,7 @@ def _upload_dir(local: str, dest: str) -> None:
             storage.write_bytes(storage.join(dest, str(p.relative_to(local))), p.read_bytes())
 
 
-def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: float = 0.01,
+def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fraction: float = 0.01,
             shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
             overwrite: bool = False, no_ray: bool = False) -> dict:
     """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input."""
@@ -132,8 +130,9 @@ def prepare(source: str, out: str, tokenizer: str = "train:8192", val_fraction: 
 
     staging = out if storage.is_s3(out) else f"{Path(out).resolve()}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        manifest = _write_dataset(files, tok, eos_id, staging, source, val_fraction, shard_tokens, max_docs,
-                                  address, no_ray)
+        manifest = _write_dataset(files=files, tok=tok, eos_id=eos_id, out=staging, source=source,
+                                  val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
+                                  address=address, no_ray=no_ray)
     except BaseException:
         if storage.is_s3(out):
             for split in SPLITS + ("tokenizer",):
@@ -165,17 +164,12 @@ def tokenized_batches(files: list[str], tokenizer_json: str, eos_id: int, addres
     ds = ray.data.from_items([{"uri": f} for f in files]).map_batches(
         tokenize_files, batch_size=FILES_PER_BATCH, batch_format="numpy",
         fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id})
-    try:
+    with unwrap_user_errors():
         yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    except ray.exceptions.RayError as e:
-        user = find_user_error(e)
-        if user is None:
-            raise
-        raise user from None
 
 
-def _write_dataset(files, tok, eos_id, out, source, val_fraction, shard_tokens, max_docs, address,
-                   no_ray) -> dict:
+def _write_dataset(*, files: list[str], tok, eos_id: int, out: str, source: str, val_fraction: float,
+                   shard_tokens: int, max_docs: int, address: str | None, no_ray: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
         _upload_dir(tmp, storage.join(out, "tokenizer"))

@@ -2,10 +2,11 @@
 
     stream = get_stream("data/stdlib", "train", seed=0)
     rows = stream.rows(np.array([0, 128, 256]), seq_len=128)   # int32 [3, 128]
-    for batch in stage_batches(stream, plan, stage_index=1, rank=0, start_step=0): ...
+    layout = RowLayout.of(plan.stages[1], rank=0, start_step=0)
+    for batch in stage_batches(stream, layout, micro_batch=plan.stages[1].micro_batch): ...
 
 `stage_batches` is the Ray-free twin of `gl_ray.data.pipeline.stage_dataset`: both yield the same rows in the
-same order (see gl_ray.data.packing for the layout).
+same order (see `gl_ray.data.packing.RowLayout` for the layout).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
-from gl_ray.data.packing import pack_rows, row_token_starts, stream_segments
+from gl_ray.data.packing import RowLayout, pack_rows, stream_segments
 from gl_ray.schedule import Plan
 
 _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the default 16M tokens)
@@ -92,41 +93,18 @@ def get_stream(root: str, split: str, seed: int = 0) -> TokenStream:
     return _STREAMS[key]
 
 
-def stage_row_args(plan: Plan, stage_index: int, rank: int, start_step: int) -> dict:
-    """Keyword arguments of row_token_starts for one worker's rows of a stage."""
-    st = plan.stages[stage_index]
-    return dict(stage_start_token=st.start_token, seq_len=st.seq_len, sequences_per_step=st.sequences_per_step,
-                rows_per_rank_step=st.micro_batch * st.grad_accum, rank=rank, start_step=start_step)
-
-
-def fetch_rows(batch: dict[str, np.ndarray], root: str, seed: int, row_args: dict) -> dict[str, np.ndarray]:
-    """Ray Data batch function: row numbers ("id") in, packed rows ("input_ids": int32 [n, seq_len]) out."""
-    starts = row_token_starts(np.asarray(batch["id"], dtype=np.int64), **row_args)
-    return {"input_ids": get_stream(root, "train", seed).rows(starts, row_args["seq_len"])}
-
-
-def stage_num_rows(plan: Plan, stage_index: int, start_step: int) -> int:
-    st = plan.stages[stage_index]
-    return max(0, st.steps - start_step) * st.micro_batch * st.grad_accum
-
-
-def stage_batches(stream: TokenStream, plan: Plan, stage_index: int, rank: int, start_step: int
-                  ) -> Iterator[np.ndarray]:
-    """Micro batches (int32 [micro_batch, seq_len]) of one worker for a stage, from start_step on, without Ray."""
-    st = plan.stages[stage_index]
-    args = stage_row_args(plan, stage_index, rank, start_step)
-    for first in range(0, stage_num_rows(plan, stage_index, start_step), st.micro_batch):
-        rows = np.arange(first, first + st.micro_batch)
-        yield stream.rows(row_token_starts(rows, **args), st.seq_len)
+def stage_batches(stream: TokenStream, layout: RowLayout, micro_batch: int) -> Iterator[np.ndarray]:
+    """Micro batches (int32 [micro_batch, seq_len]) of one worker's rows of a stage, without Ray."""
+    for first in range(0, layout.num_rows, micro_batch):
+        yield stream.rows(layout.token_starts(np.arange(first, first + micro_batch)), layout.seq_len)
 
 
 def stage_accounting(plan: Plan, corpus_tokens: int) -> list[dict]:
-    """Per stage: the stream slice it reads and its tokens read, packed and dropped (dropped is 0 by design:
-    every stage slice is a whole number of rows), and which epochs of the corpus it spans."""
+    """Per stage: the stream slice it reads and which epochs of the corpus that slice spans. Every token of a
+    slice is trained (a slice is a whole number of rows), so the slice is the stage's token count."""
     out = []
     for st in plan.stages:
         a, b = st.start_token, st.start_token + st.tokens
         out.append({"stage": st.index, "seq_len": st.seq_len, "stream_start": a, "stream_stop": b,
-                    "tokens_read": st.tokens, "tokens_packed": st.tokens, "tokens_dropped": 0,
                     "epochs": [a // corpus_tokens, max(a, b - 1) // corpus_tokens] if corpus_tokens else None})
     return out

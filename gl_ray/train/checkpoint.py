@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load as st_load
@@ -25,6 +27,7 @@ from gl_ray import storage
 from gl_ray.errors import UserError
 
 PREFIX = "checkpoint_step-"
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,11 +74,6 @@ def _read_meta(folder: str) -> tuple[TrainState, dict]:
         raise UserError(f"checkpoint {folder!r} has no valid state.json") from None
 
 
-def read_state(folder: str) -> TrainState:
-    """The state.json of a checkpoint (UserError if missing or unreadable)."""
-    return _read_meta(folder)[0]
-
-
 def _verified(folder: str) -> tuple[TrainState, dict]:
     """(state, {file: bytes}) of a checkpoint whose files all match their digests (UserError otherwise)."""
     state, digests = _read_meta(folder)
@@ -117,29 +115,30 @@ def verify_checkpoint(folder: str) -> TrainState:
     return _verified(folder)[0]
 
 
-def find_resume_checkpoint(run_uri: str, warn=print) -> tuple[str, TrainState] | None:
-    """The newest checkpoint of a run that verifies; a bad one is reported and skipped (None: new run)."""
+def _newest_good(run_uri: str, use: Callable[[str], T], warn: Callable[[str], object]) -> T | None:
+    """use(folder) of the newest checkpoint for which it succeeds; a bad one (UserError) is reported and skipped,
+    falling back to the one before it. None: no usable checkpoint (a new run)."""
     for _, folder in reversed(list_checkpoints(run_uri)):
         try:
-            return folder, verify_checkpoint(folder)
+            return use(folder)
         except UserError as e:
             warn(f"gl-ray: refusing checkpoint, falling back to the previous one: {e}")
     return None
+
+
+def find_resume_checkpoint(run_uri: str, warn=print) -> tuple[str, TrainState] | None:
+    """(folder, state) of the newest checkpoint of a run that verifies (None: new run)."""
+    return _newest_good(run_uri, lambda folder: (folder, verify_checkpoint(folder)), warn)
+
+
+def restore_latest(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                   warn=print) -> TrainState | None:
+    """Load the newest good checkpoint of a run into model and optimizer (None: nothing to resume). Each file is
+    read once: load_checkpoint checks every digest before it loads anything."""
+    return _newest_good(run_uri, lambda folder: load_checkpoint(folder, model, optimizer), warn)
 
 
 def prune_checkpoints(run_uri: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (the Ray path lets Ray Train do this)."""
     for _, folder in list_checkpoints(run_uri)[:-keep]:
         storage.delete_dir(folder)
-
-
-def restore_latest(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                   warn=print) -> TrainState | None:
-    """Load the newest good checkpoint of a run into model and optimizer (None: nothing to resume). Each file is
-    read once: load_checkpoint checks every digest before it loads anything, and a bad checkpoint is skipped."""
-    for _, folder in reversed(list_checkpoints(run_uri)):
-        try:
-            return load_checkpoint(folder, model, optimizer)
-        except UserError as e:
-            warn(f"gl-ray: refusing checkpoint, falling back to the previous one: {e}")
-    return None

@@ -1,7 +1,8 @@
-"""`gl-ray train`: validate everything, write RUN/config.yaml and plan.json, train (with or without Ray), print
-the summary. Running the same command again with the same name resumes from the newest good checkpoint.
+"""`gl-ray train`, the driver layer: validate everything, build the plan once, write RUN/config.yaml and
+plan.json, train (in this process, or on Ray Train via `ray_train.fit_trainer`), print the summary. Running the
+same command again with the same name resumes from the newest good checkpoint.
 
-    summary = train(load_config("pipelines/configs/tiny-growlength.yaml"))
+    summary = launch_run(load_config("pipelines/configs/tiny-growlength.yaml"))
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import os
 
 from gl_ray import storage
-from gl_ray.config import Config, dump_config, load_config
+from gl_ray.config import Config, dump_config
 from gl_ray.data.stream import get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, make_plan
@@ -22,7 +23,7 @@ def run_uri_of(cfg: Config) -> str:
     return storage.join(base, cfg.name)
 
 
-def train(cfg: Config, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:
+def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
     resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one)."""
     say = (lambda *_: None) if quiet else print
@@ -50,27 +51,19 @@ def train(cfg: Config, address: str | None = None, quiet: bool = False, callback
     say(f"run folder: {run_uri}")
 
     if cfg.ray.num_workers == 0:
-        from gl_ray.train.loop import local_io
-        from gl_ray.train.worker import train_worker
+        from gl_ray.train.io import LocalIO
+        from gl_ray.train.worker import run_worker
 
-        io = local_io(cfg, plan, train_stream, run_uri, report=lambda m: None)
-        train_worker(cfg, plan, run_uri, io, print_progress=not quiet)
+        run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints),
+                   print_progress=not quiet)
     else:
         from gl_ray.ray_utils import ensure_ray
-        from gl_ray.train.ray_train import fit
+        from gl_ray.train.ray_train import fit_trainer
 
         local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
         ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
-        fit(cfg, plan, run_uri, cap_tokens=train_stream.tokens, callbacks=callbacks)
+        fit_trainer(cfg, plan, run_uri, callbacks=callbacks)
     summary = json.loads(storage.read_bytes(storage.join(run_uri, "summary.json")))
     say(format_summary(summary))
     say(f"final model: {storage.join(run_uri, 'final')}")
     return summary
-
-
-def train_from_args(config_path: str | None, overrides: list[str], no_ray: bool = False,
-                    address: str | None = None) -> dict:
-    """Entry point of `gl-ray train` and `python -m pipelines.pretrain`."""
-    if no_ray:
-        overrides = [*overrides, "ray.num_workers=0"]
-    return train(load_config(config_path, overrides), address=address)

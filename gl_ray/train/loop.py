@@ -1,14 +1,15 @@
 """The GrowLength training loop: every stage of the plan in order, one optimizer step at a time.
 
-It knows nothing of Ray: a `WorkerIO` gives it data, reporting and collectives. `gl_ray.train.ray_train` gives
-one backed by Ray Train; `local_io` below runs it in one process (ray.num_workers: 0, GPU benchmarks).
+It knows nothing of Ray: a `WorkerIO` (gl_ray.train.io) gives it data, reporting and collectives, and `RunHooks`
+let the caller keep logs and exports. The loop reads like torchtitan's `Trainer.train`: a step, then one decision
+(log / eval / checkpoint / stage done), then the report.
+
+    state = Trainer(cfg, plan, io, vocab_size=8192, eos_id=0, evaluator=ev).train()
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,43 +17,13 @@ import torch
 
 from gl_ray.config import Config
 from gl_ray.data.stream import TokenStream
+from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import build_model, lm_loss, position_ids
-from gl_ray.schedule import Plan, lr_at
+from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail
-
-
-@dataclass
-class WorkerIO:
-    rank: int
-    world_size: int
-    batches: Callable[[int, int], Iterator[np.ndarray]]  # (stage, start_step) -> int32 [micro_batch, seq_len]
-    report: Callable[..., None]  # report(metrics, checkpoint=(model, optimizer, state) | None)
-    restore: Callable[[torch.nn.Module, torch.optim.Optimizer], TrainState | None]
-    wrap_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda m: m
-    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
-
-
-def pick_device(cfg: Config) -> torch.device:
-    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
-    return torch.device("cpu")
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with Pythia's defaults; no weight decay on biases and LayerNorm weights (1-D tensors)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    o = cfg.optim
-    return torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=True if decay[0].is_cuda else None)  # one fused kernel on GPU
+from gl_ray.train.io import RunHooks, WorkerIO
+from gl_ray.train.step import make_optimizer, train_step
 
 
 def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -85,120 +56,154 @@ class Evaluator:
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
+class Meter:
+    """Statistics of the window between two reports: tokens, summed step losses, data wait, wall time."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float) -> None:
+        self.t0, self.tokens, self.wait_s, self.steps = now, 0, 0.0, 0
+        self.loss_sum = torch.zeros((), device=self.device)  # stays on device: no host sync per step
+
+    def add(self, tokens: int, loss: torch.Tensor, wait_s: float) -> None:
+        self.tokens, self.steps, self.wait_s = self.tokens + tokens, self.steps + 1, self.wait_s + wait_s
+        self.loss_sum += loss
+
+    def read(self, now: float, io: WorkerIO) -> dict:
+        """loss (mean over steps and workers), tokens_per_s and data_wait_frac of the window."""
+        loss = io.all_reduce_sum((self.loss_sum / max(1, self.steps)).reshape(1))
+        span = max(1e-9, now - self.t0)
+        return {"loss": float(loss) / io.world_size, "tokens_per_s": self.tokens / span,
+                "data_wait_frac": self.wait_s / span}
+
+
+@dataclass(frozen=True)
+class Due:
+    """What is due after a step."""
+
+    log: bool
+    eval: bool
+    checkpoint: bool
+    stage_done: bool
+
+
 def _crossed(before: int, after: int, every: int) -> bool:
     return every > 0 and before // every != after // every
 
 
-def run_training(cfg: Config, plan: Plan, vocab_size: int, eos_id: int, io: WorkerIO, evaluator: Evaluator,
-                 on_finish: Callable[[torch.nn.Module, TrainState, dict], None] | None = None) -> TrainState:
-    """Train every stage of the plan from the last checkpoint on; returns the final state."""
-    device = pick_device(cfg)
-    amp = autocast_for(cfg, device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.preset, vocab_size, cfg.model.max_position_embeddings, cfg.model.rope_theta,
-                        cfg.model.init_std, eos_id, seed=cfg.train.seed).to(device)
-    optimizer = make_optimizer(model, cfg)
-    state = io.restore(model, optimizer) or TrainState(stage_wall_s=[0.0] * len(plan.stages))
-    net = io.wrap_model(model)
-    if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length.
-        net = torch.compile(net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
-    t_start, elapsed0 = time.perf_counter(), state.elapsed_s
-    final_val: dict = {}
+def decide(cfg: Config, step: int, tokens_before: int, tokens: int, stage_done: bool, last_stage: bool) -> Due:
+    """Log, evaluate and checkpoint when their token or step intervals are crossed; checkpoint at each stage end,
+    evaluate at the end of the run, and log whenever anything else happens."""
+    t = cfg.train
+    checkpoint = stage_done or _crossed(tokens_before, tokens, t.checkpoint_every_tokens)
+    evaluate = (stage_done and last_stage) or _crossed(tokens_before, tokens, t.eval_every_tokens)
+    log = step % t.log_every_steps == 0 or stage_done or evaluate or checkpoint
+    return Due(log=log, eval=evaluate, checkpoint=checkpoint, stage_done=stage_done)
 
-    for st in plan.stages[state.stage:]:
-        if state.stage_step >= st.steps and not plan.time_mode:
-            state.stage, state.stage_step = st.index + 1, 0
-            continue
-        batches = io.batches(st.index, state.stage_step)
-        stage_t0, stage_wall0 = time.perf_counter(), state.stage_wall_s[st.index]
-        win_t0, win_tokens, win_wait, win_loss, win_steps = time.perf_counter(), 0, 0.0, 0.0, 0
-        time_end = sum(s.time_s for s in plan.stages[: st.index + 1])
-        while state.stage_step < st.steps:
-            maybe_fail(state.step, io.rank)
-            elapsed = elapsed0 + time.perf_counter() - t_start
-            lr = lr_at(state.tokens + plan.tokens_per_step, cfg.optim.lr, cfg.optim.min_lr,
-                       cfg.optim.warmup_tokens, plan.total_tokens,
-                       elapsed / plan.budget_time_s if plan.time_mode else None)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(st.grad_accum):
-                t_wait = time.perf_counter()
-                x = torch.from_numpy(np.require(next(batches), requirements="W")).to(device, dtype=torch.long)
-                win_wait += time.perf_counter() - t_wait
-                gen = pose_generator(cfg.train.seed, state.step, io.rank, micro)
-                pos = position_ids(cfg.model.position_mode, x.shape[0], st.seq_len, plan.final_len, gen)
-                pos = None if pos is None else pos.to(device)
-                sync = micro == st.grad_accum - 1 or not hasattr(net, "no_sync")
-                with (contextlib.nullcontext() if sync else net.no_sync()):
-                    with amp():
-                        loss = lm_loss(net, x, pos) / st.grad_accum
-                    loss.backward()
-                step_loss += loss.detach()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
-            tokens_before = state.tokens
-            state.step, state.stage_step, state.tokens = state.step + 1, state.stage_step + 1, \
-                state.tokens + plan.tokens_per_step
-            win_tokens, win_steps = win_tokens + plan.tokens_per_step, win_steps + 1
-            win_loss += float(step_loss)
-            now = time.perf_counter()
-            state.elapsed_s = elapsed0 + now - t_start
-            state.stage_wall_s[st.index] = stage_wall0 + now - stage_t0
-            stage_done = state.stage_step >= st.steps
-            if plan.time_mode:  # every rank must switch at the same step: agree on the clock of the slowest
-                late = torch.tensor([float(state.elapsed_s >= time_end)], device=device)
-                stage_done = stage_done or bool(io.all_reduce_sum(late) > 0)
-            run_done = stage_done and st.index == len(plan.stages) - 1
-            due_ckpt = stage_done or _crossed(tokens_before, state.tokens, cfg.train.checkpoint_every_tokens)
-            due_eval = run_done or _crossed(tokens_before, state.tokens, cfg.train.eval_every_tokens)
-            due_log = state.step % cfg.train.log_every_steps == 0 or stage_done or due_eval or due_ckpt
-            if not due_log:
-                continue
-            loss_avg = io.all_reduce_sum(torch.tensor([win_loss / win_steps], device=device))
-            metrics = {
-                "step": state.step, "stage": st.index, "seq_len": st.seq_len, "tokens": state.tokens,
-                "loss": float(loss_avg) / io.world_size, "lr": lr,
-                "tokens_per_s": win_tokens / max(1e-9, now - win_t0),
-                "data_wait_frac": win_wait / max(1e-9, now - win_t0), "elapsed_s": state.elapsed_s,
-                "total_tokens": plan.total_tokens, "num_stages": len(plan.stages),
-            }
-            if plan.time_mode:
-                metrics["budget_time_s"] = plan.budget_time_s
-            if due_eval:
-                metrics["val_loss"] = evaluator.loss(model, st.seq_len, io, device, amp)
-                metrics["val_loss_final_len"] = evaluator.loss(model, plan.final_len, io, device, amp)
-                final_val = metrics
-            if stage_done:
-                state.stage, state.stage_step = st.index + 1, 0
-            io.report(metrics, checkpoint=(model, optimizer, state) if due_ckpt else None)
-            # the next window starts now, so the time spent in eval, checkpoint and report counts against it
-            win_t0, win_tokens, win_wait, win_loss, win_steps = now, 0, 0.0, 0.0, 0
-            if stage_done:
+class Trainer:
+    """Model, optimizer and state of one worker, built and restored once; `train()` runs what is left of the plan."""
+
+    def __init__(self, cfg: Config, plan: Plan, io: WorkerIO, *, vocab_size: int, eos_id: int,
+                 evaluator: Evaluator, hooks: RunHooks | None = None):
+        self.cfg, self.plan, self.io, self.evaluator = cfg, plan, io, evaluator
+        self.hooks = hooks or RunHooks()
+        self.device = pick_device(cfg.train.device)
+        self.amp = autocast_for(self.device, cfg.train.precision)
+        torch.manual_seed(cfg.train.seed)
+        m = cfg.model
+        self.model = build_model(m.preset, vocab_size, m.max_position_embeddings, m.rope_theta, m.init_std, eos_id,
+                                 seed=cfg.train.seed).to(self.device)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        restored = io.restore(self.model, self.optimizer)
+        self.hooks.on_restore(restored)
+        self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages))
+        self.net = io.wrap_model(self.model)
+        if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length.
+            self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
+        self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
+        self.final_val: dict = {}
+
+    def train(self) -> TrainState:
+        for stage in self.plan.stages[self.state.stage:]:
+            self.run_stage(stage)
+            if self.plan.time_mode and self.state.elapsed_s >= self.plan.budget_time_s:
                 break
-        if plan.time_mode and state.elapsed_s >= plan.budget_time_s:
-            break
-    if on_finish is not None:
-        on_finish(model, state, final_val)
-    return state
+        self.hooks.on_finish(self.model, self.state, self.final_val)
+        return self.state
 
+    def run_stage(self, st: Stage) -> None:
+        state = self.state
+        if state.stage_step >= st.steps and not self.plan.time_mode:  # finished before a restart
+            state.stage, state.stage_step = st.index + 1, 0
+            return
+        batches = self.io.batches(st, state.stage_step)
+        stage_t0, stage_wall0 = time.perf_counter(), state.stage_wall_s[st.index]
+        meter = Meter(self.device)
+        while state.stage_step < st.steps:
+            maybe_fail(state.step, self.io.rank)
+            lr = self.set_lr()
+            loss, wait_s = train_step(self.net, self.optimizer, batches, grad_accum=st.grad_accum,
+                                      device=self.device, amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
+                                      extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro))
+            tokens_before = state.tokens
+            now = self.advance(st, stage_t0, stage_wall0)
+            meter.add(self.plan.tokens_per_step, loss, wait_s)
+            due = decide(self.cfg, state.step, tokens_before, state.tokens, self.stage_done(st),
+                         last_stage=st.index == len(self.plan.stages) - 1)
+            if due.log:
+                self.report(st, due, meter.read(now, self.io) | {"lr": lr})
+                meter.reset(now)  # the next window starts now: eval, checkpoint and report time count against it
+            if due.stage_done:
+                break
 
-def local_io(cfg: Config, plan: Plan, train: TokenStream, run_uri: str, report: Callable[[dict], None]) -> WorkerIO:
-    """A WorkerIO for one process without Ray: batches straight from the token stream, checkpoints written to
-    RUN/checkpoint_step-NNNNNNN/ and pruned to train.keep_checkpoints."""
-    from gl_ray import storage
-    from gl_ray.data.stream import stage_batches
-    from gl_ray.train.checkpoint import checkpoint_name, prune_checkpoints, restore_latest, save_checkpoint
+    def set_lr(self) -> float:
+        """The LR of the next step (a function of tokens seen, or of the clock in time mode), set on the optimizer."""
+        plan, o = self.plan, self.cfg.optim
+        elapsed = self.elapsed0 + time.perf_counter() - self.t_start
+        lr = lr_at(self.state.tokens + plan.tokens_per_step, o.lr, o.min_lr, o.warmup_tokens, plan.total_tokens,
+                   elapsed / plan.budget_time_s if plan.time_mode else None)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
 
-    def do_report(metrics: dict, checkpoint=None) -> None:
-        if checkpoint is not None:
-            model, optimizer, state = checkpoint
-            save_checkpoint(storage.join(run_uri, checkpoint_name(state.step)), model, optimizer, state)
-            prune_checkpoints(run_uri, cfg.train.keep_checkpoints)
-        report(metrics)
+    def extra_inputs(self, x: torch.Tensor, st: Stage, micro: int) -> dict:
+        """Position ids of a micro batch (PoSE draws are seeded by step, rank and micro batch)."""
+        gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro)
+        pos = position_ids(self.cfg.model.position_mode, x.shape[0], st.seq_len, self.plan.final_len, gen)
+        return {"pos": None if pos is None else pos.to(self.device)}
 
-    return WorkerIO(rank=0, world_size=1, batches=lambda k, s: stage_batches(train, plan, k, 0, s),
-                    report=do_report, restore=lambda m, o: restore_latest(run_uri, m, o))
+    def advance(self, st: Stage, stage_t0: float, stage_wall0: float) -> float:
+        """Count the step just taken in the state; returns the time it ended."""
+        s, now = self.state, time.perf_counter()
+        s.step, s.stage_step, s.tokens = s.step + 1, s.stage_step + 1, s.tokens + self.plan.tokens_per_step
+        s.elapsed_s = self.elapsed0 + now - self.t_start
+        s.stage_wall_s[st.index] = stage_wall0 + now - stage_t0
+        return now
+
+    def stage_done(self, st: Stage) -> bool:
+        done = self.state.stage_step >= st.steps
+        if self.plan.time_mode:  # every rank must switch at the same step: agree on the clock of the slowest
+            late = torch.tensor([float(self.state.elapsed_s >= self.plan.time_end_s(st.index))], device=self.device)
+            done = done or bool(self.io.all_reduce_sum(late) > 0)
+        return done
+
+    def report(self, st: Stage, due: Due, window: dict) -> None:
+        s, plan = self.state, self.plan
+        metrics = {"step": s.step, "stage": st.index, "seq_len": st.seq_len, "tokens": s.tokens,
+                   "loss": window["loss"], "lr": window["lr"], "tokens_per_s": window["tokens_per_s"],
+                   "data_wait_frac": window["data_wait_frac"], "elapsed_s": s.elapsed_s,
+                   "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
+        if plan.time_mode:
+            metrics["budget_time_s"] = plan.budget_time_s
+        if due.eval:
+            metrics["val_loss"] = self.evaluator.loss(self.model, st.seq_len, self.io, self.device, self.amp)
+            metrics["val_loss_final_len"] = self.evaluator.loss(self.model, plan.final_len, self.io, self.device,
+                                                                self.amp)
+            self.final_val = metrics
+        if due.stage_done:
+            s.stage, s.stage_step = st.index + 1, 0
+        self.hooks.on_report(metrics)
+        self.io.report(metrics, checkpoint=(self.model, self.optimizer, s) if due.checkpoint else None)

@@ -22,6 +22,7 @@ import torch
 from gl_ray import storage
 from gl_ray.schedule import Plan
 from gl_ray.train.checkpoint import TrainState
+from gl_ray.train.io import RunHooks
 
 
 class MetricsLog:
@@ -121,3 +122,32 @@ def format_summary(summary: dict) -> str:
                 f"val loss {v if v is None else round(v, 4)} (current L), {vf if vf is None else round(vf, 4)} "
                 "(final L)")
     return "\n".join(rows)
+
+
+class RunOutputs(RunHooks):
+    """The run's own files, kept by rank 0: metrics.jsonl (trimmed to the resumed step), progress lines, and at
+    the end final/ and summary.json. Other ranks do nothing."""
+
+    def __init__(self, run_uri: str, plan: Plan, tokenizer_uri: str, rank: int, print_progress: bool):
+        self.run_uri, self.plan, self.tokenizer_uri = run_uri, plan, tokenizer_uri
+        self.rank, self.print_progress = rank, print_progress
+        self.log: MetricsLog | None = None
+
+    def on_restore(self, state: TrainState | None) -> None:
+        if self.rank == 0:
+            self.log = MetricsLog(self.run_uri, resume_step=state.step if state else 0)
+
+    def on_report(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        self.log.append(metrics)
+        if self.print_progress:
+            print(progress_line(metrics), flush=True)
+
+    def on_finish(self, model: torch.nn.Module, state: TrainState, final_val: dict) -> None:
+        if self.rank != 0:
+            return
+        export_final(self.run_uri, model, self.tokenizer_uri)
+        metrics = [json.loads(ln) for ln in self.log.lines]
+        summary = build_summary(self.plan, state, metrics, final_val or (metrics[-1] if metrics else {}))
+        storage.write_bytes(storage.join(self.run_uri, "summary.json"), json.dumps(summary, indent=1).encode())

@@ -1,9 +1,11 @@
-"""The two Ray Train layers: the per-worker train function and the driver function that builds the TorchTrainer.
+"""The two Ray Train layers: the per-worker function (`ray_worker_loop`, behind `RayWorkerIO`) and the driver
+function that builds and fits the TorchTrainer (`fit_trainer`).
 
-Each (stage, rank) gets its own Ray Data dataset ("stage{k}_rank{r}", not split by Ray), built by a callable
+Each (stage, rank) gets its own Ray Data dataset (`gl_ray.data.pipeline`, not split by Ray), built by a callable
 that Ray Train re-invokes on every worker-group (re)start: it finds the newest good checkpoint and starts the
 stage's rows at that cursor, so a resume replays nothing and skips nothing. Every row carries its optimizer
-step, and the worker checks that the first row it gets is the step it restored.
+step, and the worker checks that the first row it gets is the step it restored. The plan is built once, by the
+driver, and reaches the workers as `Plan.to_dict()`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,19 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 
 import numpy as np
+import torch
 
 from gl_ray import storage
 from gl_ray.config import Config, config_from_dict
-from gl_ray.data.stream import fetch_rows, stage_num_rows, stage_row_args
+from gl_ray.data.packing import RowLayout
+from gl_ray.data.pipeline import dataset_name, stage_dataset
 from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER
-from gl_ray.schedule import Plan, make_plan
+from gl_ray.schedule import Plan, Stage
 from gl_ray.train.checkpoint import (
+    TrainState,
     checkpoint_name,
     find_resume_checkpoint,
     list_checkpoints,
@@ -29,32 +35,9 @@ from gl_ray.train.checkpoint import (
     save_checkpoint,
 )
 from gl_ray.train.faults import fault_env
+from gl_ray.train.io import Snapshot, WorkerIO
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
-
-
-def dataset_name(stage: int, rank: int) -> str:
-    return f"stage{stage}_rank{rank}"
-
-
-def fetch_rows_with_step(batch: dict, root: str, seed: int, row_args: dict) -> dict:
-    out = fetch_rows(batch, root, seed, row_args)
-    out["step"] = row_args["start_step"] + np.asarray(batch["id"]) // row_args["rows_per_rank_step"]
-    return out
-
-
-def stage_dataset(cfg: Config, plan: Plan, stage: int, rank: int, start_step: int):
-    """The lazy Ray Dataset of one worker's rows of a stage, from start_step on."""
-    import ray
-
-    st = plan.stages[stage]
-    rows = stage_num_rows(plan, stage, start_step)
-    rows_per_step = st.micro_batch * st.grad_accum
-    blocks = max(1, min(64, rows // max(1, rows_per_step * 4)))
-    return ray.data.range(rows, override_num_blocks=blocks).map_batches(
-        fetch_rows_with_step, batch_size=rows_per_step, batch_format="numpy",
-        fn_kwargs={"root": cfg.data.path, "seed": cfg.data.seed,
-                   "row_args": stage_row_args(plan, stage, rank, start_step)})
 
 
 def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
@@ -74,13 +57,12 @@ def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
     def make(stage: int, rank: int):
         def build():
             cur_stage, cur_step = cursor()
-            start = cur_step if stage == cur_stage else 0
-            return stage_dataset(cfg, plan, stage, rank, start)
+            layout = RowLayout.of(plan.stages[stage], rank=rank, start_step=cur_step if stage == cur_stage else 0)
+            return stage_dataset(cfg.data.path, cfg.data.seed, layout)
         return build
 
     first = cursor()[0]
     return {dataset_name(k, r): make(k, r) for k in range(first, len(plan.stages)) for r in range(plan.world_size)}
-
 
 
 class StageWarmer:
@@ -127,57 +109,50 @@ def quiet_ray_logs() -> None:
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
 
 
-def train_fn(config: dict) -> None:
-    """Ray Train per-worker function (train_loop_per_worker)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    import torch.distributed as dist
+class RayWorkerIO(WorkerIO):
+    """A WorkerIO backed by Ray Train (reports, checkpoints, DDP) and Ray Data (one dataset per stage)."""
 
-    from gl_ray.train.loop import WorkerIO
-    from gl_ray.train.worker import train_worker
+    def __init__(self, cfg: Config, plan: Plan, run_uri: str, dataset_names: list[str]):
+        import ray.train
 
-    os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
-    quiet_ray_logs()
-    cfg = config_from_dict(config["cfg"])
-    plan = make_plan(cfg, cap_tokens=config["cap_tokens"])
-    run_uri = config["run_uri"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.cfg, self.plan, self.run_uri = cfg, plan, run_uri
+        self.warmer = StageWarmer(self.open_stage)
+        names = [dataset_name(k, self.rank) for k in range(len(plan.stages))]
+        first_stage = next((k for k, n in enumerate(names) if n in dataset_names), None)
+        if first_stage is not None:
+            self.warmer.start(first_stage)  # Ray Data starts up while the model is built and restored
 
-    def open_stage(stage: int):
-        st = plan.stages[stage]
-        return iter(ray.train.get_dataset_shard(dataset_name(stage, rank)).iter_batches(
-            batch_size=st.micro_batch, batch_format="numpy", drop_last=True,
-            prefetch_batches=cfg.data.prefetch_batches))
+    def open_stage(self, stage: int) -> Iterator[dict]:
+        import ray.train
 
-    warm = StageWarmer(open_stage)
-    names = [dataset_name(k, rank) for k in range(len(plan.stages))]
-    first_stage = next((k for k, n in enumerate(names) if n in config["dataset_names"]), None)
-    if first_stage is not None:
-        warm.start(first_stage)  # Ray Data starts up while the model is built and restored
+        return iter(ray.train.get_dataset_shard(dataset_name(stage, self.rank)).iter_batches(
+            batch_size=self.plan.stages[stage].micro_batch, batch_format="numpy", drop_last=True,
+            prefetch_batches=self.cfg.data.prefetch_batches))
 
-    def batches(stage: int, start_step: int):
+    def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         # warm the next stage a few steps before this one ends: earlier, its pipeline would run ahead and take
         # CPU from training; later, its start-up would show as data wait
-        st = plan.stages[stage]
-        left = stage_num_rows(plan, stage, start_step) // st.micro_batch
-        warm_at = left - WARM_STEPS_AHEAD * st.grad_accum
-        for i, b in enumerate(warm.take(stage)):
+        left = RowLayout.of(stage, self.rank, start_step).num_rows // stage.micro_batch
+        warm_at = max(0, left - WARM_STEPS_AHEAD * stage.grad_accum)
+        for i, b in enumerate(self.warmer.take(stage.index)):
             if i == 0 and int(b["step"][0]) != start_step:
-                raise RuntimeError(f"stage {stage} data starts at step {int(b['step'][0])}, but the restored "
-                                   f"checkpoint is at step {start_step}")
-            if i == max(0, warm_at) and stage + 1 < len(plan.stages):
-                warm.start(stage + 1)
+                raise RuntimeError(f"stage {stage.index} data starts at step {int(b['step'][0])}, but the "
+                                   f"restored checkpoint is at step {start_step}")
+            if i == warm_at and stage.index + 1 < len(self.plan.stages):
+                self.warmer.start(stage.index + 1)
             yield b["input_ids"]
 
-    def report(metrics: dict, checkpoint=None) -> None:
+    def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
+        import ray.train
+
         if checkpoint is None:
             ray.train.report(metrics)
             return
         model, optimizer, state = checkpoint
         name = checkpoint_name(state.step)
-        if rank != 0:
+        if self.rank != 0:
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         tmp = tempfile.mkdtemp(prefix="gl-ray-ckpt-")
@@ -187,29 +162,40 @@ def train_fn(config: dict) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def restore(model, optimizer):
-        return restore_latest(run_uri, model, optimizer, warn=print if rank == 0 else (lambda _: None))
+    def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
+        return restore_latest(self.run_uri, model, optimizer, warn=print if self.rank == 0 else (lambda _: None))
 
-    def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-        if world > 1 and dist.is_initialized():
+    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if self.world_size > 1 else None)
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(t)
         return t
 
-    def wrap(model):
-        return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
 
-    io = WorkerIO(rank=rank, world_size=world, batches=batches, report=report, restore=restore, wrap_model=wrap,
-                  all_reduce_sum=all_reduce_sum)
-    train_worker(cfg, plan, run_uri, io, print_progress=False)
+def ray_worker_loop(config: dict) -> None:
+    """Ray Train's train_loop_per_worker: one worker's run, from the plan the driver built."""
+    from gl_ray.train.worker import run_worker
+
+    os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
+    quiet_ray_logs()
+    cfg, plan = config_from_dict(config["cfg"]), Plan.from_dict(config["plan"])
+    io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
+    run_worker(cfg, plan, config["run_uri"], io, print_progress=False)
 
 
-def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int, callbacks: list | None = None) -> None:
+def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = None) -> None:
     """Driver function: build and fit the TorchTrainer (the caller has connected to Ray)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from gl_ray.errors import find_user_error
+    from gl_ray.errors import unwrap_user_errors
     from gl_ray.train.outputs import progress_line
 
     class Progress(ray.train.UserCallback):
@@ -225,10 +211,9 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int, callbacks: list 
         storage_kwargs = {"storage_path": str(storage.resolve(run_uri)[1]).rsplit("/", 1)[0]}
     datasets = stage_datasets(cfg, plan, run_uri)
     trainer = TorchTrainer(
-        train_fn,
-        train_loop_config={"cfg": cfg.to_dict(), "run_uri": run_uri, "cap_tokens": cap_tokens,
-                           "dataset_names": sorted(datasets),
-                           "fault_env": fault_env()},
+        ray_worker_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
+                           "dataset_names": sorted(datasets), "fault_env": fault_env()},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -238,10 +223,5 @@ def fit(cfg: Config, plan: Plan, run_uri: str, cap_tokens: int, callbacks: list 
         datasets=datasets,
         dataset_config=ray.train.DataConfig(datasets_to_split=[]),
     )
-    try:
+    with unwrap_user_errors():
         trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        user = find_user_error(e)
-        if user is None:
-            raise
-        raise user from None

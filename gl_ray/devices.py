@@ -1,0 +1,39 @@
+"""Device and precision choice, shared by training, `gl-ray eval` and `gl-ray bench`.
+
+    device = pick_device("auto")               # cuda if available, else cpu
+    amp = autocast_for(device, "auto")         # bf16 autocast on cuda, fp32 (no autocast) on cpu
+    with amp(): loss = lm_loss(model, x)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+from gl_ray.errors import UserError
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """auto: the current CUDA device if there is one, else cpu; cuda without a GPU is a UserError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda: no CUDA device is available here")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
+    return torch.device("cpu")
+
+
+def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for forward passes: bf16 when asked, or by default on cuda."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+
+
+def resolved_precision(device: torch.device, precision: str = "auto") -> str:
+    """What autocast_for does, as a word for reports: bf16 or fp32."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"

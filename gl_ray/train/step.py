@@ -1,0 +1,60 @@
+"""One optimizer step, as training runs it and as `gl-ray bench` times it: the optimizer, gradient accumulation
+over micro batches (DDP gradient sync only on the last), gradient clipping, the AdamW update.
+
+    optimizer = make_optimizer(model, cfg.optim)
+    loss, wait_s = train_step(net, optimizer, batches, grad_accum=4, device=device, amp=amp, grad_clip=1.0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from gl_ray.model import lm_loss
+
+
+def make_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW with Pythia's defaults (`optim`: a gl_ray.config.OptimConfig); no weight decay on biases and
+    LayerNorm weights (1-D tensors)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=True if decay[0].is_cuda else None)  # one fused kernel on GPU
+
+
+def no_inputs(x: torch.Tensor, micro: int) -> dict:
+    return {}
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[np.ndarray], *,
+               grad_accum: int, device: torch.device, amp: Callable, grad_clip: float,
+               extra_inputs: Callable[[torch.Tensor, int], dict] = no_inputs) -> tuple[torch.Tensor, float]:
+    """Forward+backward of `grad_accum` micro batches (int32 [micro_batch, seq_len] each), then clip and step.
+
+    `extra_inputs(x, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids, document
+    masks). Returns the step's mean loss (a 0-d tensor on device: no host sync) and the seconds spent waiting for
+    data."""
+    loss_sum = torch.zeros((), device=device)
+    wait_s = 0.0
+    for micro in range(grad_accum):
+        t0 = time.perf_counter()
+        x = torch.from_numpy(np.require(next(batches), requirements="W")).to(device, dtype=torch.long)
+        wait_s += time.perf_counter() - t0
+        sync = micro == grad_accum - 1 or not hasattr(net, "no_sync")
+        with contextlib.nullcontext() if sync else net.no_sync():
+            with amp():
+                loss = lm_loss(net, x, **extra_inputs(x, micro)) / grad_accum
+            loss.backward()
+        loss_sum += loss.detach()
+    if grad_clip > 0:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, wait_s
