@@ -6,7 +6,10 @@ Table 2: peak memory of one forward+backward at a fixed micro batch (sequences) 
 Table 3: the largest micro batch (tokens) whose forward+backward fits --memory-budget, found by doubling then
          bisection; probes that run out of memory are caught (CUDA OOM, or a child process over budget), and a
          size that failed is never reported.
-Also: analytic training FLOPs per token and, on GPU, model FLOPs utilisation (MFU) against --peak-tflops.
+Also: analytic training FLOPs per token and, on GPU, model FLOPs utilisation (MFU) against --peak-tflops; and
+the cost of a token at each length relative to the shortest (the bound on GrowLength's saving).
+The model is built as training builds it (--attention, --activation-checkpointing); --document-masking gives
+rows real document boundaries (--data: a prepared dataset's documents; --mean-doc-len: random documents).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import multiprocessing as mp
 import resource
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,7 +27,8 @@ import torch
 from gl_ray.config import OptimConfig
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
-from gl_ray.model import build_model, check_preset, flops_per_token, lm_loss
+from gl_ray.data.stream import check_document_ends, get_stream
+from gl_ray.model import batch_inputs, build_model, check_attention, check_preset, flops_per_token, lm_loss
 from gl_ray.schedule import micro_batch_for
 from gl_ray.train.step import make_optimizer, train_step
 
@@ -31,62 +36,118 @@ from gl_ray.train.step import make_optimizer, train_step
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
 
-def _batch(vocab: int, seqs: int, seq_len: int) -> np.ndarray:
-    """Random token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop."""
-    rng = np.random.default_rng(seqs * 7919 + seq_len)
-    return rng.integers(1, vocab, (seqs, seq_len), dtype=np.int32)
+@dataclass(frozen=True)
+class BenchModel:
+    """The model and batches a bench measures: a preset as training builds it, and rows as the loop receives
+    them (random ids; with document masking, documents cut from a prepared dataset or of a given mean length)."""
+
+    preset: str
+    vocab: int = 50304
+    attention: str = "sdpa"
+    activation_checkpointing: bool = False
+    document_masking: bool = False
+    data: str = ""  # prepared dataset whose train tokens (real documents, real EOS) fill the rows
+    mean_doc_len: int = 0  # else: random documents of this mean length (exponential), each ending with EOS
+    eos_id: int = 0
+
+    def build(self, seq_len: int, device: torch.device) -> torch.nn.Module:
+        return build_model(self.preset, self.vocab, max(seq_len, 2048), eos_token_id=self.eos_id,
+                           attention=self.attention, activation_checkpointing=self.activation_checkpointing
+                           ).to(device)
+
+    def batch(self, seqs: int, seq_len: int) -> np.ndarray:
+        """Token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop."""
+        if self.data:
+            return get_stream(self.data, "train").read(0, seqs * seq_len).reshape(seqs, seq_len).copy()
+        rng = np.random.default_rng(seqs * 7919 + seq_len)
+        ids = rng.integers(1, self.vocab, (seqs, seq_len), dtype=np.int32)  # never EOS (id 0) by chance
+        if self.mean_doc_len:
+            ends = np.cumsum(rng.exponential(self.mean_doc_len, seqs * seq_len // 2 + 2).astype(np.int64) + 1) - 1
+            flat = ids.reshape(-1)
+            flat[ends[ends < flat.size]] = self.eos_id
+        return ids
+
+    def inputs(self, x: torch.Tensor) -> dict:
+        """lm_loss keyword arguments, as training gives them (extrapolate positions, masks when masking)."""
+        return batch_inputs(x, position_mode="extrapolate", seq_len=x.shape[1], final_len=x.shape[1],
+                            eos_id=self.eos_id if self.document_masking else None, attention=self.attention)
 
 
-def step_time(*, preset: str, vocab: int, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
+def bench_model(*, preset: str, vocab: int = 50304, attention: str = "sdpa", activation_checkpointing: bool = False,
+                document_masking: bool = False, data: str = "", mean_doc_len: int = 0) -> BenchModel:
+    """A checked BenchModel; with `data`, its vocab and EOS are the dataset's."""
+    check_preset(preset, "--preset")
+    check_attention(attention, "--attention")
+    if mean_doc_len < 0:
+        raise UserError(f"--mean-doc-len {mean_doc_len} must be >= 0")
+    eos = 0
+    if data:
+        stream = get_stream(data, "train")
+        vocab, eos = stream.manifest.vocab_size, stream.manifest.eos_token_id
+        if document_masking:
+            check_document_ends(stream)
+    elif document_masking and not mean_doc_len:
+        raise UserError("--document-masking needs document boundaries: --data DATASET (its documents) or "
+                        "--mean-doc-len N (random documents of that mean length)")
+    return BenchModel(preset=preset, vocab=vocab, attention=attention,
+                      activation_checkpointing=activation_checkpointing, document_masking=document_masking,
+                      data=data, mean_doc_len=mean_doc_len, eos_id=eos)
+
+
+def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
               device: torch.device, dtype: str, steps: int, warmup: int, use_compile: bool = False) -> dict:
-    """Median seconds per optimizer step as training runs it: the same optimizer, micro batch choice and
+    """Median seconds per optimizer step as training runs it: the same optimizer, micro batch choice, inputs and
     `train_step` (`use_compile`: train.compile; the compile itself falls in the warm-up steps)."""
-    model = build_model(preset, vocab, max(seq_len, 2048)).to(device)
-    optimizer = make_optimizer(model, OptimConfig(lr=1e-4))
-    net = torch.compile(model, dynamic=False) if use_compile else model
+    module = model.build(seq_len, device)
+    optimizer = make_optimizer(module, OptimConfig(lr=1e-4))
+    net = torch.compile(module, dynamic=False) if use_compile else module
     seqs = tokens_per_step // seq_len
     mb = micro_batch_for(seqs, seq_len, max(seq_len, micro_batch_tokens))
-    batches = itertools.repeat(_batch(vocab, mb, seq_len))
+    x = model.batch(mb, seq_len)
+    batches = itertools.repeat(x)
     amp = autocast_for(device, dtype)
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(net, optimizer, batches, grad_accum=seqs // mb, device=device, amp=amp, grad_clip=1.0)
+        train_step(net, optimizer, batches, grad_accum=seqs // mb, device=device, amp=amp, grad_clip=1.0,
+                   extra_inputs=lambda xb, micro: model.inputs(xb))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
-    del model, net, optimizer
-    return {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb}
+    del module, net, optimizer
+    docs = int((x == model.eos_id).sum()) if model.document_masking else 0
+    return {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb,
+            "mean_doc_tokens": x.size / docs if docs else None}
 
 
-def _fwd_bwd(preset: str, vocab: int, seqs: int, seq_len: int, device: torch.device, dtype: str) -> None:
-    model = build_model(preset, vocab, max(seq_len, 2048)).to(device)
-    x = torch.from_numpy(_batch(vocab, seqs, seq_len)).to(device, dtype=torch.long)
+def _fwd_bwd(model: BenchModel, seqs: int, seq_len: int, device: torch.device, dtype: str) -> None:
+    module = model.build(seq_len, device)
+    x = torch.from_numpy(model.batch(seqs, seq_len)).to(device, dtype=torch.long)
     with autocast_for(device, dtype)():
-        loss = lm_loss(model, x)
+        loss = lm_loss(module, x, **model.inputs(x))
     loss.backward()
 
 
-def _child_peak_rss(q, preset, vocab, seqs, seq_len, dtype) -> None:
+def _child_peak_rss(q, model: BenchModel, seqs: int, seq_len: int, dtype: str) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
-        _fwd_bwd(preset, vocab, seqs, seq_len, torch.device("cpu"), dtype)
+        _fwd_bwd(model, seqs, seq_len, torch.device("cpu"), dtype)
         q.put(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
     except (RuntimeError, MemoryError) as e:
         q.put(("oom", str(e)[:200]))
 
 
-def peak_memory(preset: str, vocab: int, seqs: int, seq_len: int, device: torch.device, dtype: str,
+def peak_memory(model: BenchModel, seqs: int, seq_len: int, device: torch.device, dtype: str,
                 budget: int = 0) -> int | None:
     """Peak bytes of one forward+backward; None if it ran out of memory (or, on CPU, exceeded budget)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         try:
-            _fwd_bwd(preset, vocab, seqs, seq_len, device, dtype)
+            _fwd_bwd(model, seqs, seq_len, device, dtype)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             return None
@@ -95,7 +156,7 @@ def peak_memory(preset: str, vocab: int, seqs: int, seq_len: int, device: torch.
         return None if budget and peak > budget else peak
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child_peak_rss, args=(q, preset, vocab, seqs, seq_len, dtype))
+    p = ctx.Process(target=_child_peak_rss, args=(q, model, seqs, seq_len, dtype))
     p.start()
     p.join()
     if p.exitcode != 0 or q.empty():  # killed (e.g. by the OOM killer) or crashed: does not fit
@@ -106,13 +167,13 @@ def peak_memory(preset: str, vocab: int, seqs: int, seq_len: int, device: torch.
     return value
 
 
-def max_micro_batch(preset: str, vocab: int, seq_len: int, device: torch.device, dtype: str, budget: int,
+def max_micro_batch(model: BenchModel, seq_len: int, device: torch.device, dtype: str, budget: int,
                     limit_seqs: int = 1 << 16) -> tuple[int, list[dict]]:
     """Largest number of sequences whose forward+backward fits budget (0 if even one does not); and the probes."""
     probes: list[dict] = []
 
     def fits(n: int) -> bool:
-        peak = peak_memory(preset, vocab, n, seq_len, device, dtype, budget)
+        peak = peak_memory(model, n, seq_len, device, dtype, budget)
         probes.append({"seqs": n, "peak_bytes": peak, "fits": peak is not None})
         return peak is not None
 
@@ -127,31 +188,36 @@ def max_micro_batch(preset: str, vocab: int, seq_len: int, device: torch.device,
     return lo, probes
 
 
-def run_bench(*, preset: str, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int, device: str,
-              dtype: str, steps: int, warmup: int, memory_micro_batch_seqs: int, memory_budget: int,
-              vocab: int = 50304, peak_tflops: float = 0.0, use_compile: bool = False) -> dict:
-    check_preset(preset, "--preset")
+def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int,
+              device: str, dtype: str, steps: int, warmup: int, memory_micro_batch_seqs: int, memory_budget: int,
+              peak_tflops: float = 0.0, use_compile: bool = False) -> dict:
+    """Tables 1-3 for `model` at each length (see the module docstring); per length also the cost of a token
+    relative to the shortest length (`cost_vs_first`), which bounds what GrowLength's short stages can save."""
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
     dev = pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
-    res = {"preset": preset, "device": dev.type, "device_name": name, "dtype": resolved_precision(dev, dtype),
+    res = {"preset": model.preset, "device": dev.type, "device_name": name, "dtype": resolved_precision(dev, dtype),
            "tokens_per_step": tokens_per_step, "micro_batch_tokens": micro_batch_tokens,
            "memory_micro_batch_seqs": memory_micro_batch_seqs, "memory_budget_bytes": memory_budget,
-           "peak_tflops": peak or None, "vocab_size": vocab, "compile": use_compile, "lengths": []}
+           "peak_tflops": peak or None, "vocab_size": model.vocab, "compile": use_compile,
+           "attention": model.attention, "activation_checkpointing": model.activation_checkpointing,
+           "document_masking": model.document_masking, "data": model.data or None,
+           "mean_doc_len": model.mean_doc_len or None, "lengths": []}
     for L in sorted(lengths):
         row = {"seq_len": L}
-        row.update(step_time(preset=preset, vocab=vocab, seq_len=L, tokens_per_step=tokens_per_step,
+        row.update(step_time(model=model, seq_len=L, tokens_per_step=tokens_per_step,
                              micro_batch_tokens=micro_batch_tokens, device=dev, dtype=dtype, steps=steps,
                              warmup=warmup, use_compile=use_compile))
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
-        row["flops_per_token"] = flops_per_token(preset, vocab, L)
+        row["cost_vs_first"] = res["lengths"][0]["tokens_per_s"] / row["tokens_per_s"] if res["lengths"] else 1.0
+        row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L)
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
         row["mfu"] = row["achieved_tflops"] / peak if peak and dev.type == "cuda" else None
-        row["peak_memory_bytes"] = peak_memory(preset, vocab, memory_micro_batch_seqs, L, dev, dtype)
+        row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)
         if memory_budget:
-            seqs, probes = max_micro_batch(preset, vocab, L, dev, dtype, memory_budget)
+            seqs, probes = max_micro_batch(model, L, dev, dtype, memory_budget)
             row["max_micro_batch_seqs"], row["max_micro_batch_tokens"] = seqs, seqs * L
             row["max_batch_probes"] = probes
         res["lengths"].append(row)
@@ -159,14 +225,15 @@ def run_bench(*, preset: str, lengths: list[int], tokens_per_step: int, micro_ba
 
 
 def format_bench(res: dict) -> str:
-    head = ("| seq_len | s/step | tokens/s | micro x accum | peak mem (MiB) | max micro batch (tokens) | "
-            "GFLOP/token | TFLOP/s | MFU |")
-    rows = [head, "|" + " --- |" * 9]
+    head = ("| seq_len | s/step | tokens/s | cost/token vs first | micro x accum | peak mem (MiB) | "
+            "max micro batch (tokens) | GFLOP/token | TFLOP/s | MFU |")
+    rows = [head, "|" + " --- |" * 10]
     for r in res["lengths"]:
         mem = f"{r['peak_memory_bytes'] / 2**20:,.0f}" if r["peak_memory_bytes"] else "OOM"
         mx = f"{r['max_micro_batch_tokens']:,}" if r.get("max_micro_batch_tokens") is not None else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
         rows.append(f"| {r['seq_len']} | {r['step_time_s']:.4f} | {r['tokens_per_s']:,.0f} | "
+                    f"{r.get('cost_vs_first', 1.0):.2f}x | "
                     f"{r['micro_batch_seqs']} x {r['grad_accum']} | {mem} | {mx} | {r['flops_per_token'] / 1e9:.3f} | "
                     f"{r['achieved_tflops']:.3f} | {mfu} |")
     return "\n".join(rows)

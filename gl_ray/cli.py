@@ -64,7 +64,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from gl_ray.plots import plot_eval
 
     res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), args.max_tokens,
-                          device=args.device)
+                          device=args.device, document_masking=args.document_masking)
     out = args.out or "eval.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(res, indent=1))
@@ -75,18 +75,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gl_ray.bench import format_bench, parse_size, run_bench
+    from gl_ray.bench import bench_model, format_bench, parse_size, run_bench
     from gl_ray.plots import plot_bench
 
-    res = run_bench(preset=args.preset, lengths=_ints(args.lengths, "--lengths"),
+    model = bench_model(preset=args.preset, vocab=args.vocab_size, attention=args.attention,
+                        activation_checkpointing=args.activation_checkpointing,
+                        document_masking=args.document_masking, data=args.data or "", mean_doc_len=args.mean_doc_len)
+    res = run_bench(model=model, lengths=_ints(args.lengths, "--lengths"),
                     tokens_per_step=args.tokens_per_step, micro_batch_tokens=args.micro_batch_tokens,
                     device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
                     memory_micro_batch_seqs=args.memory_micro_batch,
                     memory_budget=parse_size(args.memory_budget) if args.memory_budget else 0,
-                    vocab=args.vocab_size, peak_tflops=args.peak_tflops, use_compile=args.compile)
+                    peak_tflops=args.peak_tflops, use_compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{args.preset}-{res['device']}"
+    stem = "-".join(["bench", args.preset, res["device"]] + (["masked"] if args.document_masking else [])
+                    + (["ac"] if args.activation_checkpointing else []))
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     table = format_bench(res)
     (out / f"{stem}.md").write_text(f"# {args.preset} on {res['device_name']}\n\n{table}\n")
@@ -173,6 +177,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated context lengths")
     p.add_argument("--max-tokens", type=int, default=262144, help="val tokens used at every length")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--document-masking", action="store_true",
+                   help="attention within documents, positions restarting per document (as data.document_masking)")
     p.add_argument("--out", default=None, help="JSON output (a PNG is written beside it); default eval.json")
     p.set_defaults(func=cmd_eval)
 
@@ -193,6 +199,13 @@ def _add_bench(sub) -> None:
     p.add_argument("--vocab-size", type=int, default=50304, help="embedding rows (Pythia: 50304)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for Table 1, as train.compile")
+    p.add_argument("--attention", default="sdpa", help="sdpa | flex | flash_attention_2, as model.attention")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute block activations in backward, as train.activation_checkpointing")
+    p.add_argument("--document-masking", action="store_true",
+                   help="rows hold several documents, attention masked per document (needs --data or --mean-doc-len)")
+    p.add_argument("--data", default=None, help="prepared dataset whose documents fill the rows (and set the vocab)")
+    p.add_argument("--mean-doc-len", type=int, default=0, help="random documents of this mean length (tokens)")
     p.add_argument("--out", default="bench", help="output folder")
     p.set_defaults(func=cmd_bench)
 

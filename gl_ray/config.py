@@ -22,6 +22,7 @@ import yaml
 from gl_ray.errors import UserError
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
+Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.model.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -39,14 +40,20 @@ class DataConfig:
     seed: int = _f(0, "seed for the document order of epochs after the first (epoch 0 is manifest order)")
     eval_tokens: int = _f(32768, "validation tokens per evaluation and per length (rounded down to whole rows)")
     prefetch_batches: int = _f(4, "micro batches Ray Data prefetches ahead of the training loop")
+    document_masking: bool = _f(False, "attention stays within each document of a packed row (documents end with "
+                                       "EOS), positions restart per document; also in validation")
 
 
 @dataclass
 class ModelConfig:
     preset: str = _f("tiny", "architecture preset: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
-    max_position_embeddings: int = _f(2048, "largest position the model supports; must be >= the last stage length")
+    max_position_embeddings: int = _f(2048, "longest length the model is meant for (RoPE has no position table, so "
+                                            "any value works); must be >= the last stage length")
     position_mode: PositionMode = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
-    rope_theta: float = _f(10000.0, "RoPE base frequency")
+    rope_theta: float = _f(10000.0, "RoPE base frequency; raise it for long final lengths (e.g. 500000 at 8k+) so "
+                                    "the slowest rotary dimensions do not wrap around within the context")
+    attention: Attention = _f("sdpa", "attention kernel: sdpa | flex (torch flex_attention, GPU for training) | "
+                                      "flash_attention_2 (needs the flash-attn package)")
     init_std: float = _f(0.02, "std of the normal weight init")
 
 
@@ -78,6 +85,8 @@ class TrainConfig:
     device: Device = _f("auto", "auto | cpu | cuda")
     precision: Precision = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
     compile: bool = _f(False, "torch.compile the model (faster GPU steps after a one-off compile per stage length)")
+    activation_checkpointing: bool = _f(False, "recompute each transformer block's activations in backward: less "
+                                               "memory for long lengths, ~1/3 more compute")
     log_every_steps: int = _f(10, "optimizer steps between metric reports")
     eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
     checkpoint_every_tokens: int = _f(0, "training tokens between checkpoints (0: only at stage ends)")
@@ -113,6 +122,7 @@ class Config:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
         check_preset(self.model.preset, "model.preset")
+        self._check_attention()
         if s.lengths and s.lengths[-1] > self.model.max_position_embeddings:
             raise UserError(
                 f"last stage length {s.lengths[-1]} exceeds model.max_position_embeddings="
@@ -132,6 +142,20 @@ class Config:
 
         make_plan(self)  # a plan can be made (lengths, ratios, budget, divisibility); the driver builds the real one
         return self
+
+    def _check_attention(self) -> None:
+        """The backend exists in this install, and flex trains only where it has a backward pass (CUDA)."""
+        from gl_ray.model import check_attention
+
+        check_attention(self.model.attention)
+        if self.model.attention == "flex":
+            import torch
+
+            gpu = self.train.device == "cuda" or self.ray.use_gpu or (
+                self.ray.num_workers == 0 and self.train.device == "auto" and torch.cuda.is_available())
+            if not gpu:
+                raise UserError("model.attention=flex trains on CUDA only (torch's flex attention has no CPU "
+                                "backward): set ray.use_gpu=true or train.device=cuda, or use sdpa")
 
     def get(self, dotted: str) -> Any:
         obj: Any = self

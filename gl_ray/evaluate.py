@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gl_ray.data.stream import TokenStream
+from gl_ray.data.stream import TokenStream, check_document_ends
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.errors import UserError
-from gl_ray.model import lm_loss
+from gl_ray.model import batch_inputs, lm_loss
 
 
 def load_model(path: str, device: torch.device):
@@ -35,8 +35,10 @@ def load_model(path: str, device: torch.device):
 
 
 @torch.no_grad()
-def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, device: torch.device) -> tuple[float, int]:
-    """Mean next-token loss over non-overlapping windows of seq_len; returns (loss, windows)."""
+def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, device: torch.device,
+                eos_id: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss over non-overlapping windows of seq_len; returns (loss, windows). With `eos_id`
+    (document masking) attention stays within each document of a window and positions restart per document."""
     n = len(tokens) // seq_len
     rows = torch.from_numpy(np.array(tokens[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
     mb = max(1, batch_tokens // seq_len)
@@ -44,13 +46,14 @@ def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, devi
     total = 0.0
     for i in range(0, n, mb):
         x = rows[i: i + mb].to(device)
+        inputs = batch_inputs(x, position_mode="extrapolate", seq_len=seq_len, final_len=seq_len, eos_id=eos_id)
         with amp():
-            total += float(lm_loss(model, x)) * len(x)
+            total += float(lm_loss(model, x, **inputs)) * len(x)
     return total / n, n
 
 
 def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens: int = 262144,
-                    batch_tokens: int = 16384, device: str = "auto") -> dict:
+                    batch_tokens: int = 16384, device: str = "auto", document_masking: bool = False) -> dict:
     if not lengths or any(L <= 1 for L in lengths):
         raise UserError(f"--lengths {lengths} must be lengths > 1")
     dev = pick_device(device)
@@ -59,8 +62,12 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens
     usable = min(max_tokens, val.tokens) // longest * longest
     if usable == 0:
         raise UserError(f"the val split of {data!r} has {val.tokens} tokens, fewer than one window of {longest}")
+    if document_masking:
+        check_document_ends(val)
+    eos_id = val.manifest.eos_token_id if document_masking else None
     tokens = val.read(0, usable)
-    out: dict = {"data": data, "tokens": usable, "lengths": sorted(lengths), "models": {}}
+    out: dict = {"data": data, "tokens": usable, "lengths": sorted(lengths), "document_masking": document_masking,
+                 "models": {}}
     for path in models:
         model = load_model(path, dev)
         if model.config.vocab_size < val.manifest.vocab_size:
@@ -68,7 +75,7 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens
                             f"{val.manifest.vocab_size}: it was trained on another tokenizer")
         rows = {}
         for L in sorted(lengths):
-            loss, windows = window_loss(model, tokens, L, batch_tokens, dev)
+            loss, windows = window_loss(model, tokens, L, batch_tokens, dev, eos_id)
             rows[str(L)] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "windows": windows,
                             "beyond_trained": L > _trained_len(path)}
         out["models"][model_label(path)] = rows

@@ -1,12 +1,24 @@
-"""Pythia (GPT-NeoX) RoPE models and GrowLength position ids. Single-device code: torch and transformers only.
+"""Pythia (GPT-NeoX) RoPE models, GrowLength position ids and document masks. Single-device code: torch and
+transformers only.
 
-    model = build_model("pythia-70m", vocab_size=50277, max_position_embeddings=2048)
+    model = build_model("pythia-70m", vocab_size=50277, max_position_embeddings=2048, attention="sdpa")
     pos = position_ids("pose", batch=8, seq_len=128, final_len=1024, generator=g)  # LongTensor [8, 128]
     loss = lm_loss(model, input_ids, pos)
+    docs = document_mask(input_ids, eos_id=0, attention="sdpa")                   # packed rows, masked
+    loss = lm_loss(model, input_ids, position_ids("extrapolate", 8, 128, 1024, local=docs.positions), docs)
+
+Document masking (data.document_masking): a packed row holds several documents, each ending with its EOS token.
+Attention never crosses a document boundary, positions restart at 0 at each document start (the first document
+of a row, usually the tail of one cut at the row start, starts at 0 too), and the target right after an EOS (the
+first token of the next document) is not trained: under the mask the EOS sees only its own document, so that
+target is unpredictable noise, and leaving it out makes a packed row's summed loss exactly that of its documents
+run one by one. Per document, the position modes are: extrapolate, plain 0..n-1; interpolate, 0..n-1 stretched by
+final_len / seq_len; pose, 0..n-1 with the row's one random skip applied from the row's cut point on.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +45,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 POSITION_MODES = ("extrapolate", "interpolate", "pose")
+# model.attention -> transformers' attn_implementation
+ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
 
 
 def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
@@ -47,8 +61,25 @@ def check_preset(preset: str, what: str = "model.preset") -> Preset:
     return PRESETS[preset]
 
 
+def check_attention(attention: str, what: str = "model.attention") -> str:
+    """transformers' name of an attention backend; UserError if it is unknown or cannot run here."""
+    if attention not in ATTENTION:
+        raise UserError(f"{what}={attention!r} is not one of {' | '.join(ATTENTION)}")
+    if attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        raise UserError(f"{what}=flex needs torch.nn.attention.flex_attention (torch >= 2.5); this torch "
+                        f"{torch.__version__} has none: upgrade torch or use sdpa")
+    if attention == "flash_attention_2":
+        from transformers.utils import is_flash_attn_2_available
+
+        if not is_flash_attn_2_available():
+            raise UserError(f"{what}=flash_attention_2 needs the flash-attn package and a CUDA GPU: "
+                            "pip install flash-attn --no-build-isolation (or use sdpa)")
+    return ATTENTION[attention]
+
+
 def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
-                 init_std: float = 0.02, eos_token_id: int = 0) -> GPTNeoXConfig:
+                 init_std: float = 0.02, eos_token_id: int = 0, attention: str = "sdpa") -> GPTNeoXConfig:
+    """RoPE has no position table: max_position_embeddings only records the longest length trained or meant."""
     p = check_preset(preset)
     return GPTNeoXConfig(
         vocab_size=padded_vocab(vocab_size),
@@ -65,17 +96,28 @@ def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rop
         initializer_range=init_std,
         bos_token_id=eos_token_id,
         eos_token_id=eos_token_id,
-        attn_implementation="sdpa",
+        use_cache=False,  # training and loss evaluation only; generate() turns the cache on itself
+        attn_implementation=check_attention(attention),
     )
 
 
 def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
-                init_std: float = 0.02, eos_token_id: int = 0, seed: int = 0) -> GPTNeoXForCausalLM:
-    """A freshly initialised model; the same seed gives the same weights."""
-    cfg = model_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id)
+                init_std: float = 0.02, eos_token_id: int = 0, seed: int = 0, *, attention: str = "sdpa",
+                activation_checkpointing: bool = False) -> GPTNeoXForCausalLM:
+    """A freshly initialised model; the same seed gives the same weights (whatever the attention backend).
+
+    activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
+    keeping them (less memory, about one more forward pass of compute); gradients are unchanged."""
+    cfg = model_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id, attention)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPTNeoXForCausalLM(cfg)
+    if activation_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+        if enable is not None:
+            enable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -88,8 +130,8 @@ def flops_per_token(preset: str, vocab_size: int, seq_len: int) -> float:
     return 6.0 * matmul_params + 6.0 * p.layers * seq_len * p.hidden
 
 
-def position_ids(mode: str, batch: int, seq_len: int, final_len: int,
-                 generator: torch.Generator | None = None) -> torch.Tensor | None:
+def position_ids(mode: str, batch: int, seq_len: int, final_len: int, generator: torch.Generator | None = None,
+                 local: torch.Tensor | None = None) -> torch.Tensor | None:
     """Position ids [batch, seq_len] for a training batch of a stage with length `seq_len`.
 
     extrapolate: None (the model uses 0..seq_len-1, the paper's default).
@@ -97,25 +139,84 @@ def position_ids(mode: str, batch: int, seq_len: int, final_len: int,
     pose:        two chunks with a random skip between them (PoSE, Zhu et al. 2023) so that the ids cover up to
                  final_len - 1 while the sequence holds seq_len tokens; one draw per sequence.
     At the final length every mode gives ordinary positions (returned as None).
+    local: with document masking, each token's position within its document ([batch, seq_len], from
+    `document_mask`); the modes then apply per document (the same draws), and ids are always returned.
     """
     if mode not in POSITION_MODES:
         raise UserError(f"model.position_mode={mode!r} is not one of {' | '.join(POSITION_MODES)}")
     if mode == "extrapolate" or seq_len >= final_len:
-        return None
-    base = torch.arange(seq_len)
+        return local
+    base = torch.arange(seq_len).unsqueeze(0).expand(batch, -1) if local is None else local
     if mode == "interpolate":
-        return ((base * final_len) // seq_len).unsqueeze(0).expand(batch, -1).contiguous()
-    cut = torch.randint(1, seq_len, (batch, 1), generator=generator)  # first chunk: [0, cut)
-    skip = torch.randint(0, final_len - seq_len + 1, (batch, 1), generator=generator)
-    return base.unsqueeze(0) + (base.unsqueeze(0) >= cut).long() * skip
+        return ((base * final_len) // seq_len).contiguous()
+    cut = torch.randint(1, seq_len, (batch, 1), generator=generator).to(base.device)  # first chunk: [0, cut)
+    skip = torch.randint(0, final_len - seq_len + 1, (batch, 1), generator=generator).to(base.device)
+    return base + (base >= cut).long() * skip
 
 
-def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over a [batch, seq_len] block of tokens (seq_len - 1 targets per row).
+@dataclass(frozen=True)
+class DocumentMask:
+    """The documents of a micro batch of packed rows (see the module docstring)."""
 
-    With explicit position ids we also pass an all-ones attention mask: without one, transformers reads
-    position ids that jump as packed sequences and would cut attention at every jump.
+    starts: torch.Tensor  # bool [batch, seq_len]: the token begins a document (column 0 always does)
+    positions: torch.Tensor  # long [batch, seq_len]: position of each token within its document
+    model_kwargs: dict  # the backend's form of the block-diagonal causal mask, passed to the model
+
+
+def document_mask(input_ids: torch.Tensor, eos_id: int, attention: str = "sdpa") -> DocumentMask:
+    """Documents of each row of input_ids [batch, seq_len]: a document ends with its EOS, the next starts after."""
+    batch, seq_len = input_ids.shape
+    is_eos = input_ids == eos_id
+    starts = torch.zeros_like(is_eos)
+    starts[:, 0] = True
+    starts[:, 1:] = is_eos[:, :-1]
+    doc = torch.cumsum(starts.long(), dim=1)  # document number of each token within its row, from 1
+    idx = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
+    positions = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    if attention == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_doc_causal(b, h, q, kv):
+            return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
+                                  device=input_ids.device)
+        kwargs = {"attention_mask": block}
+    elif attention == "flash_attention_2":  # variable-length kernel over the flattened batch*seq_len tokens
+        flat_starts = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        cu = torch.cat([flat_starts, flat_starts.new_tensor([batch * seq_len])]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        kwargs = {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                  "max_length_k": longest}
+    else:  # sdpa: an explicit boolean [batch, 1, q, kv] mask (True: attend), used by transformers as given
+        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
+        kwargs = {"attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
+    return DocumentMask(starts=starts, positions=positions, model_kwargs=kwargs)
+
+
+def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len: int,
+                 generator: torch.Generator | None = None, eos_id: int | None = None,
+                 attention: str = "sdpa") -> dict:
+    """Keyword arguments of lm_loss for a micro batch x [batch, seq_len]: position ids for the mode and, when
+    `eos_id` is given (document masking), the document mask in the form the attention backend takes."""
+    docs = None if eos_id is None else document_mask(x, eos_id, attention)
+    pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator,
+                       local=None if docs is None else docs.positions)
+    return {"pos": None if pos is None else pos.to(x.device), "docs": docs}
+
+
+def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
+            docs: DocumentMask | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over a [batch, seq_len] block of tokens (seq_len - 1 targets per row; with
+    `docs`, attention stays within documents and targets across a document boundary are left out).
+
+    With explicit position ids and no document mask we pass an all-ones attention mask: without one,
+    transformers reads position ids that jump as packed sequences and would cut attention at every jump.
     """
+    if docs is not None:
+        labels = input_ids.masked_fill(docs.starts, -100)  # the label at t is the target of position t - 1
+        return model(input_ids=input_ids, position_ids=pos, labels=labels, use_cache=False,
+                     **docs.model_kwargs).loss
     mask = None if pos is None else torch.ones_like(input_ids)
     out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, labels=input_ids, use_cache=False)
     return out.loss

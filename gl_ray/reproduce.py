@@ -74,7 +74,7 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     lengths = eval_lengths or sorted({min(c.schedule.lengths) for c in configs} | {longest // 2, longest,
                                                                                      2 * longest, 4 * longest})
     ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, lengths,
-                         max_tokens=max(lengths) * 64)
+                         max_tokens=max(lengths) * 64, document_masking=configs[0].data.document_masking)
     Path(out, "eval.json").write_text(json.dumps(ev, indent=1))
     plot_eval(ev, str(Path(out, "eval.png")))
     print(format_eval(ev))

@@ -115,6 +115,17 @@ def run_tiny(data, storage, name, **extra):
     return cfg, launch_run(cfg, quiet=True)
 
 
+MASKED = {"data.document_masking": True, "model.position_mode": "pose"}  # per-document PoSE: the most to get right
+
+
+@pytest.fixture(scope="session")
+def masked_baseline(tiny_data, tmp_path_factory):
+    """An uninterrupted one-process tiny run with document masking (and per-document PoSE positions)."""
+    storage = tmp_path_factory.mktemp("masked")
+    cfg, summary = run_tiny(tiny_data, storage, "masked", **MASKED)
+    return cfg, summary, storage / "masked"
+
+
 def train_then_sigkill(sets: list[str], log: Path, lines: int, env: dict, timeout_s: float) -> None:
     """Run `gl-ray train --set ...` in a subprocess and SIGKILL it once its metrics.jsonl `log` has `lines` lines
     (or after `timeout_s`), as an OOM killer or a lost session would."""

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_overrides
 
-from gl_ray.bench import parse_size, peak_memory, run_bench
+from gl_ray.bench import bench_model, format_bench, parse_size, peak_memory, run_bench
+from gl_ray.data.stream import get_stream
 from gl_ray.errors import UserError
 from gl_ray.evaluate import evaluate_models
 from gl_ray.report import build_report, time_to_loss
@@ -77,8 +78,9 @@ def test_eval_bad_model(tmp_path, tiny_data):
 
 
 def test_bench_tables(tmp_path):
-    res = run_bench("tiny", [32, 64], tokens_per_step=2048, micro_batch_tokens=1024, device="cpu", dtype="fp32",
-                    steps=2, warmup=1, memory_micro_batch_seqs=32, memory_budget=0, vocab=512)
+    res = run_bench(model=bench_model(preset="tiny", vocab=512), lengths=[32, 64], tokens_per_step=2048,
+                    micro_batch_tokens=1024, device="cpu", dtype="fp32", steps=2, warmup=1,
+                    memory_micro_batch_seqs=32, memory_budget=0)
     rows = res["lengths"]
     assert [r["seq_len"] for r in rows] == [32, 64]
     for r in rows:
@@ -87,6 +89,23 @@ def test_bench_tables(tmp_path):
         assert r["mfu"] is None  # no MFU on CPU
     assert rows[1]["flops_per_token"] > rows[0]["flops_per_token"]
     assert rows[1]["peak_memory_bytes"] >= rows[0]["peak_memory_bytes"] > 0  # grows with length
+
+
+def test_bench_with_document_masking_and_activation_checkpointing(tiny_data):
+    """--document-masking takes rows with real documents (a prepared dataset's, or random ones of a mean length)
+    and times them with the masks training builds; --activation-checkpointing builds the model as training does."""
+    kw = dict(lengths=[32, 128], tokens_per_step=1024, micro_batch_tokens=512, device="cpu", dtype="fp32", steps=1,
+              warmup=0, memory_micro_batch_seqs=2, memory_budget=0)
+    synthetic = bench_model(preset="tiny", vocab=512, document_masking=True, mean_doc_len=40)
+    res = run_bench(model=synthetic, **kw)
+    assert res["document_masking"] and res["mean_doc_len"] == 40
+    assert 20 < res["lengths"][1]["mean_doc_tokens"] < 80  # documents of about the asked mean length
+    real = bench_model(preset="tiny", document_masking=True, activation_checkpointing=True, data=tiny_data)
+    assert real.vocab == get_stream(tiny_data, "train").manifest.vocab_size
+    res = run_bench(model=real, **kw)
+    assert res["activation_checkpointing"] and all(r["step_time_s"] > 0 for r in res["lengths"])
+    assert res["lengths"][0]["cost_vs_first"] == 1.0 and res["lengths"][1]["cost_vs_first"] > 0
+    assert "cost/token vs first" in format_bench(res)
 
 
 def test_bench_compile_times_the_compiled_model(monkeypatch):
@@ -102,7 +121,8 @@ def test_bench_compile_times_the_compiled_model(monkeypatch):
         return real_compile(model, backend="aot_eager", **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
-    row = bench.step_time(preset="tiny", vocab=512, seq_len=32, tokens_per_step=1024, micro_batch_tokens=512,
+    row = bench.step_time(model=bench.bench_model(preset="tiny", vocab=512), seq_len=32, tokens_per_step=1024,
+                          micro_batch_tokens=512,
                           device=torch.device("cpu"), dtype="fp32", steps=2, warmup=1, use_compile=True)
     assert compiled == [{"dynamic": False}] and row["step_time_s"] > 0 and row["grad_accum"] == 2
 
@@ -115,36 +135,42 @@ def test_bench_max_batch_never_reports_a_size_that_did_not_fit(monkeypatch):
     base, per_seq, budget = 500 << 20, 3 << 20, 600 << 20
     calls = []
 
-    def fake_peak(preset, vocab, seqs, seq_len, device, dtype, budget_=0):
+    def fake_peak(model, seqs, seq_len, device, dtype, budget_=0):
         calls.append(seqs)
         peak = base + per_seq * seqs
         return None if peak > budget_ else peak
 
     monkeypatch.setattr(bench, "peak_memory", fake_peak)
-    seqs, probes = bench.max_micro_batch("tiny", 512, 64, "cpu", "fp32", budget, limit_seqs=4096)
+    model = bench.bench_model(preset="tiny", vocab=512)
+    seqs, probes = bench.max_micro_batch(model, 64, "cpu", "fp32", budget, limit_seqs=4096)
     assert seqs == (budget - base) // per_seq == 33
     fitted = {p["seqs"] for p in probes if p["fits"]}
     failed = {p["seqs"] for p in probes if not p["fits"]}
     assert seqs in fitted and all(f > seqs for f in failed) and seqs + 1 in failed
     assert len(calls) <= 2 * 12  # doubling then bisection, not a scan
-    assert bench.max_micro_batch("tiny", 512, 64, "cpu", "fp32", base)[0] == 0  # not even one sequence fits
+    assert bench.max_micro_batch(model, 64, "cpu", "fp32", base)[0] == 0  # not even one sequence fits
 
 
 def test_bench_real_peak_memory_on_cpu():
     import torch
 
-    one = peak_memory("tiny", 512, 1, 64, torch.device("cpu"), "fp32")
+    model = bench_model(preset="tiny", vocab=512)
+    one = peak_memory(model, 1, 64, torch.device("cpu"), "fp32")
     assert one is not None and one > 0
-    assert peak_memory("tiny", 512, 1, 64, torch.device("cpu"), "fp32", budget=1 << 20) is None  # over budget
+    assert peak_memory(model, 1, 64, torch.device("cpu"), "fp32", budget=1 << 20) is None  # over budget
 
 
 def test_bench_bad_input():
     kw = dict(tokens_per_step=1024, micro_batch_tokens=1024, device="cpu", dtype="fp32", steps=1, warmup=0,
               memory_micro_batch_seqs=1, memory_budget=0)
     with pytest.raises(UserError, match="each must divide"):
-        run_bench(preset="tiny", lengths=[48], **kw)
+        run_bench(model=bench_model(preset="tiny"), lengths=[48], **kw)
     with pytest.raises(UserError, match="unknown"):
-        run_bench(preset="gpt9", lengths=[32], **kw)
+        bench_model(preset="gpt9")
+    with pytest.raises(UserError, match="needs document boundaries"):
+        bench_model(preset="tiny", document_masking=True)
+    with pytest.raises(UserError, match="not one of"):
+        bench_model(preset="tiny", attention="xformers")
     assert parse_size("2GiB") == 2 << 30 and parse_size("1e6") == 10**6
     with pytest.raises(UserError):
         parse_size("lots")

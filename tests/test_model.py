@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from gl_ray.errors import UserError
-from gl_ray.model import PRESETS, build_model, flops_per_token, lm_loss, padded_vocab, position_ids
+from gl_ray.model import (
+    PRESETS,
+    build_model,
+    check_attention,
+    document_mask,
+    flops_per_token,
+    lm_loss,
+    padded_vocab,
+    position_ids,
+)
 
 
 def test_presets_match_pythia():
@@ -80,3 +89,119 @@ def test_jumping_positions_do_not_cut_attention():
 
 def test_flops_per_token_grows_with_length():
     assert flops_per_token("pythia-160m", 50277, 2048) > flops_per_token("pythia-160m", 50277, 128) > 0
+
+
+# ---- document masking (data.document_masking) and attention backends ----
+
+EOS = 0
+
+
+def packed_row(doc_lengths: list[int], vocab: int = 256, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A row of documents back to back, each ending with EOS, and the documents alone."""
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.cat([torch.randint(1, vocab, (n - 1,), generator=g), torch.tensor([EOS])]) for n in doc_lengths]
+    return torch.cat(docs).unsqueeze(0), docs
+
+
+def summed_loss(model, x, pos=None, docs=None) -> torch.Tensor:
+    """Sum (not mean) of the next-token losses that lm_loss trains on."""
+    targets = x.shape[1] - 1 if docs is None else int((~docs.starts[:, 1:]).sum())
+    return lm_loss(model, x, pos, docs) * targets
+
+
+def test_document_mask_finds_documents_and_restarts_positions():
+    x = torch.tensor([[5, 6, EOS, 7, EOS, 8, 9, 10]])
+    docs = document_mask(x, EOS)
+    assert docs.starts.tolist() == [[True, False, False, True, False, True, False, False]]
+    assert docs.positions.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    mask = docs.model_kwargs["attention_mask"][0, 0]
+    assert mask[4].tolist() == [False, False, False, True, True, False, False, False]  # EOS of doc 2 sees doc 2
+    assert mask[7].tolist() == [False] * 5 + [True] * 3
+
+
+@pytest.mark.parametrize("mode", ["extrapolate", "interpolate", "pose"])
+def test_packed_masked_row_equals_its_documents_one_by_one(mode):
+    """Summed loss and gradients of a packed, masked row equal those of its documents run alone (fp32, CPU)."""
+    torch.manual_seed(0)
+    lengths, seq_len, final_len = [9, 14, 5, 4], 32, 128  # 32 tokens, 28 targets within documents
+    x, docs_alone = packed_row(lengths)
+    model = build_model("tiny", 256, final_len).train()
+
+    def draw(batch, local):  # the same PoSE draw for the row and for each document alone
+        return position_ids(mode, batch, seq_len, final_len, torch.Generator().manual_seed(7), local=local)
+
+    docs = document_mask(x, EOS)
+    packed = summed_loss(model, x, draw(1, docs.positions), docs)
+    packed.backward()
+    grad_packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    alone = torch.zeros(())
+    offset = 0
+    for d in docs_alone:  # each document as its own row, with the positions it has inside the packed row
+        pos = draw(1, docs.positions)[:, offset: offset + len(d)]
+        offset += len(d)
+        alone = alone + summed_loss(model, d.unsqueeze(0), pos)
+    alone.backward()
+    # fp32: a sum of ~155 over 28 targets holds ~1e-5 of rounding, so compare per target (and relatively)
+    assert packed.item() / 28 == pytest.approx(alone.item() / 28, abs=1e-5)
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-6)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grad_packed[n], p.grad, atol=1e-5), n
+
+
+def test_pose_and_interpolate_positions_apply_per_document():
+    x = torch.tensor([[5, 6, 7, EOS, 8, 9, EOS, 3]])
+    local = document_mask(x, EOS).positions
+    assert position_ids("interpolate", 1, 8, 32, local=local).tolist() == [[0, 4, 8, 12, 0, 4, 8, 0]]
+    assert torch.equal(position_ids("extrapolate", 1, 8, 32, local=local), local)
+    pose = position_ids("pose", 1, 8, 32, torch.Generator().manual_seed(0), local=local)
+    assert (pose[local == 0] == 0).all()  # every document starts at 0
+    assert int(pose.max()) < 32
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document-masked"])
+def test_flex_attention_agrees_with_sdpa(masked):
+    """flex (forward only: torch has no flex backward on CPU) gives the same losses as sdpa, to 1e-5."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    torch.manual_seed(0)
+    x = torch.cat([packed_row([7, 12, 13], seed=1)[0], packed_row([20, 12], seed=2)[0]])
+    sdpa = build_model("tiny", 256, 64, seed=3).eval()
+    flex = build_model("tiny", 256, 64, seed=3, attention="flex").eval()
+    assert flex.config._attn_implementation == "flex_attention"
+    with torch.no_grad():
+        if masked:
+            a = lm_loss(sdpa, x, document_mask(x, EOS).positions, document_mask(x, EOS, "sdpa"))
+            b = lm_loss(flex, x, document_mask(x, EOS).positions, document_mask(x, EOS, "flex"))
+        else:
+            a, b = lm_loss(sdpa, x), lm_loss(flex, x)
+    assert a.item() == pytest.approx(b.item(), abs=1e-5)
+
+
+def test_activation_checkpointing_keeps_gradients():
+    torch.manual_seed(0)
+    x, _ = packed_row([10, 22])
+    grads = []
+    for ac in (False, True):
+        model = build_model("tiny", 256, 64, seed=1, activation_checkpointing=ac).train()
+        docs = document_mask(x, EOS)
+        lm_loss(model, x, docs.positions, docs).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-5) for n in grads[0])
+
+
+def test_rope_has_no_position_table():
+    """Positions beyond max_position_embeddings run (RoPE is computed, not looked up)."""
+    model = build_model("tiny", 256, 32).eval()
+    x = torch.randint(1, 256, (1, 48))
+    with torch.no_grad():
+        assert torch.isfinite(lm_loss(model, x, torch.arange(48).unsqueeze(0) + 1000))
+
+
+def test_attention_backend_errors():
+    with pytest.raises(UserError, match="not one of"):
+        check_attention("xformers")
+    from transformers.utils import is_flash_attn_2_available
+
+    if not is_flash_attn_2_available():
+        with pytest.raises(UserError, match="pip install flash-attn"):
+            check_attention("flash_attention_2")

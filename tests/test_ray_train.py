@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, metrics, run_tiny, tiny_overrides, train_then_sigkill, weights
+from conftest import MASKED, REPO, metrics, run_tiny, tiny_overrides, train_then_sigkill, weights
 
 from gl_ray.schedule import make_plan
 
@@ -56,6 +56,15 @@ def test_ddp_on_two_workers_matches_one_process(ray_run, tiny_data, tmp_path):
     _, _, run = ray_run
     run_tiny(tiny_data, tmp_path, "single")
     for a, b in zip(metrics(run), metrics(tmp_path / "single")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_masked_ddp_on_two_workers_matches_one_process(masked_baseline, tiny_data, tmp_path):
+    """Document masking under DDP: two workers give the losses of one process (the same rows per micro batch)."""
+    run_tiny(tiny_data, tmp_path, "masked-ddp", **MASKED, **{"ray.num_workers": 2})
+    got, want = metrics(tmp_path / "masked-ddp"), metrics(masked_baseline[2])
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 

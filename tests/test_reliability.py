@@ -125,13 +125,55 @@ def test_bad_dataset(tiny_data, tmp_path, capsys, monkeypatch, breaker, needle):
     (["model.max_position_embeddings=256"], "exceeds model.max_position_embeddings"),
     (["schedule.lenghts=[64]"], "did you mean 'schedule.lengths'"),
     (["schedule.budget_tokens=16384"], "smaller than one optimizer step"),
-], ids=["lengths-not-increasing", "ratios-sum", "tokens-per-step", "max-positions", "unknown-key", "tiny-budget"])
+    (["model.attention=xformers"], "is not one of sdpa | flex | flash_attention_2"),
+    (["model.attention=flex", "train.device=cpu"], "trains on CUDA only"),
+    (["model.attention=flash_attention_2"], "pip install flash-attn"),
+], ids=["lengths-not-increasing", "ratios-sum", "tokens-per-step", "max-positions", "unknown-key", "tiny-budget",
+        "unknown-attention", "flex-on-cpu", "flash-attn-missing"])
 def test_bad_config(tmp_path, capsys, monkeypatch, sets, needle):
     args = [x for s in sets for x in ("--set", s)]
     r = cli_inprocess(capsys, monkeypatch, "train", "--config", CONFIG, "--set", f"ray.storage_path={tmp_path}/runs",
                       *args)
     assert_user_error(r, needle)
     assert not (tmp_path / "runs").exists()
+
+
+def test_document_masking_needs_eos_boundaries(tiny_data, tmp_path, capsys, monkeypatch):
+    """A dataset whose documents do not end with its EOS token cannot be masked by documents: one line, no run."""
+    ds = copy_data(tiny_data, tmp_path)
+    m = json.loads((ds / "manifest.json").read_text())
+    m["eos_token_id"] += 1  # a token id that is valid but ends no document
+    (ds / "manifest.json").write_text(json.dumps(m))
+    r = cli_inprocess(capsys, monkeypatch, "train", "--config", CONFIG, "--set", f"data.path={ds}",
+                      "--set", "data.document_masking=true", "--set", f"ray.storage_path={tmp_path}/runs")
+    assert_user_error(r, "do not end with the EOS token")
+    assert not (tmp_path / "runs").exists()
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", str(tmp_path), "--data", str(ds), "--document-masking")
+    assert_user_error(r, "do not end with the EOS token")
+
+
+def test_reproduce_bad_input(tmp_path, capsys, monkeypatch):
+    """`gl-ray reproduce` answers a bad input like every other command (it had its own main before)."""
+    r = cli_inprocess(capsys, monkeypatch, "reproduce", "--config", CONFIG, "--data", str(tmp_path / "none"),
+                      "--budget-tokens", "65536", "--out", str(tmp_path / "out"))
+    assert_user_error(r, "manifest.json missing")
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_a_user_error_wrapped_by_ray_is_unwrapped():
+    from gl_ray.errors import UserError, unwrap_user_errors
+
+    class RayTaskError(Exception):  # what a Ray task or Train worker raises around the worker's exception
+        pass
+
+    with pytest.raises(UserError, match="bad shard") as e, unwrap_user_errors():
+        try:
+            raise UserError("bad shard")
+        except UserError as inner:
+            raise RayTaskError("task failed") from inner
+    assert e.value.__cause__ is None and e.value.__suppress_context__  # one line, no chained traceback
+    with pytest.raises(KeyError), unwrap_user_errors():  # a bug stays a bug
+        raise KeyError("bug")
 
 
 def test_empty_corpus(tmp_path):

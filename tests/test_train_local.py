@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import metrics, run_tiny, weights
+from conftest import MASKED, metrics, run_tiny, weights
 from safetensors.torch import load_file
 
 from gl_ray.errors import UserError
@@ -74,6 +74,58 @@ def test_interrupted_run_resumes_exactly(tiny_data, tmp_path, baseline, monkeypa
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
     wa, wb = weights(tmp_path / "cut"), weights(base_run)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_masked_run_resumes_exactly(tiny_data, tmp_path, masked_baseline, monkeypatch):
+    """Document masking keeps resume exact: a masked run cut mid-stage and rerun matches the uninterrupted one."""
+    _, summary, base_run = masked_baseline
+    monkeypatch.setenv("GL_RAY_FAIL_AT_STEP", "6")
+    with pytest.raises(InjectedFault):
+        run_tiny(tiny_data, tmp_path, "cut", **MASKED)
+    monkeypatch.delenv("GL_RAY_FAIL_AT_STEP")
+    run_tiny(tiny_data, tmp_path, "cut", **MASKED)
+    got, want = metrics(tmp_path / "cut"), metrics(base_run)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
+    wa, wb = weights(tmp_path / "cut"), weights(base_run)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_masking_changes_training_and_validation(baseline, masked_baseline, tiny_data):
+    """Masking is not a no-op on this data (some rows do cross documents), and validation is masked too."""
+    from gl_ray.data.stream import get_stream
+    from gl_ray.model import build_model
+    from gl_ray.train.io import WorkerIO
+    from gl_ray.train.loop import Evaluator
+
+    train, val = get_stream(tiny_data, "train"), get_stream(tiny_data, "val")
+    eos = train.manifest.eos_token_id
+    assert (train.read(0, 16384).reshape(-1, 64) == eos).any(axis=1).sum() >= 1  # rows holding a boundary
+    _, plain, _ = baseline
+    _, masked, _ = masked_baseline
+    assert masked["final_val_loss_final_len"] != pytest.approx(plain["final_val_loss_final_len"], abs=1e-6)
+    assert (val.read(0, 16384) == eos).sum() >= 1
+    model = build_model("tiny", train.manifest.vocab_size, 128)
+    cpu, amp = torch.device("cpu"), torch.no_grad
+    loss_plain = Evaluator(val, 16384, 4096).loss(model, 64, WorkerIO(), cpu, amp)
+    loss_masked = Evaluator(val, 16384, 4096, eos_id=eos).loss(model, 64, WorkerIO(), cpu, amp)
+    assert loss_masked != pytest.approx(loss_plain, abs=1e-6)
+
+
+def test_masked_compiled_run_compiles_once_per_stage_length(tiny_data, tmp_path, masked_baseline, monkeypatch):
+    """With document masking the masks change every step but not their shapes: one graph per stage length."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter, real_compile = CompileCounterWithBackend("aot_eager"), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
+    run_tiny(tiny_data, tmp_path, "masked-compiled", **MASKED, **{"train.compile": True})
+    assert counter.frame_count == 2  # stages 32 and 64; 16 steps with changing masks add no recompile
+    got, want = metrics(tmp_path / "masked-compiled"), metrics(masked_baseline[2])
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
 def test_position_modes_train(tiny_data, tmp_path):

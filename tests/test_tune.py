@@ -36,6 +36,7 @@ def _space(tmp_path, params: str, extra: str = "") -> str:
     ("  optim.lr: {uniform: [0.1, 0.01]}\n", "low < high"),
     ("  ladder: {choice: ['64-1024']}\n", "exceeds model.max_position_embeddings"),
     ("  schedule.tokens_per_step: {choice: [8192, 1000]}\n", "not divisible"),
+    ("  model.attention: {choice: [sdpa, flex]}\n", "trains on CUDA only"),
 ])
 def test_invalid_spaces_fail_before_any_trial(tmp_path, params, needle):
     with pytest.raises(UserError, match=needle):
@@ -48,6 +49,11 @@ def test_trial_overrides_translate_ladders_and_ratios(tmp_path):
     assert cfg.schedule.lengths == [64, 128, 256] and cfg.schedule.ratios == [0.5, 0.25, 0.25]
     assert cfg.train.eval_every_tokens == 1048576 // 4
     assert parse_weights("4-3-2-1", 4) == [0.4, 0.3, 0.2, 0.1]
+
+
+def test_document_masking_is_a_searchable_param(tmp_path):
+    space = load_space(_space(tmp_path, "  data.document_masking: {choice: [false, true]}\n"))
+    assert load_config(space.base_config, trial_overrides(space, {"data.document_masking": True})).data.document_masking
 
 
 @pytest.mark.slow

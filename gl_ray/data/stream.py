@@ -18,6 +18,7 @@ import numpy as np
 
 from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
 from gl_ray.data.packing import RowLayout, pack_rows, stream_segments
+from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
 
 _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the default 16M tokens)
@@ -97,6 +98,22 @@ def stage_batches(stream: TokenStream, layout: RowLayout, micro_batch: int) -> I
     """Micro batches (int32 [micro_batch, seq_len]) of one worker's rows of a stage, without Ray."""
     for first in range(0, layout.num_rows, micro_batch):
         yield stream.rows(layout.token_starts(np.arange(first, first + micro_batch)), layout.seq_len)
+
+
+def check_document_ends(stream: TokenStream, docs: int = 256) -> None:
+    """UserError unless the first `docs` documents of the split end with the EOS token (gl-ray's format promises
+    it; document masking finds documents by their EOS, so without it rows carry no document boundaries)."""
+    n = min(docs, len(stream.doc_lengths))
+    if n == 0:
+        return
+    ends = stream.doc_offsets[:n] + stream.doc_lengths[:n] - 1
+    tokens = stream.read(0, int(ends[-1]) + 1)
+    missing = int((tokens[ends] != stream.manifest.eos_token_id).sum())
+    if missing:
+        raise UserError(f"data.document_masking: {missing} of the first {n} {stream.split} documents of "
+                        f"{stream.manifest.root!r} do not end with the EOS token (id {stream.manifest.eos_token_id}), "
+                        "so rows carry no document boundaries; prepare the data with `gl-ray prepare` or turn "
+                        "masking off")
 
 
 def stage_accounting(plan: Plan, corpus_tokens: int) -> list[dict]:

@@ -12,7 +12,7 @@ import os
 
 from gl_ray import storage
 from gl_ray.config import Config, dump_config
-from gl_ray.data.stream import get_stream, stage_accounting
+from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, make_plan
 from gl_ray.train.outputs import format_summary
@@ -31,6 +31,9 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
         cfg.data.path = os.path.abspath(cfg.data.path)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
     val = get_stream(cfg.data.path, "val")
+    if cfg.data.document_masking:
+        check_document_ends(train_stream)
+        check_document_ends(val)
     plan = make_plan(cfg, cap_tokens=train_stream.tokens)
     if plan.time_mode and plan.total_steps < len(plan.stages):
         raise UserError(f"time mode: the token cap ({train_stream.tokens:,} train tokens) gives fewer than one "

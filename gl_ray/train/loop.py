@@ -18,7 +18,7 @@ import torch
 from gl_ray.config import Config
 from gl_ray.data.stream import TokenStream
 from gl_ray.devices import autocast_for, pick_device
-from gl_ray.model import build_model, lm_loss, position_ids
+from gl_ray.model import batch_inputs, build_model, lm_loss
 from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail
@@ -32,11 +32,14 @@ def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
 
 
 class Evaluator:
-    """Validation loss on the first data.eval_tokens tokens of the val split, cut at any length."""
+    """Validation loss on the first data.eval_tokens tokens of the val split, cut at any length; with `eos_id`
+    (document masking) each row is masked by its documents, as in training."""
 
-    def __init__(self, val: TokenStream, eval_tokens: int, micro_batch_tokens: int):
+    def __init__(self, val: TokenStream, eval_tokens: int, micro_batch_tokens: int, *, eos_id: int | None = None,
+                 attention: str = "sdpa"):
         self.tokens = np.array(val.read(0, min(eval_tokens, val.tokens)))  # own, writable copy
         self.micro_batch_tokens = micro_batch_tokens
+        self.eos_id, self.attention = eos_id, attention
 
     @torch.no_grad()
     def loss(self, model, seq_len: int, io: WorkerIO, device, amp) -> float:
@@ -48,8 +51,10 @@ class Evaluator:
         model.eval()
         for i in range(0, len(rows), mb):
             x = rows[i: i + mb].to(device, dtype=torch.long)
+            inputs = batch_inputs(x, position_mode="extrapolate", seq_len=seq_len, final_len=seq_len,
+                                  eos_id=self.eos_id, attention=self.attention)
             with amp():
-                total[0] += lm_loss(model, x).double() * len(x)
+                total[0] += lm_loss(model, x, **inputs).double() * len(x)
             total[1] += len(x)
         model.train(was_training)
         total = io.all_reduce_sum(total)
@@ -114,8 +119,10 @@ class Trainer:
         self.amp = autocast_for(self.device, cfg.train.precision)
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
+        self.eos_id = eos_id if cfg.data.document_masking else None  # None: documents are not masked
         self.model = build_model(m.preset, vocab_size, m.max_position_embeddings, m.rope_theta, m.init_std, eos_id,
-                                 seed=cfg.train.seed).to(self.device)
+                                 seed=cfg.train.seed, attention=m.attention,
+                                 activation_checkpointing=cfg.train.activation_checkpointing).to(self.device)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         restored = io.restore(self.model, self.optimizer)
         self.hooks.on_restore(restored)
@@ -170,10 +177,11 @@ class Trainer:
         return lr
 
     def extra_inputs(self, x: torch.Tensor, st: Stage, micro: int) -> dict:
-        """Position ids of a micro batch (PoSE draws are seeded by step, rank and micro batch)."""
+        """Position ids (PoSE draws are seeded by step, rank and micro batch) and document masks of a micro batch."""
         gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro)
-        pos = position_ids(self.cfg.model.position_mode, x.shape[0], st.seq_len, self.plan.final_len, gen)
-        return {"pos": None if pos is None else pos.to(self.device)}
+        return batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
+                            final_len=self.plan.final_len, generator=gen, eos_id=self.eos_id,
+                            attention=self.cfg.model.attention)
 
     def advance(self, st: Stage, stage_t0: float, stage_wall0: float) -> float:
         """Count the step just taken in the state; returns the time it ended."""

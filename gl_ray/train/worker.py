@@ -15,7 +15,9 @@ from gl_ray.train.outputs import RunOutputs
 def run_worker(cfg: Config, plan: Plan, run_uri: str, io: WorkerIO, print_progress: bool) -> TrainState:
     """Train what is left of the plan; rank 0 keeps RUN/metrics.jsonl and writes RUN/final/ and summary.json."""
     manifest = load_manifest(cfg.data.path)
-    evaluator = Evaluator(get_stream(cfg.data.path, "val"), cfg.data.eval_tokens, cfg.train.micro_batch_tokens)
+    evaluator = Evaluator(get_stream(cfg.data.path, "val"), cfg.data.eval_tokens, cfg.train.micro_batch_tokens,
+                          eos_id=manifest.eos_token_id if cfg.data.document_masking else None,
+                          attention=cfg.model.attention)
     outputs = RunOutputs(run_uri, plan, manifest.tokenizer_uri, io.rank, print_progress)
     trainer = Trainer(cfg, plan, io, vocab_size=manifest.vocab_size, eos_id=manifest.eos_token_id,
                       evaluator=evaluator, hooks=outputs)
