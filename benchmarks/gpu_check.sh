@@ -4,7 +4,8 @@
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
 #
-# Every size is an environment variable (defaults: the GPU run). tests/test_gpu_check.py runs this script on CPU
+# Every size is an environment variable (defaults: the GPU run); DOC_MASKING=1 ACT_CKPT=1 (and ATTENTION=flex)
+# measure the long-context path, e.g. with LENGTHS=512,...,8192 TRAIN_LENGTHS=[512,...,8192] MAX_POSITIONS=8192. tests/test_gpu_check.py runs this script on CPU
 # with a tiny preset and Ray made unimportable. Data and runs go to $WORK; $OUT gets at most 8 small files:
 # env.txt bench.log bench.json train.log train_summary.json metrics.jsonl gpu_check.json gpu_check.md.
 # TOKENIZER: the default trains a BPE on the stdlib corpus; for Pythia's own vocab copy
@@ -29,20 +30,27 @@ EVAL_TOKENS=${EVAL_TOKENS:-65536}               # validation tokens for the fina
 TOKENIZER=${TOKENIZER:-train:8192}
 DATA=${DATA:-$WORK/data}                        # prepared here (no Ray) from the stdlib corpus if missing
 COMPILE=${COMPILE:-0}                           # 1: torch.compile in Table 1 and training (adds minutes of compiling)
+DOC_MASKING=${DOC_MASKING:-0}                   # 1: document masking in bench (the data's documents) and training
+ACT_CKPT=${ACT_CKPT:-0}                         # 1: activation checkpointing in bench and training
+ATTENTION=${ATTENTION:-sdpa}                    # sdpa | flex | flash_attention_2
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
 $PY -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda',
 torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" | tee "$OUT/env.txt"
 
-$PY -m gl_ray bench --preset "$PRESET" --lengths "$LENGTHS" --device "$DEVICE" --dtype "$DTYPE" \
-    --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens "$MICRO_BATCH_TOKENS" --steps "$STEPS" --warmup 3 \
-    --memory-micro-batch 8 ${BUDGET:+--memory-budget "$BUDGET"} $([ "$COMPILE" = 1 ] && echo --compile) \
-    --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
-cp "$WORK/bench/bench-$PRESET-$DEVICE.json" "$OUT/bench.json"
-
 [ -f "$DATA/manifest.json" ] || $PY -m gl_ray prepare --source stdlib --out "$DATA" --no-ray \
     --tokenizer "$TOKENIZER" --val-fraction 0.02 2>&1 | tail -3
+
+bench_flags=(--attention "$ATTENTION")
+[ "$COMPILE" = 1 ] && bench_flags+=(--compile)
+[ "$DOC_MASKING" = 1 ] && bench_flags+=(--document-masking --data "$DATA")
+[ "$ACT_CKPT" = 1 ] && bench_flags+=(--activation-checkpointing)
+$PY -m gl_ray bench --preset "$PRESET" --lengths "$LENGTHS" --device "$DEVICE" --dtype "$DTYPE" \
+    --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens "$MICRO_BATCH_TOKENS" --steps "$STEPS" --warmup 3 \
+    --memory-micro-batch 8 ${BUDGET:+--memory-budget "$BUDGET"} "${bench_flags[@]}" \
+    --out "$WORK/bench" 2>&1 | tee "$OUT/bench.log"
+cp "$WORK"/bench/bench-*.json "$OUT/bench.json"
 $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ray \
     --set "name=gpu-check" --set "data.path=$DATA" --set "ray.storage_path=$WORK/runs" \
     --set "model.preset=$PRESET" --set "model.max_position_embeddings=$MAX_POSITIONS" \
@@ -50,7 +58,9 @@ $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ra
     --set "schedule.tokens_per_step=$TOKENS_PER_STEP" --set "schedule.budget_tokens=$TRAIN_TOKENS" \
     --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$MICRO_BATCH_TOKENS" \
     --set "train.device=$DEVICE" --set "train.precision=$DTYPE" --set "train.log_every_steps=10" \
-    --set "train.compile=$([ "$COMPILE" = 1 ] && echo true || echo false)" \
+    --set "train.compile=$([ "$COMPILE" = 1 ] && echo true || echo false)" --set "model.attention=$ATTENTION" \
+    --set "data.document_masking=$([ "$DOC_MASKING" = 1 ] && echo true || echo false)" \
+    --set "train.activation_checkpointing=$([ "$ACT_CKPT" = 1 ] && echo true || echo false)" \
     --set "train.eval_every_tokens=0" --set "train.checkpoint_every_tokens=0" \
     --set "optim.warmup_tokens=$((TRAIN_TOKENS / 30))" --set "data.eval_tokens=$EVAL_TOKENS" \
     2>&1 | tee "$OUT/train.log"

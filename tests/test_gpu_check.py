@@ -27,7 +27,8 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
     env = {**os.environ, **no_ray_python, "OUT": str(out), "WORK": str(work), "PY": sys.executable,
            "DEVICE": "cpu", "DTYPE": "fp32", "PRESET": "tiny", "LENGTHS": "32,64", "STEPS": "1", "BUDGET": "",
            "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "TRAIN_LENGTHS": "[32,64]",
-           "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data}
+           "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data,
+           "DOC_MASKING": "1", "ACT_CKPT": "1"}  # the long-context path
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -36,6 +37,8 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
                             "gpu_check.json", "gpu_check.md"])  # the device tool brings back at most 8 files
     doc = json.loads((out / "gpu_check.json").read_text())
     assert [row["seq_len"] for row in doc["bench"]["lengths"]] == [32, 64]
+    assert doc["bench"]["document_masking"] and doc["bench"]["activation_checkpointing"]
+    assert "data.document_masking: true" in (work / "runs" / "gpu-check" / "config.yaml").read_text()
     assert all(row["step_time_s"] > 0 and row["peak_memory_bytes"] > 0 for row in doc["bench"]["lengths"])
     train = doc["train"]
     assert train["tokens"] == 8192 and train["steps"] == 8  # every planned step ran: 8 x 1,024 tokens
