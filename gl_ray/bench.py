@@ -131,11 +131,24 @@ def _fwd_bwd(model: BenchModel, seqs: int, seq_len: int, device: torch.device, d
     loss.backward()
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory. Linux: VmHWM, the high-water mark of this process image; ru_maxrss
+    would also count the RSS of the parent it was forked from before exec (a spawned child inherits it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _child_peak_rss(q, model: BenchModel, seqs: int, seq_len: int, dtype: str) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     try:
         _fwd_bwd(model, seqs, seq_len, torch.device("cpu"), dtype)
-        q.put(("ok", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024))
+        q.put(("ok", peak_rss_bytes()))
     except (RuntimeError, MemoryError) as e:
         q.put(("oom", str(e)[:200]))
 

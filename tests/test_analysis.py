@@ -160,6 +160,20 @@ def test_bench_real_peak_memory_on_cpu():
     assert peak_memory(model, 1, 64, torch.device("cpu"), "fp32", budget=1 << 20) is None  # over budget
 
 
+def test_cpu_peak_memory_is_the_childs_own():
+    """Table 2 on CPU measures the child's own high-water mark: a spawned child's ru_maxrss would start at the RSS
+    of the parent it was forked from, so a large parent made every length look the same."""
+    import torch
+
+    from gl_ray.bench import peak_rss_bytes
+
+    held = torch.ones(512 * 2**20 // 4)  # the parent holds 512 MiB more than any tiny child needs
+    parent = peak_rss_bytes()
+    child = peak_memory(bench_model(preset="tiny", vocab=512), 1, 64, torch.device("cpu"), "fp32")
+    assert child is not None and child < parent - (256 << 20)
+    del held
+
+
 def test_bench_bad_input():
     kw = dict(tokens_per_step=1024, micro_batch_tokens=1024, device="cpu", dtype="fp32", steps=1, warmup=0,
               memory_micro_batch_seqs=1, memory_budget=0)
