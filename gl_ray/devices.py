@@ -1,4 +1,5 @@
-"""Device and precision choice, shared by training, `gl-ray eval` and `gl-ray bench`.
+"""Device and precision choice, shared by training, `gl-ray eval` and `gl-ray bench` (the names a user may give
+are `gl_ray.config.Device` and `Precision`).
 
     device = pick_device("auto")               # cuda if available, else cpu
     amp = autocast_for(device, "auto")         # bf16 autocast on cuda, fp32 (no autocast) on cpu
@@ -9,14 +10,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
 from gl_ray.errors import UserError
-
-Device = Literal["auto", "cpu", "cuda"]
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -95,3 +95,14 @@ def test_cli_bad_config_exits_2_with_one_line():
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     assert "schedule.ratios" in r.stderr
+
+
+def test_config_choices_match_the_code_that_uses_them():
+    """The config's Literal types are the one list of choices; the model's runtime checks agree with them."""
+    from typing import get_args
+
+    from gl_ray.config import Attention, PositionMode
+    from gl_ray.model import ATTENTION, POSITION_MODES
+
+    assert get_args(PositionMode) == POSITION_MODES
+    assert get_args(Attention) == tuple(ATTENTION)
