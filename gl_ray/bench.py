@@ -28,7 +28,15 @@ from gl_ray.config import OptimConfig
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
 from gl_ray.data.stream import check_document_ends, get_stream
-from gl_ray.model import batch_inputs, build_model, check_attention, check_preset, flops_per_token, lm_loss
+from gl_ray.model import (
+    batch_inputs,
+    build_model,
+    check_attention,
+    check_preset,
+    document_pairs,
+    flops_per_token,
+    lm_loss,
+)
 from gl_ray.schedule import micro_batch_for
 from gl_ray.train.step import make_optimizer, train_step
 
@@ -118,9 +126,14 @@ def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_ba
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     del module, net, optimizer
-    docs = int((x == model.eos_id).sum()) if model.document_masking else 0
-    return {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb,
-            "mean_doc_tokens": x.size / docs if docs else None}
+    out = {"step_time_s": statistics.median(times), "micro_batch_seqs": mb, "grad_accum": seqs // mb,
+           "mean_doc_tokens": None, "keys_per_token": None}
+    if model.document_masking:  # FLOPs count only the pairs inside documents
+        docs = int((x == model.eos_id).sum())
+        starts = model.inputs(torch.from_numpy(x).long())["docs"].starts
+        out.update(mean_doc_tokens=x.size / docs if docs else None,
+                   keys_per_token=float(document_pairs(starts)) / x.size)
+    return out
 
 
 def _fwd_bwd(model: BenchModel, seqs: int, seq_len: int, device: torch.device, dtype: str) -> None:
@@ -225,7 +238,7 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
                              warmup=warmup, use_compile=use_compile))
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
         row["cost_vs_first"] = res["lengths"][0]["tokens_per_s"] / row["tokens_per_s"] if res["lengths"] else 1.0
-        row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L)
+        row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L, row["keys_per_token"])
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
         row["mfu"] = row["achieved_tflops"] / peak if peak and dev.type == "cuda" else None
         row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)

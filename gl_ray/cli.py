@@ -103,7 +103,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gl_ray.report import build_report, format_report
 
-    rep = build_report(args.runs, args.out, smooth=args.smooth)
+    rep = build_report(args.runs, args.out, smooth=args.smooth, baseline=args.baseline)
     print(format_report(rep))
     print(f"wrote {args.out}/report.md, report.json and PNGs")
     return 0
@@ -123,7 +123,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from gl_ray.reproduce import reproduce
 
     reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
-              budget_time_s=args.budget_time_s, ratios=args.ratios, workers=args.workers,
+              budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, workers=args.workers,
               eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, extra=args.overrides,
               address=args.address)
     return 0
@@ -226,6 +226,8 @@ def _add_report(sub) -> None:
     p.add_argument("runs", nargs="+", help="run folders ({storage_path}/{name}), local or s3://")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--smooth", type=int, default=5, help="reports in the running mean of the training loss")
+    p.add_argument("--baseline", default=None,
+                   help="run whose final val loss is the target (default: the fixed run at the longest length)")
     p.set_defaults(func=cmd_report)
 
 
@@ -237,6 +239,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
     p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
+    p.add_argument("--seeds", type=int, default=1, help="runs per arm (train.seed and data.seed + 0..N-1)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
     p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
     p.add_argument("--out", default="results", help="output folder")

@@ -121,13 +121,32 @@ def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope
     return model
 
 
-def flops_per_token(preset: str, vocab_size: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM/Chinchilla accounting:
-    6 * (non-embedding params + unembedding) + 6 * layers * seq_len * hidden (attention scores and values)."""
+def flops_per_token(preset: str, vocab_size: int, seq_len: int, keys_per_token: float | None = None) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), PaLM's accounting (Chowdhery et al. 2022,
+    appendix B): 6 * N + 12 * layers * hidden * T, N the matmul parameters (blocks + unembedding).
+
+    T is the keys each query is counted against: seq_len for a dense row (PaLM counts the whole T x T score
+    matrix); with document masking only pairs inside documents are attended, so T is their number per token,
+    sum of n_d^2 over the row's documents / seq_len (`document_pairs`)."""
+    return training_flops(preset, vocab_size, tokens=1, pairs=seq_len if keys_per_token is None else keys_per_token)
+
+
+def training_flops(preset: str, vocab_size: int, tokens, pairs):
+    """FLOPs to train on `tokens` tokens whose queries meet `pairs` keys in all (numbers or tensors): 6 N tokens
+    + 12 layers hidden pairs, the accounting of flops_per_token."""
     p = PRESETS[preset]
     per_layer = 12 * p.hidden * p.hidden  # qkv+out (4 h^2) + MLP (8 h^2)
     matmul_params = p.layers * per_layer + padded_vocab(vocab_size) * p.hidden
-    return 6.0 * matmul_params + 6.0 * p.layers * seq_len * p.hidden
+    return 6.0 * matmul_params * tokens + 12.0 * p.layers * p.hidden * pairs
+
+
+def document_pairs(starts: torch.Tensor) -> torch.Tensor:
+    """Query-key pairs inside documents, summed over the rows: sum of n_d^2 (a 0-d tensor, on starts' device).
+    starts: bool [batch, seq_len], True where a document begins (`DocumentMask.starts`)."""
+    doc = torch.cumsum(starts.long(), dim=1)  # document number of each token within its row, from 1
+    counts = torch.zeros(starts.shape[0], starts.shape[1] + 1, device=starts.device)
+    counts.scatter_add_(1, doc, torch.ones_like(doc, dtype=counts.dtype))
+    return (counts * counts).sum()
 
 
 def position_ids(mode: str, batch: int, seq_len: int, final_len: int, generator: torch.Generator | None = None,

@@ -54,10 +54,10 @@ def plot_runs(runs: dict[str, list[dict]], x: str, path: str, y: str = "loss", t
     """One line per run: y (loss or val_loss_final_len) against x (elapsed_s or tokens)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, ms in runs.items():
-        pts = [(m[x], m[y]) for m in ms if y in m]
+        pts = [(m[x], m[y]) for m in ms if y in m and x in m]  # runs written before a metric existed lack it
         if pts:
             ax.plot(*zip(*pts), marker="." if y != "loss" else None, label=name)
-    ax.set_xlabel({"elapsed_s": "wall time (s)", "tokens": "training tokens"}.get(x, x))
+    ax.set_xlabel({"elapsed_s": "wall time (s)", "tokens": "training tokens", "flops": "training FLOPs"}.get(x, x))
     ax.set_ylabel({"loss": "training loss", "val_loss_final_len": "val loss at the final length"}.get(y, y))
     ax.set_title(title)
     ax.grid(alpha=0.3)

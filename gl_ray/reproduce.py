@@ -33,23 +33,31 @@ def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
     return sets
 
 
-def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]]) -> list[list[str]]:
-    """Override lists of every run: GrowLength (one per ratio set), fixed shortest, fixed longest."""
+def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]], seeds: int = 1
+                 ) -> list[list[str]]:
+    """Override lists of every run: GrowLength (one per ratio set), fixed shortest, fixed longest; with seeds > 1,
+    each of them `seeds` times, named ...-s0, -s1, ... with train.seed (weight init, PoSE draws) and data.seed
+    (document order of epochs after the first) both set to the base config's plus k."""
     cfg = load_config(base_config, overrides)
     lengths, prefix = list(cfg.schedule.lengths), cfg.name
     if len(lengths) < 2:
         raise UserError(f"{base_config}: reproduce needs a GrowLength config with at least two lengths")
-    variants = []
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds} must be at least 1")
+    arms = []  # (name, overrides of the arm)
     for i, ratios in enumerate(ratio_sets or [list(cfg.schedule.ratios)]):
         tag = "growlength" if not ratio_sets or len(ratio_sets) == 1 else f"growlength-r{i}"
-        variants.append([*overrides, f"name={prefix}-{tag}", f"schedule.ratios={ratios}"])
+        arms.append((f"{prefix}-{tag}", [f"schedule.ratios={ratios}"]))
     for L in (lengths[0], lengths[-1]):
-        variants.append([*overrides, f"name={prefix}-fixed{L}", f"schedule.lengths=[{L}]", "schedule.ratios=[1.0]"])
-    return variants
+        arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", "schedule.ratios=[1.0]"]))
+    if seeds == 1:
+        return [[*overrides, f"name={name}", *sets] for name, sets in arms]
+    return [[*overrides, f"name={name}-s{k}", *sets, f"train.seed={cfg.train.seed + k}",
+             f"data.seed={cfg.data.seed + k}"] for name, sets in arms for k in range(seeds)]
 
 
 def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
-              ratios: str = "", workers: int | None = None, eval_lengths: list[int] | None = None,
+              ratios: str = "", seeds: int = 1, workers: int | None = None, eval_lengths: list[int] | None = None,
               extra: list[str] | None = None, address: str | None = None) -> dict:
     if not budget_tokens and not budget_time_s:
         raise UserError("give a budget: --budget-tokens or --budget-time-s (the same for every run)")
@@ -59,7 +67,7 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     if workers is not None:
         overrides.append(f"ray.num_workers={workers}")
     stages = len(load_config(base_config, overrides).schedule.lengths)
-    variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [])
+    variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [], seeds)
     configs = [load_config(base_config, v) for v in variants]  # validate every run before the first starts
     names = []
     for cfg in configs:

@@ -53,6 +53,40 @@ def test_report_time_to_common_loss(repro):
     assert "time to common loss" in md and "tiny-fixed64" in md
 
 
+def test_report_leads_with_time_to_the_baselines_val_loss(repro):
+    """The headline: when each run's val loss at the final length reaches the fixed-final-length run's."""
+    out, _ = repro
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["baseline"] == "tiny-fixed64"  # the one-length run at the longest final length
+    base = next(r for r in rep["runs"] if r["run"] == "tiny-fixed64")
+    assert rep["val_target"] == base["final_val_loss_final_len"]
+    assert base["time_to_target_ratio"] == pytest.approx(1.0) and base["flops_to_target_ratio"] == pytest.approx(1.0)
+    for r in rep["runs"]:
+        assert r["flops"] > 0
+        if r["time_to_target_s"] is not None:
+            assert r["time_to_target_s"] <= r["wall_s"] + 1e-9 and r["flops_to_target"] <= r["flops"] * (1 + 1e-9)
+    md = (out / "report" / "report.md").read_text()
+    assert md.index("time to target") < md.index("time to common loss")  # leads with it
+    assert (out / "report" / "loss_vs_flops.png").stat().st_size > 10_000
+
+
+def test_val_crossing_interpolates_between_evaluations():
+    from gl_ray.report import find_baseline, val_crossing
+
+    ms = [{"elapsed_s": 0, "flops": 0, "tokens": 0, "seq_len": 64},
+          {"elapsed_s": 10, "flops": 100, "tokens": 1000, "seq_len": 64, "val_loss_final_len": 5.0},
+          {"elapsed_s": 15, "flops": 150, "tokens": 1500, "seq_len": 128},
+          {"elapsed_s": 20, "flops": 200, "tokens": 2000, "seq_len": 128, "val_loss_final_len": 3.0}]
+    assert val_crossing(ms, 4.0) == {"elapsed_s": 15.0, "flops": 150.0, "tokens": 1500.0}  # halfway
+    assert val_crossing(ms, 5.5) == {"elapsed_s": 10, "flops": 100, "tokens": 1000}  # already at the first eval
+    assert val_crossing(ms, 2.0) is None
+    fixed = [dict(m, seq_len=128) for m in ms]
+    assert find_baseline({"grow": ms, "fixed": fixed}) == "fixed"
+    assert find_baseline({"grow": ms}) is None
+    with pytest.raises(UserError, match="--baseline 'x'"):
+        find_baseline({"grow": ms}, "x")
+
+
 def test_time_to_loss_uses_smoothed_loss():
     ms = [{"loss": v, "elapsed_s": i, "tokens": 10 * i} for i, v in enumerate([5, 1, 5, 4, 3, 2])]
     assert time_to_loss(ms, 1.0, k=1) == (1, 10)
@@ -100,6 +134,8 @@ def test_bench_with_document_masking_and_activation_checkpointing(tiny_data):
     res = run_bench(model=synthetic, **kw)
     assert res["document_masking"] and res["mean_doc_len"] == 40
     assert 20 < res["lengths"][1]["mean_doc_tokens"] < 80  # documents of about the asked mean length
+    masked_flops = res["lengths"][1]["flops_per_token"]
+    assert masked_flops < run_bench(model=bench_model(preset="tiny", vocab=512), **kw)["lengths"][1]["flops_per_token"]
     real = bench_model(preset="tiny", document_masking=True, activation_checkpointing=True, data=tiny_data)
     assert real.vocab == get_stream(tiny_data, "train").manifest.vocab_size
     res = run_bench(model=real, **kw)
@@ -193,3 +229,30 @@ def test_bench_bad_input():
 def test_report_bad_run(tmp_path):
     with pytest.raises(UserError, match="no metrics"):
         build_report([str(tmp_path)], str(tmp_path / "out"))
+
+
+def test_seeds_make_arms_with_mean_and_spread(tiny_data, tmp_path):
+    """--seeds: each arm runs with train.seed/data.seed + k; the report groups them with mean and spread."""
+    from gl_ray.config import load_config
+    from gl_ray.report import arm_stats
+    from gl_ray.reproduce import run_variants
+
+    variants = run_variants("pipelines/configs/tiny-growlength.yaml", [f"data.path={tiny_data}"], [], seeds=2)
+    cfgs = [load_config("pipelines/configs/tiny-growlength.yaml", v) for v in variants]
+    assert [c.name for c in cfgs] == ["tiny-growlength-growlength-s0", "tiny-growlength-growlength-s1",
+                                      "tiny-growlength-fixed64-s0", "tiny-growlength-fixed64-s1",
+                                      "tiny-growlength-fixed512-s0", "tiny-growlength-fixed512-s1"]
+    assert [(c.train.seed, c.data.seed) for c in cfgs[:2]] == [(0, 0), (1, 1)]
+    assert cfgs[2].schedule.lengths == [64] and cfgs[4].schedule.lengths == [512]
+
+    def row(run, t):
+        return {"run": run, "final_val_loss_final_len": 5.0, "time_to_target_s": t, "flops_to_target": t,
+                "time_to_target_ratio": t, "flops_to_target_ratio": t}
+
+    arms = {a["arm"]: a for a in arm_stats([row("g-s0", 4.0), row("g-s1", 6.0), row("f-s0", 9.0),
+                                             row("f-s1", 11.0), row("h-s0", 10.0), row("h-s1", None)], "f")}
+    assert arms["g"]["n"] == 2 and arms["g"]["time_to_target_s"] == {"mean": 5.0, "min": 4.0, "max": 6.0, "n": 2}
+    assert arms["g"]["inside_spread"] is False and arms["h"]["inside_spread"] is True
+    assert arms["f"]["inside_spread"] is None  # the baseline itself
+    with pytest.raises(UserError, match="--seeds 0"):
+        run_variants("pipelines/configs/tiny-growlength.yaml", [f"data.path={tiny_data}"], [], seeds=0)

@@ -6,6 +6,7 @@ from gl_ray.model import (
     PRESETS,
     build_model,
     check_attention,
+    document_pairs,
     document_mask,
     flops_per_token,
     lm_loss,
@@ -205,3 +206,12 @@ def test_attention_backend_errors():
     if not is_flash_attn_2_available():
         with pytest.raises(UserError, match="pip install flash-attn"):
             check_attention("flash_attention_2")
+
+
+def test_flops_follow_palm_and_count_only_pairs_inside_documents():
+    p = PRESETS["pythia-160m"]
+    base = flops_per_token("pythia-160m", 50277, 0)  # 6N alone
+    assert flops_per_token("pythia-160m", 50277, 2048) - base == pytest.approx(12 * p.layers * p.hidden * 2048)
+    x = torch.tensor([[5, 6, EOS, 7, EOS, 8, 9, 10]])  # documents of 3, 2 and 3 tokens
+    assert float(document_pairs(document_mask(x, EOS).starts)) == 9 + 4 + 9
+    assert float(document_pairs(document_mask(torch.ones(2, 8, dtype=torch.long), EOS).starts)) == 2 * 64

@@ -35,6 +35,14 @@ def test_run_follows_the_plan(baseline):
     assert summary["tokens"] == plan.total_tokens and summary["steps"] == plan.total_steps
     assert [s["tokens"] for s in summary["stages"]] == [s.tokens for s in plan.stages]
     assert ms[-1]["loss"] < ms[0]["loss"]  # it learns
+    from gl_ray.data.manifest import load_manifest
+    from gl_ray.model import flops_per_token
+
+    vocab = load_manifest(cfg.data.path).vocab_size  # FLOPs by PaLM's accounting, every token of every stage
+    want = [st.tokens * flops_per_token("tiny", vocab, st.seq_len) for st in plan.stages]
+    assert ms[-1]["flops"] == pytest.approx(sum(want), rel=1e-9) == summary["flops"]
+    assert [s["flops"] for s in summary["stages"]] == pytest.approx(want, rel=1e-9)
+    assert all(b["flops"] > a["flops"] for a, b in zip(ms, ms[1:]))
     evals = [m for m in ms if "val_loss" in m]
     assert len(evals) == 2 and summary["final_val_loss_final_len"] == evals[-1]["val_loss_final_len"]
     assert {"config.yaml", "plan.json", "metrics.jsonl", "summary.json", "final"} <= {p.name for p in run.iterdir()}
@@ -105,6 +113,7 @@ def test_masking_changes_training_and_validation(baseline, masked_baseline, tiny
     _, plain, _ = baseline
     _, masked, _ = masked_baseline
     assert masked["final_val_loss_final_len"] != pytest.approx(plain["final_val_loss_final_len"], abs=1e-6)
+    assert masked["flops"] < plain["flops"]  # only the pairs inside documents are counted
     assert (val.read(0, 16384) == eos).sum() >= 1
     model = build_model("tiny", train.manifest.vocab_size, 128)
     cpu, amp = torch.device("cpu"), torch.no_grad

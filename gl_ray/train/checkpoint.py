@@ -4,7 +4,7 @@ A checkpoint folder (RUN/checkpoint_step-000123/) holds:
     model.safetensors   model weights (unwrapped from DDP)
     optimizer.pt        AdamW state_dict (torch.save; loaded with weights_only=True)
     rng.pt              torch CPU RNG state (uint8 tensor)
-    state.json          {"step", "stage", "stage_step", "tokens", "elapsed_s", "stage_wall_s": [...],
+    state.json          {"step", "stage", "stage_step", "tokens", "elapsed_s", "stage_wall_s": [...], "flops",
                          "files": {name: sha256}}: the data cursor is (stage, stage_step)
 state.json is written last and lists a digest of every other file, so a truncated or tampered checkpoint is
 refused (UserError) instead of loaded.
@@ -38,6 +38,7 @@ class TrainState:
     tokens: int = 0  # training tokens consumed
     elapsed_s: float = 0.0  # training wall time, summed over restarts
     stage_wall_s: list = field(default_factory=list)  # wall time per finished or running stage
+    flops: float = 0.0  # training FLOPs so far, all workers (PaLM's accounting, gl_ray.model.training_flops)
 
 
 def checkpoint_name(step: int) -> str:

@@ -18,7 +18,7 @@ import torch
 from gl_ray.config import Config
 from gl_ray.data.stream import TokenStream
 from gl_ray.devices import autocast_for, pick_device
-from gl_ray.model import batch_inputs, build_model, lm_loss
+from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
 from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail
@@ -62,7 +62,8 @@ class Evaluator:
 
 
 class Meter:
-    """Statistics of the window between two reports: tokens, summed step losses, data wait, wall time."""
+    """Statistics of the window between two reports: tokens, summed step losses, this worker's FLOPs, data wait,
+    wall time."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -70,17 +71,20 @@ class Meter:
 
     def reset(self, now: float) -> None:
         self.t0, self.tokens, self.wait_s, self.steps = now, 0, 0.0, 0
-        self.loss_sum = torch.zeros((), device=self.device)  # stays on device: no host sync per step
+        # [summed step losses, FLOPs]: stay on device (no host sync per step), float64 (FLOPs reach 1e20)
+        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
 
-    def add(self, tokens: int, loss: torch.Tensor, wait_s: float) -> None:
+    def add(self, tokens: int, loss: torch.Tensor, flops, wait_s: float) -> None:
         self.tokens, self.steps, self.wait_s = self.tokens + tokens, self.steps + 1, self.wait_s + wait_s
-        self.loss_sum += loss
+        self.sums[0] += loss
+        self.sums[1] += flops
 
     def read(self, now: float, io: WorkerIO) -> dict:
-        """loss (mean over steps and workers), tokens_per_s and data_wait_frac of the window."""
-        loss = io.all_reduce_sum((self.loss_sum / max(1, self.steps)).reshape(1))
+        """loss (mean over steps and workers), flops (all workers), tokens_per_s and data_wait_frac of the window."""
+        sums = io.all_reduce_sum(self.sums / torch.tensor([max(1, self.steps), 1.0], device=self.device,
+                                                          dtype=torch.float64))
         span = max(1e-9, now - self.t0)
-        return {"loss": float(loss) / io.world_size, "tokens_per_s": self.tokens / span,
+        return {"loss": float(sums[0]) / io.world_size, "flops": float(sums[1]), "tokens_per_s": self.tokens / span,
                 "data_wait_frac": self.wait_s / span}
 
 
@@ -132,6 +136,8 @@ class Trainer:
             self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
         self.final_val: dict = {}
+        self.vocab_size = vocab_size
+        self.step_pairs = 0  # query-key pairs of this worker's current step (a tensor with document masking)
 
     def train(self) -> TrainState:
         for stage in self.plan.stages[self.state.stage:]:
@@ -155,9 +161,12 @@ class Trainer:
             loss, wait_s = train_step(self.net, self.optimizer, batches, grad_accum=st.grad_accum,
                                       device=self.device, amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
                                       extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro))
+            flops = training_flops(self.cfg.model.preset, self.vocab_size, st.rows_per_rank_step * st.seq_len,
+                                   self.step_pairs)
+            self.step_pairs = 0
             tokens_before = state.tokens
             now = self.advance(st, stage_t0, stage_wall0)
-            meter.add(self.plan.tokens_per_step, loss, wait_s)
+            meter.add(self.plan.tokens_per_step, loss, flops, wait_s)
             due = decide(self.cfg, state.step, tokens_before, state.tokens, self.stage_done(st),
                          last_stage=st.index == len(self.plan.stages) - 1)
             if due.log:
@@ -179,9 +188,12 @@ class Trainer:
     def extra_inputs(self, x: torch.Tensor, st: Stage, micro: int) -> dict:
         """Position ids (PoSE draws are seeded by step, rank and micro batch) and document masks of a micro batch."""
         gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro)
-        return batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
-                            final_len=self.plan.final_len, generator=gen, eos_id=self.eos_id,
-                            attention=self.cfg.model.attention)
+        inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
+                              final_len=self.plan.final_len, generator=gen, eos_id=self.eos_id,
+                              attention=self.cfg.model.attention)
+        docs = inputs["docs"]  # FLOPs count the pairs attention computes: within documents when masked
+        self.step_pairs += document_pairs(docs.starts) if docs is not None else x.shape[0] * st.seq_len ** 2
+        return inputs
 
     def advance(self, st: Stage, stage_t0: float, stage_wall0: float) -> float:
         """Count the step just taken in the state; returns the time it ended."""
@@ -200,9 +212,10 @@ class Trainer:
 
     def report(self, st: Stage, due: Due, window: dict) -> None:
         s, plan = self.state, self.plan
+        s.flops += window["flops"]
         metrics = {"step": s.step, "stage": st.index, "seq_len": st.seq_len, "tokens": s.tokens,
                    "loss": window["loss"], "lr": window["lr"], "tokens_per_s": window["tokens_per_s"],
-                   "data_wait_frac": window["data_wait_frac"], "elapsed_s": s.elapsed_s,
+                   "data_wait_frac": window["data_wait_frac"], "elapsed_s": s.elapsed_s, "flops": s.flops,
                    "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
         if plan.time_mode:
             metrics["budget_time_s"] = plan.budget_time_s

@@ -3,10 +3,10 @@
     config.yaml     resolved config (no secrets: the config holds none; credentials come from the environment)
     plan.json       the stage plan and per-stage data accounting
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
-                    data_wait_frac, elapsed_s (+ val_loss, val_loss_final_len when evaluated); each step once,
-                    even across resumes
-    summary.json    tokens, steps, wall_s, final_val_loss, final_val_loss_final_len,
-                    stages: [{seq_len, tokens, steps, wall_s, tokens_per_s}]
+                    data_wait_frac, elapsed_s, flops (cumulative training FLOPs, all workers, PaLM's accounting)
+                    (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
+    summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
+                    stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
 """
 
@@ -91,22 +91,23 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
     stages = []
     for st in plan.stages:
         ms = [m for m in metrics if m["stage"] == st.index]
-        steps = _stage_steps(metrics, st.index)  # every stage end is logged
+        steps = _stage_delta(metrics, st.index, "step")  # every stage end is logged
         wall = state.stage_wall_s[st.index] if st.index < len(state.stage_wall_s) else 0.0
         tokens = steps * plan.tokens_per_step
         stages.append({"seq_len": st.seq_len, "tokens": tokens, "steps": steps, "wall_s": round(wall, 3),
                        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-                       "loss": ms[-1]["loss"] if ms else None})
-    return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3),
+                       "flops": _stage_delta(metrics, st.index, "flops"), "loss": ms[-1]["loss"] if ms else None})
+    return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3), "flops": state.flops,
             "final_val_loss": final_val.get("val_loss"),
             "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
 
 
-def _stage_steps(metrics: list[dict], stage: int) -> int:
-    """Optimizer steps of a stage: its last logged step minus the last logged step before it."""
-    ends: dict[int, int] = {}
+def _stage_delta(metrics: list[dict], stage: int, key: str):
+    """How much a cumulative metric (step, flops) grew in a stage: its value at the stage's last report minus its
+    value at the last report before the stage (metrics written before `key` existed count as 0)."""
+    ends: dict = {}
     for m in metrics:
-        ends[m["stage"]] = max(ends.get(m["stage"], 0), m["step"])
+        ends[m["stage"]] = max(ends.get(m["stage"], 0), m.get(key, 0))
     prev = max((v for k, v in ends.items() if k < stage), default=0)
     return ends.get(stage, prev) - prev
 
