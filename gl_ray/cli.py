@@ -124,7 +124,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
               budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, workers=args.workers,
-              eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, extra=args.overrides,
+              eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, eval_tokens=args.eval_tokens,
+              extra=args.overrides,
               address=args.address)
     return 0
 
@@ -242,6 +243,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--seeds", type=int, default=1, help="runs per arm (train.seed and data.seed + 0..N-1)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
     p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
+    p.add_argument("--eval-tokens", type=int, default=0, help="val tokens per eval length (0: 64 longest windows)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -58,7 +58,9 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
 
 def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
               ratios: str = "", seeds: int = 1, workers: int | None = None, eval_lengths: list[int] | None = None,
-              extra: list[str] | None = None, address: str | None = None) -> dict:
+              eval_tokens: int = 0, extra: list[str] | None = None, address: str | None = None) -> dict:
+    """Train every arm (and seed) one after another, then report and eval. eval_tokens: val tokens per length in
+    the context-extension eval (0: 64 windows of the longest eval length)."""
     if not budget_tokens and not budget_time_s:
         raise UserError("give a budget: --budget-tokens or --budget-time-s (the same for every run)")
     runs_dir = str(Path(out, "runs").resolve())
@@ -82,7 +84,7 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     lengths = eval_lengths or sorted({min(c.schedule.lengths) for c in configs} | {longest // 2, longest,
                                                                                      2 * longest, 4 * longest})
     ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, lengths,
-                         max_tokens=max(lengths) * 64, document_masking=configs[0].data.document_masking)
+                         max_tokens=eval_tokens or max(lengths) * 64, document_masking=configs[0].data.document_masking)
     Path(out, "eval.json").write_text(json.dumps(ev, indent=1))
     plot_eval(ev, str(Path(out, "eval.png")))
     print(format_eval(ev))
