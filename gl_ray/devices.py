@@ -27,8 +27,9 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def autocast_for(device: torch.device, precision: str = "auto") -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of the autocast context for forward passes: bf16 when asked, or by default on cuda."""
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    if resolved_precision(device, precision) == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def resolved_precision(device: torch.device, precision: str = "auto") -> str:
