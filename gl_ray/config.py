@@ -37,7 +37,7 @@ def _f(default: Any, doc: str) -> Any:
 @dataclass
 class DataConfig:
     path: str = _f("data/stdlib", "prepared dataset folder or s3:// URI holding manifest.json (see `gl-ray prepare`)")
-    seed: int = _f(0, "seed for the document order of epochs after the first (epoch 0 is manifest order)")
+    seed: int = _f(0, "seed for the document order of each epoch (0: epoch 0 in manifest order, later epochs shuffled)")
     eval_tokens: int = _f(32768, "validation tokens per evaluation and per length (rounded down to whole rows)")
     prefetch_batches: int = _f(4, "micro batches Ray Data prefetches ahead of the training loop")
     document_masking: bool = _f(False, "attention stays within each document of a packed row (documents end with "

@@ -34,7 +34,7 @@ def test_stream_epoch0_is_manifest_order_and_later_epochs_are_permutations():
     assert stream_segments(lengths, offsets, 2, 9, seed=0) == [(2, 7)]
     epoch1 = _read(stream_segments(lengths, offsets, 14, 28, seed=0), corpus)
     assert sorted(epoch1.tolist()) == list(range(14))  # every token once in each epoch
-    order = epoch_order(4, 1, 0)
+    order = epoch_order([4], 1, 0)
     expect = np.concatenate([corpus[offsets[d]:offsets[d] + lengths[d]] for d in order])
     assert epoch1.tolist() == expect.tolist()
     # reads across the epoch boundary and in pieces agree with one big read
@@ -45,9 +45,32 @@ def test_stream_epoch0_is_manifest_order_and_later_epochs_are_permutations():
 
 
 def test_epoch_order_is_deterministic_by_seed():
-    assert epoch_order(50, 2, 7).tolist() == epoch_order(50, 2, 7).tolist()
-    assert epoch_order(50, 2, 7).tolist() != epoch_order(50, 2, 8).tolist()
-    assert epoch_order(5, 0, 7).tolist() == [0, 1, 2, 3, 4]
+    assert epoch_order([50], 2, 7).tolist() == epoch_order([50], 2, 7).tolist()
+    assert epoch_order([50], 2, 7).tolist() != epoch_order([50], 2, 8).tolist()
+    assert epoch_order([5], 0, 0).tolist() == [0, 1, 2, 3, 4]  # seed 0: epoch 0 in manifest order
+    assert epoch_order([50], 0, 7).tolist() != list(range(50))  # other seeds shuffle epoch 0 too
+
+
+def test_seeded_stream_shuffles_epoch0_and_still_covers_every_token_once():
+    lengths, offsets = _flat([3, 5, 2, 4, 6, 1])
+    corpus = np.arange(21)
+    epoch0 = _read(stream_segments(lengths, offsets, 0, 21, seed=5), corpus)
+    expect = np.concatenate([corpus[offsets[d]:offsets[d] + lengths[d]] for d in epoch_order([6], 0, 5)])
+    assert epoch0.tolist() == expect.tolist() != corpus.tolist()
+    assert sorted(epoch0.tolist()) == corpus.tolist()
+
+
+def test_shuffled_epochs_read_one_shard_at_a_time():
+    shard_docs = [4, 3, 5]
+    order = epoch_order(shard_docs, 1, 2)
+    assert sorted(order.tolist()) == list(range(12))
+    shard_of = np.repeat([0, 1, 2], shard_docs)[order]
+    assert (np.diff(shard_of) != 0).sum() == 2  # three runs: each shard's documents come together
+    lengths, offsets = _flat([2, 3, 1, 4, 2, 2, 3, 1, 2, 5, 1, 2])
+    corpus = np.arange(28)
+    epoch = _read(stream_segments(lengths, offsets, 28, 56, seed=2, shard_docs=shard_docs), corpus)
+    expect = np.concatenate([corpus[offsets[d]:offsets[d] + lengths[d]] for d in order])
+    assert epoch.tolist() == expect.tolist()
 
 
 @pytest.mark.parametrize("world, mb, ga", [(1, 4, 2), (2, 2, 2), (4, 1, 2)])

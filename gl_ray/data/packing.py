@@ -35,19 +35,29 @@ def concat_documents(docs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(docs).astype(np.int32, copy=False) if docs else np.zeros(0, np.int32)
 
 
-def epoch_order(num_docs: int, epoch: int, seed: int) -> np.ndarray:
-    """Document order of an epoch: manifest order for epoch 0, a seeded permutation after."""
-    if epoch == 0:
-        return np.arange(num_docs)
-    return np.random.default_rng([seed, epoch]).permutation(num_docs)
+def epoch_order(shard_docs: list[int], epoch: int, seed: int) -> np.ndarray:
+    """Document order of an epoch (indices in manifest order), seeded by (seed, epoch).
+
+    shard_docs: documents per shard, in manifest order. The shards come in a seeded order and each shard's
+    documents in a seeded order within it, so a shuffled epoch decodes one shard at a time. Seed 0 keeps epoch 0
+    in manifest order (front to back, and runs made before seeds varied epoch 0 resume exactly); any other seed
+    shuffles epoch 0 too, so repeats differ in data order.
+    """
+    starts = np.concatenate([[0], np.cumsum(shard_docs)]).astype(np.int64)
+    if epoch == 0 and seed == 0:
+        return np.arange(starts[-1])
+    rng = np.random.default_rng([seed, epoch])
+    shards = rng.permutation(len(shard_docs)) if len(shard_docs) > 1 else range(len(shard_docs))
+    return np.concatenate([starts[i] + rng.permutation(shard_docs[i]) for i in shards] or [np.zeros(0, np.int64)])
 
 
 def stream_segments(doc_lengths: np.ndarray, doc_offsets: np.ndarray, start: int, stop: int, seed: int,
-                    order_cache: dict | None = None) -> list[tuple[int, int]]:
+                    order_cache: dict | None = None, shard_docs: list[int] | None = None) -> list[tuple[int, int]]:
     """Map the stream range [start, stop) to (flat_start, length) segments of the manifest-order token array.
 
-    doc_lengths[i], doc_offsets[i]: length and flat offset of document i in manifest order. The stream repeats
-    the corpus epoch after epoch (see epoch_order), so any stop is valid. Contiguous pieces are merged.
+    doc_lengths[i], doc_offsets[i]: length and flat offset of document i in manifest order; shard_docs:
+    documents per shard (default: one shard). The stream repeats the corpus epoch after epoch in the order
+    epoch_order gives, so any stop is valid. Contiguous pieces are merged.
     """
     total = int(doc_lengths.sum())
     segs: list[tuple[int, int]] = []
@@ -55,14 +65,14 @@ def stream_segments(doc_lengths: np.ndarray, doc_offsets: np.ndarray, start: int
     while pos < stop:
         epoch, in_epoch = divmod(pos, total)
         take = min(stop - pos, total - in_epoch)
-        if epoch == 0:
+        if epoch == 0 and seed == 0:
             segs.append((in_epoch, take))
         else:
             key = (seed, epoch)
             if order_cache is not None and key in order_cache:
                 order, cum = order_cache[key]
             else:
-                order = epoch_order(len(doc_lengths), epoch, seed)
+                order = epoch_order(shard_docs or [len(doc_lengths)], epoch, seed)
                 cum = np.concatenate([[0], np.cumsum(doc_lengths[order])])
                 if order_cache is not None:
                     order_cache.clear()  # one epoch at a time is enough: stages read forward

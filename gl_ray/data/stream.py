@@ -25,12 +25,13 @@ _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the 
 
 
 class TokenStream:
-    """The token stream of one split: manifest order for epoch 0, seeded reshuffles after."""
+    """The token stream of one split, epoch after epoch in the document order data.seed gives (epoch_order)."""
 
     def __init__(self, root: str, split: str, seed: int = 0):
         self.manifest = load_manifest(root)
         self.split, self.seed = split, seed
         self.shards = self.manifest.shards(split)
+        self.shard_docs = [sh.rows for sh in self.shards]
         lengths = [np.asarray(read_shard_lengths(sh, self.manifest.vocab_size), dtype=np.int64)
                    for sh in self.shards]
         self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
@@ -65,7 +66,8 @@ class TokenStream:
         """Stream tokens [start, stop); wraps into later epochs past the end of the split."""
         if self.tokens == 0:
             raise ValueError(f"the {self.split} split is empty")
-        segs = stream_segments(self.doc_lengths, self.doc_offsets, start, stop, self.seed, self._orders)
+        segs = stream_segments(self.doc_lengths, self.doc_offsets, start, stop, self.seed, self._orders,
+                               self.shard_docs)
         parts = [self._read_flat(a, a + n) for a, n in segs]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int32, copy=False)
 
