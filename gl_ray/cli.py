@@ -240,7 +240,7 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
     p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
-    p.add_argument("--seeds", type=int, default=1, help="runs per arm (train.seed and data.seed + 0..N-1)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per arm (train.seed and data.seed + 0..N-1: weight init and data order)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
     p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens per eval length (0: 64 longest windows)")

@@ -37,7 +37,7 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
                  ) -> list[list[str]]:
     """Override lists of every run: GrowLength (one per ratio set), fixed shortest, fixed longest; with seeds > 1,
     each of them `seeds` times, named ...-s0, -s1, ... with train.seed (weight init, PoSE draws) and data.seed
-    (document order of epochs after the first) both set to the base config's plus k."""
+    (document order) both set to the base config's plus k."""
     cfg = load_config(base_config, overrides)
     lengths, prefix = list(cfg.schedule.lengths), cfg.name
     if len(lengths) < 2:
