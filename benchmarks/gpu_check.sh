@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU check that needs no Ray (the GPU machine has none): `gl-ray bench` (the paper's Tables 1-3) and a
-# few hundred optimizer steps of the Ray-free GrowLength loop, folded into $OUT/gpu_check.{json,md}.
+# One short GPU check that needs no Ray (the GPU machine has none): `gl-ray bench` (the paper's Tables 1-3), a
+# few hundred optimizer steps of the Ray-free GrowLength loop with the micro batch chosen per stage
+# (train.micro_batch_tokens: auto), and FSDP2 in one process against the unsharded model (benchmarks/fsdp_check.py),
+# folded into $OUT/gpu_check.{json,md}.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
 #
@@ -33,6 +35,10 @@ COMPILE=${COMPILE:-0}                           # 1: torch.compile in Table 1 an
 DOC_MASKING=${DOC_MASKING:-0}                   # 1: document masking in bench (the data's documents) and training
 ACT_CKPT=${ACT_CKPT:-0}                         # 1: activation checkpointing in bench and training
 ATTENTION=${ATTENTION:-sdpa}                    # sdpa | flex | flash_attention_2
+TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-auto}    # train.micro_batch_tokens of the training run (auto: per stage)
+FSDP=${FSDP:-1}                                 # 1: FSDP2 check (one process, sharded vs unsharded, checkpoint)
+FSDP_SEQ_LEN=${FSDP_SEQ_LEN:-1024}
+FSDP_STEPS=${FSDP_STEPS:-20}
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
@@ -56,7 +62,7 @@ $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ra
     --set "model.preset=$PRESET" --set "model.max_position_embeddings=$MAX_POSITIONS" \
     --set "schedule.lengths=$TRAIN_LENGTHS" --set "schedule.ratios=[]" \
     --set "schedule.tokens_per_step=$TOKENS_PER_STEP" --set "schedule.budget_tokens=$TRAIN_TOKENS" \
-    --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$MICRO_BATCH_TOKENS" \
+    --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$TRAIN_MICRO_BATCH" \
     --set "train.device=$DEVICE" --set "train.precision=$DTYPE" --set "train.log_every_steps=10" \
     --set "train.compile=$([ "$COMPILE" = 1 ] && echo true || echo false)" --set "model.attention=$ATTENTION" \
     --set "data.document_masking=$([ "$DOC_MASKING" = 1 ] && echo true || echo false)" \
@@ -66,5 +72,12 @@ $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ra
     2>&1 | tee "$OUT/train.log"
 cp "$WORK/runs/gpu-check/summary.json" "$OUT/train_summary.json"
 cp "$WORK/runs/gpu-check/metrics.jsonl" "$OUT/metrics.jsonl"
+fsdp_flags=()
+if [ "$FSDP" = 1 ]; then
+    $PY -m benchmarks.fsdp_check --data "$DATA" --preset "$PRESET" --seq-len "$FSDP_SEQ_LEN" \
+        --tokens-per-step "$TOKENS_PER_STEP" --micro-batch-tokens "$MICRO_BATCH_TOKENS" --steps "$FSDP_STEPS" \
+        --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/fsdp.json" 2>&1 | tee -a "$OUT/train.log"
+    fsdp_flags=(--fsdp "$WORK/fsdp.json")
+fi
 $PY -m benchmarks.gpu_check_summary --bench "$OUT/bench.json" --train "$OUT/train_summary.json" --data "$DATA" \
-    --out "$OUT/gpu_check"
+    "${fsdp_flags[@]}" --out "$OUT/gpu_check"

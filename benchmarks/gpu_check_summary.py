@@ -1,7 +1,7 @@
 """Fold the GPU check's outputs into one JSON and one Markdown table for docs/BENCHMARKS.md.
 
     python -m benchmarks.gpu_check_summary --bench OUT/bench.json --train OUT/train_summary.json \
-        --data DATA --out OUT/gpu_check
+        --data DATA [--fsdp WORK/fsdp.json] --out OUT/gpu_check
 
 Reads the `gl-ray bench` JSON (Tables 1-3 at fixed tokens per step) and the Ray-free training run's summary.json,
 and adds for each training stage: seconds per optimizer step, tokens/s, achieved TFLOP/s and model FLOPs
@@ -30,7 +30,7 @@ def train_rows(summary: dict, preset: str, vocab_size: int, peak_tflops: float |
         rows.append({"seq_len": st["seq_len"], "steps": st["steps"], "tokens": st["tokens"], "wall_s": st["wall_s"],
                      "step_time_s": st["wall_s"] / st["steps"] if st["steps"] else None, "tokens_per_s": tps,
                      "achieved_tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,
-                     "loss": st["loss"]})
+                     "loss": st["loss"], "micro_batch": st.get("micro_batch")})
     return rows
 
 
@@ -48,10 +48,18 @@ def to_markdown(doc: dict) -> str:
              "sequences per micro batch:", "", format_bench(b), "",
              f"Ray-free GrowLength training: {t['steps']} steps, {t['tokens']:,} tokens in {t['wall_s']:.1f} s "
              f"({t['tokens'] / t['wall_s']:,.0f} tokens/s), final loss {t['final_loss']:.3f}:", "",
-             "| seq_len | steps | s/step | tokens/s | TFLOP/s | MFU | loss at stage end |", "|" + " --- |" * 7]
+             "| seq_len | micro batch (seqs) | steps | s/step | tokens/s | TFLOP/s | MFU | loss at stage end |",
+             "|" + " --- |" * 8]
     for r in t["stages"]:
-        lines.append(f"| {r['seq_len']} | {r['steps']} | {r['step_time_s']:.4f} | {r['tokens_per_s']:,.0f} | "
-                     f"{r['achieved_tflops']:.2f} | {pct(r['mfu'])} | {r['loss']:.3f} |")
+        lines.append(f"| {r['seq_len']} | {r.get('micro_batch') or '-'} | {r['steps']} | {r['step_time_s']:.4f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['achieved_tflops']:.2f} | {pct(r['mfu'])} | {r['loss']:.3f} |")
+    f = doc.get("fsdp")
+    if f:
+        restored = "exactly" if f["restored_equal"] else "NOT exactly"
+        lines += ["", f"FSDP2 in one process (`benchmarks/fsdp_check.py`), L={f['seq_len']}, {f['steps']} steps, "
+                  f"{f['dtype']}: {f['tokens_per_s_fsdp']:,.0f} tokens/s sharded vs {f['tokens_per_s_unsharded']:,.0f} "
+                  f"unsharded; largest loss difference {f['max_loss_diff']:.2e}; sharded checkpoint "
+                  f"({', '.join(f['checkpoint_files'])}) restored {restored}."]
     return "\n".join(lines) + "\n"
 
 
@@ -68,12 +76,15 @@ def main() -> None:
     ap.add_argument("--bench", required=True, help="gl-ray bench JSON")
     ap.add_argument("--train", required=True, help="the training run's summary.json")
     ap.add_argument("--data", required=True, help="the dataset the run trained on (its manifest gives the vocab)")
+    ap.add_argument("--fsdp", default="", help="benchmarks/fsdp_check.py's JSON (optional)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args()
     from gl_ray.data.manifest import load_manifest
 
     doc = summarize(json.loads(Path(a.bench).read_text()), json.loads(Path(a.train).read_text()),
                     load_manifest(a.data).vocab_size)
+    if a.fsdp:
+        doc["fsdp"] = json.loads(Path(a.fsdp).read_text())
     Path(f"{a.out}.json").write_text(json.dumps(doc, indent=1))
     md = to_markdown(doc)
     Path(f"{a.out}.md").write_text(md)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from gl_ray.model import (
     lm_loss,
 )
 from gl_ray.schedule import micro_batch_for
+from gl_ray.train.micro_batch import peak_rss_bytes
 from gl_ray.train.step import make_optimizer, train_step
 
 # dense bf16 peak TFLOP/s by device name fragment, for MFU
@@ -112,14 +112,14 @@ def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_ba
     seqs = tokens_per_step // seq_len
     mb = micro_batch_for(seqs, seq_len, max(seq_len, micro_batch_tokens))
     x = model.batch(mb, seq_len)
-    batches = itertools.repeat(x)
+    batches = itertools.repeat(np.concatenate([x] * (seqs // mb)))  # one step's rows: the micro batch, repeated
     amp = autocast_for(device, dtype)
     times = []
     for i in range(warmup + steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        train_step(net, optimizer, batches, grad_accum=seqs // mb, device=device, amp=amp, grad_clip=1.0,
+        train_step(net, optimizer, batches, micro_batch=mb, device=device, amp=amp, grad_clip=1.0,
                    extra_inputs=lambda xb, micro: model.inputs(xb))
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -142,19 +142,6 @@ def _fwd_bwd(model: BenchModel, seqs: int, seq_len: int, device: torch.device, d
     with autocast_for(device, dtype)():
         loss = lm_loss(module, x, **model.inputs(x))
     loss.backward()
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. Linux: VmHWM, the high-water mark of this process image; ru_maxrss
-    would also count the RSS of the parent it was forked from before exec (a spawned child inherits it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child_peak_rss(q, model: BenchModel, seqs: int, seq_len: int, dtype: str) -> None:
@@ -263,20 +250,3 @@ def format_bench(res: dict) -> str:
                     f"{r['micro_batch_seqs']} x {r['grad_accum']} | {mem} | {mx} | {r['flops_per_token'] / 1e9:.3f} | "
                     f"{r['achieved_tflops']:.3f} | {mfu} |")
     return "\n".join(rows)
-
-
-def parse_size(text: str) -> int:
-    """'24GiB', '512MiB', '1.5e9' -> bytes."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for u, mult in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise UserError(f"--memory-budget {text!r}: expected bytes or a size like 8GiB") from None
-

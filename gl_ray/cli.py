@@ -75,7 +75,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from gl_ray.bench import bench_model, format_bench, parse_size, run_bench
+    from gl_ray.bench import bench_model, format_bench, run_bench
+    from gl_ray.config import parse_size
     from gl_ray.plots import plot_bench
 
     model = bench_model(preset=args.preset, vocab=args.vocab_size, attention=args.attention,
@@ -240,7 +241,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
     p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
-    p.add_argument("--seeds", type=int, default=1, help="runs per arm (train.seed and data.seed + 0..N-1: weight init and data order)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="runs per arm (train.seed and data.seed + 0..N-1: weight init, data order)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
     p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens per eval length (0: 64 longest windows)")

@@ -13,9 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -25,6 +26,8 @@ PositionMode = Literal["extrapolate", "interpolate", "pose"]
 Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.model.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
+Strategy = Literal["ddp", "fsdp"]  # see gl_ray.train.parallel
+MicroBatchTokens = int | Literal["auto"]  # see gl_ray.train.micro_batch
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -39,7 +42,7 @@ class DataConfig:
     path: str = _f("data/stdlib", "prepared dataset folder or s3:// URI holding manifest.json (see `gl-ray prepare`)")
     seed: int = _f(0, "seed for the document order of each epoch (0: epoch 0 in manifest order, later epochs shuffled)")
     eval_tokens: int = _f(32768, "validation tokens per evaluation and per length (rounded down to whole rows)")
-    prefetch_batches: int = _f(4, "micro batches Ray Data prefetches ahead of the training loop")
+    prefetch_batches: int = _f(4, "optimizer steps' rows (per worker) Ray Data prefetches ahead of the training loop")
     document_masking: bool = _f(False, "attention stays within each document of a packed row (documents end with "
                                        "EOS), positions restart per document; also in validation")
 
@@ -80,7 +83,10 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    micro_batch_tokens: int = _f(8192, "tokens per forward pass per worker; gradient accumulation is derived")
+    micro_batch_tokens: MicroBatchTokens = _f(8192, "tokens per forward pass per worker (gradient accumulation "
+                                                    "is derived), or auto: the largest that fits, per stage")
+    memory_budget: str = _f("", "with micro_batch_tokens auto on CPU: peak memory of a worker process the micro "
+                                "batch must fit, e.g. 8GiB (empty: no limit; on GPU the device's memory decides)")
     seed: int = _f(0, "seed for weight init and PoSE position ids")
     device: Device = _f("auto", "auto | cpu | cuda")
     precision: Precision = _f("auto", "auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16")
@@ -102,6 +108,8 @@ class RayConfig:
     address: str = _f("", "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)")
     local_num_cpus: int = _f(0, "logical CPUs of a local cluster (0: workers + 2, enough for Ray Data)")
     max_failures: int = _f(0, "worker-group restarts Ray Train may do from the last checkpoint")
+    strategy: Strategy = _f("ddp", "data parallelism: ddp (whole model per worker) | fsdp (FSDP2: parameters, "
+                                   "gradients and optimizer state sharded over the workers; sharded checkpoints)")
 
 
 @dataclass
@@ -127,7 +135,11 @@ class Config:
             raise UserError(
                 f"last stage length {s.lengths[-1]} exceeds model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; raise it or shorten schedule.lengths")
-        for key in ("train.micro_batch_tokens", "train.log_every_steps", "train.keep_checkpoints",
+        if self.train.micro_batch_tokens != "auto" and self.train.micro_batch_tokens <= 0:
+            raise UserError(f"train.micro_batch_tokens must be positive or auto, got {self.train.micro_batch_tokens}")
+        if self.train.memory_budget:
+            parse_size(self.train.memory_budget, "train.memory_budget")
+        for key in ("train.log_every_steps", "train.keep_checkpoints",
                     "data.eval_tokens", "schedule.tokens_per_step"):
             if self.get(key) <= 0:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
@@ -136,6 +148,9 @@ class Config:
                     "ray.max_failures"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.ray.strategy == "fsdp" and self.ray.num_workers == 0:
+            raise UserError("ray.strategy=fsdp shards the model over Ray workers; set ray.num_workers >= 1 "
+                            "(ray.num_workers=0 trains in one process without Ray)")
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
         from gl_ray.schedule import make_plan
@@ -186,6 +201,15 @@ def unknown_key(key: str, valid: list[str]) -> UserError:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check a YAML value against the field type (ints are accepted for floats); returns the value to set."""
+    if get_origin(typ) in (Union, types.UnionType):  # the first member type the value fits
+        for member in get_args(typ):
+            try:
+                return _coerce(key, value, member)
+            except UserError:
+                continue
+        names = " or ".join(" | ".join(map(repr, get_args(m))) if get_origin(m) is Literal else m.__name__
+                            for m in get_args(typ))
+        raise UserError(f"config key {key!r} expects {names}, got {value!r}")
     if get_origin(typ) is Literal:
         choices = get_args(typ)
         if value not in choices:
@@ -215,6 +239,22 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if not ok(value):
         raise UserError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     return float(value) if typ is float else value
+
+
+def parse_size(text: str, what: str = "--memory-budget") -> int:
+    """'24GiB', '512MiB', '1.5e9' -> bytes (`what`: the option or key, for the error)."""
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    t = text.strip().upper()
+    for u, mult in units.items():
+        if t.endswith(u):
+            try:
+                return int(float(t[: -len(u)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(float(t))
+    except ValueError:
+        raise UserError(f"{what} {text!r}: expected bytes or a size like 8GiB") from None
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -22,7 +22,8 @@ import importlib.util
 from dataclasses import dataclass
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from gl_ray.errors import UserError
 
@@ -45,8 +46,13 @@ PRESETS: dict[str, Preset] = {
 }
 
 POSITION_MODES = ("extrapolate", "interpolate", "pose")
+# transformers' own sdpa, registered under a name that has no mask builder: transformers then passes no mask
+# (causal, the fast kernels) or our document mask as given, instead of checking on every forward whether position
+# ids look packed, a device-to-host read that stalls the GPU each micro batch. Saved configs do not keep the name.
+SDPA_NO_SYNC = "gl_ray_sdpa"
+AttentionInterface.register(SDPA_NO_SYNC, sdpa_attention_forward)
 # model.attention -> transformers' attn_implementation
-ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
+ATTENTION = {"sdpa": SDPA_NO_SYNC, "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
 
 
 def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
@@ -129,6 +135,12 @@ def flops_per_token(preset: str, vocab_size: int, seq_len: int, keys_per_token: 
     matrix); with document masking only pairs inside documents are attended, so T is their number per token,
     sum of n_d^2 over the row's documents / seq_len (`document_pairs`)."""
     return training_flops(preset, vocab_size, tokens=1, pairs=seq_len if keys_per_token is None else keys_per_token)
+
+
+def param_count(preset: str, vocab_size: int) -> int:
+    """About how many parameters a preset has (blocks, embedding and unembedding; biases and norms left out)."""
+    p = PRESETS[preset]
+    return p.layers * 12 * p.hidden * p.hidden + 2 * padded_vocab(vocab_size) * p.hidden
 
 
 def training_flops(preset: str, vocab_size: int, tokens, pairs):

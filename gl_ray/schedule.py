@@ -53,6 +53,7 @@ class Plan:
     budget_tokens: int
     budget_time_s: float
     unplanned_tokens: int  # budget tokens that do not fill a whole optimizer step: not trained
+    auto_micro_batch: bool = False  # train.micro_batch_tokens: auto: stage micro batches are upper bounds
 
     @property
     def time_mode(self) -> bool:
@@ -92,6 +93,7 @@ class Plan:
             "tokens_per_step": self.tokens_per_step,
             "world_size": self.world_size,
             "unplanned_tokens": self.unplanned_tokens,
+            "auto_micro_batch": self.auto_micro_batch,
         }
         if self.time_mode:
             out["budget_time_s"] = self.budget_time_s
@@ -144,13 +146,15 @@ def plan_stages(
     lengths: list[int],
     ratios: list[float],
     tokens_per_step: int,
-    micro_batch_tokens: int,
+    micro_batch_tokens: int | str,
     num_workers: int,
     budget_tokens: int = 0,
     budget_time_s: float = 0.0,
     cap_tokens: int = 0,
 ) -> Plan:
-    """The stage plan. `num_workers=0` means one process without Ray (world size 1).
+    """The stage plan. `num_workers=0` means one process without Ray (world size 1). micro_batch_tokens "auto":
+    each worker picks the micro batch at the start of each stage (gl_ray.train.micro_batch); the plan's micro
+    batch is then the upper bound, all of a worker's sequences of a step.
 
     In time mode (`budget_time_s > 0`) step counts are upper bounds sized from `budget_tokens`, else from
     `cap_tokens` (the corpus size, when the caller knows it), else they are 0 (unknown until the run).
@@ -162,6 +166,9 @@ def plan_stages(
     if budget_tokens == 0 and budget_time_s == 0:
         raise UserError("set a budget: schedule.budget_tokens or schedule.budget_time_s")
     world = max(1, num_workers)
+    auto = micro_batch_tokens == "auto"
+    if auto:
+        micro_batch_tokens = tokens_per_step
     shapes = []
     for k, L in enumerate(lengths):
         if tokens_per_step % L:
@@ -197,7 +204,8 @@ def plan_stages(
     total_tokens = step0 * tokens_per_step
     return Plan(stages=tuple(stages), tokens_per_step=tokens_per_step, world_size=world, total_tokens=total_tokens,
                 total_steps=step0, budget_tokens=budget_tokens, budget_time_s=budget_time_s,
-                unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0)
+                unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0,
+                auto_micro_batch=auto)
 
 
 def make_plan(cfg, cap_tokens: int = 0) -> Plan:
@@ -241,6 +249,9 @@ def format_plan(plan: Plan) -> str:
         rows.append(row)
     rows.append(f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens, "
                 f"{plan.tokens_per_step:,} tokens/step, world size {plan.world_size}")
+    if plan.auto_micro_batch:
+        rows.append("micro batch: auto, chosen by each worker at each stage start (micro/accum above: the most "
+                    "it may be)")
     if plan.unplanned_tokens:
         rows.append(f"remainder: {plan.unplanned_tokens:,} budget tokens (less than one step) are not trained")
     if plan.time_mode:

@@ -115,6 +115,14 @@ def run_tiny(data, storage, name, **extra):
     return cfg, launch_run(cfg, quiet=True)
 
 
+@pytest.fixture(scope="session")
+def baseline(tiny_data, tmp_path_factory):
+    """An uninterrupted one-process tiny run (the reference for resume, DDP, FSDP and micro batch tests)."""
+    storage = tmp_path_factory.mktemp("runs")
+    cfg, summary = run_tiny(tiny_data, storage, "base")
+    return cfg, summary, storage / "base"
+
+
 MASKED = {"data.document_masking": True}  # document-masked tiny runs (extrapolate: DDP draws no PoSE per rank)
 
 

@@ -43,6 +43,10 @@ def test_overrides_are_parsed_as_yaml():
     (["model.position_mode=rope"], "extrapolate | interpolate | pose"),
     (["model.preset=gpt5"], "unknown"),
     (["train.micro_batch_tokens=0"], "must be positive"),
+    (["train.micro_batch_tokens=most"], "expects int or 'auto'"),
+    (["train.micro_batch_tokens=auto", "train.memory_budget=plenty"], "train.memory_budget 'plenty'"),
+    (["ray.strategy=zero3"], "ddp | fsdp"),
+    (["ray.strategy=fsdp", "ray.num_workers=0"], "set ray.num_workers >= 1"),
     (["optim.min_lr=1"], "above optim.lr"),
     (["schedule.lengths"], "section.key=value"),
 ])

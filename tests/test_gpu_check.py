@@ -29,7 +29,8 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
            "DEVICE": "cpu", "DTYPE": "fp32", "PRESET": "tiny", "LENGTHS": "32,64", "STEPS": "1", "BUDGET": "",
            "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "TRAIN_LENGTHS": "[32,64]",
            "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data,
-           "DOC_MASKING": "1", "ACT_CKPT": "1"}  # the long-context path
+           "DOC_MASKING": "1", "ACT_CKPT": "1",  # the long-context path
+           "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2"}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -50,5 +51,9 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
         assert s["tokens_per_s"] > 0 and s["achieved_tflops"] > 0
         assert s["step_time_s"] == pytest.approx(s["wall_s"] / s["steps"])
         assert s["mfu"] is None  # no bf16 peak on CPU: MFU is left out, not made up
+    assert [s["micro_batch"] for s in train["stages"]] == [32, 16]  # auto, no CPU budget: a whole step at once
+    fsdp = doc["fsdp"]
+    assert fsdp["restored_equal"] and fsdp["max_loss_diff"] < 1e-5  # fp32: sharding changes nothing
+    assert {"__0_0.distcp", ".metadata", "state.json"} <= set(fsdp["checkpoint_files"])
     md = (out / "gpu_check.md").read_text()
-    assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md
+    assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md and "FSDP2 in one process" in md

@@ -15,13 +15,6 @@ from gl_ray.schedule import make_plan
 from gl_ray.train.faults import InjectedFault
 
 
-@pytest.fixture(scope="module")
-def baseline(tiny_data, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    cfg, summary = run_tiny(tiny_data, storage, "base")
-    return cfg, summary, storage / "base"
-
-
 def test_run_follows_the_plan(baseline):
     cfg, summary, run = baseline
     plan = make_plan(cfg)
@@ -208,3 +201,32 @@ def test_compiled_training_matches_eager(baseline, tiny_data, tmp_path, monkeypa
     assert ckpt.keys() == load_file(base / "checkpoint_step-0000016" / "model.safetensors").keys()
     wa, wb = weights(tmp_path / "compiled"), weights(base)
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
+
+
+def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_data, tmp_path, monkeypatch):
+    """The hot path keeps losses and FLOPs on the device: the number of tensor reads to the host (item, float,
+    bool, int, tolist) of a run does not grow with its steps, only with its reports (here: the stage ends). Not
+    counted: AdamW's reads of its CPU step counters, which exist only on CPU (on GPU it is fused, counters on
+    the device)."""
+    import sys
+
+    reads = []
+
+    def counting(real):
+        def counted(self, *a, **k):
+            frame = sys._getframe(1)
+            if "torch/optim/" not in frame.f_code.co_filename.replace("\\", "/"):
+                reads.append(1)
+            return real(self, *a, **k)
+        return counted
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
+    counts = []
+    for budget in (16384, 32768):  # 16 and 32 steps, two stage ends each
+        reads.clear()
+        run_tiny(tiny_data, tmp_path, f"quiet-{budget}", **{
+            "schedule.budget_tokens": budget, "train.log_every_steps": 1000, "train.eval_every_tokens": 0,
+            "train.checkpoint_every_tokens": 0})
+        counts.append(len(reads))
+    assert counts[0] == counts[1] and counts[0] > 0

@@ -1,4 +1,4 @@
-"""The Ray Data side of training: one lazy dataset per (stage, worker), the twin of `stream.stage_batches`.
+"""The Ray Data side of training: one lazy dataset per (stage, worker), the twin of `stream.stage_steps`.
 
     ds = stage_dataset("data/stdlib", seed=0, layout=RowLayout.of(plan.stages[0], rank=0, start_step=0))
     # rows in layout order: {"input_ids": int32 [n, seq_len], "step": int64 [n]}

@@ -3,9 +3,9 @@
     stream = get_stream("data/stdlib", "train", seed=0)
     rows = stream.rows(np.array([0, 128, 256]), seq_len=128)   # int32 [3, 128]
     layout = RowLayout.of(plan.stages[1], rank=0, start_step=0)
-    for batch in stage_batches(stream, layout, micro_batch=plan.stages[1].micro_batch): ...
+    for rows in stage_steps(stream, layout): ...   # one optimizer step's rows of this worker at a time
 
-`stage_batches` is the Ray-free twin of `gl_ray.data.pipeline.stage_dataset`: both yield the same rows in the
+`stage_steps` is the Ray-free twin of `gl_ray.data.pipeline.stage_dataset`: both yield the same rows in the
 same order (see `gl_ray.data.packing.RowLayout` for the layout).
 """
 
@@ -96,10 +96,12 @@ def get_stream(root: str, split: str, seed: int = 0) -> TokenStream:
     return _STREAMS[key]
 
 
-def stage_batches(stream: TokenStream, layout: RowLayout, micro_batch: int) -> Iterator[np.ndarray]:
-    """Micro batches (int32 [micro_batch, seq_len]) of one worker's rows of a stage, without Ray."""
-    for first in range(0, layout.num_rows, micro_batch):
-        yield stream.rows(layout.token_starts(np.arange(first, first + micro_batch)), layout.seq_len)
+def stage_steps(stream: TokenStream, layout: RowLayout) -> Iterator[np.ndarray]:
+    """One worker's rows of a stage, a step at a time (int32 [rows_per_rank_step, seq_len]), without Ray. The
+    trainer cuts each step into micro batches, so the data does not depend on the micro batch."""
+    n = layout.rows_per_rank_step
+    for first in range(0, layout.num_rows, n):
+        yield stream.rows(layout.token_starts(np.arange(first, first + n)), layout.seq_len)
 
 
 def check_document_ends(stream: TokenStream, docs: int = 256) -> None:

@@ -1,13 +1,17 @@
 """Checkpoint state: one function writes it, one reads it.
 
-A checkpoint folder (RUN/checkpoint_step-000123/) holds:
+A checkpoint folder (RUN/checkpoint_step-000123/) holds, for ray.strategy ddp (and runs without Ray):
     model.safetensors   model weights (unwrapped from DDP)
     optimizer.pt        AdamW state_dict (torch.save; loaded with weights_only=True)
+and for ray.strategy fsdp, a torch.distributed.checkpoint folder written by every rank at once:
+    __R_0.distcp        rank R's shards of model and optimizer state (by parameter name)
+    .metadata           the global layout (written by rank 0); a resume on another number of workers reshards
+and in both:
     rng.pt              torch CPU RNG state (uint8 tensor)
     state.json          {"step", "stage", "stage_step", "tokens", "elapsed_s", "stage_wall_s": [...], "flops",
-                         "files": {name: sha256}}: the data cursor is (stage, stage_step)
-state.json is written last and lists a digest of every other file, so a truncated or tampered checkpoint is
-refused (UserError) instead of loaded.
+                         "strategy", "files": {name: sha256}}: the data cursor is (stage, stage_step)
+state.json is written last, by rank 0, and lists a digest of every other file of every rank, so a truncated,
+incomplete or tampered checkpoint is refused (UserError) instead of loaded.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -25,6 +31,7 @@ from safetensors.torch import save as st_save
 
 from gl_ray import storage
 from gl_ray.errors import UserError
+from gl_ray.train.parallel import full_state_dict, is_sharded, load_sharded_state, sharded_state
 
 PREFIX = "checkpoint_step-"
 T = TypeVar("T")
@@ -39,30 +46,41 @@ class TrainState:
     elapsed_s: float = 0.0  # training wall time, summed over restarts
     stage_wall_s: list = field(default_factory=list)  # wall time per finished or running stage
     flops: float = 0.0  # training FLOPs so far, all workers (PaLM's accounting, gl_ray.model.training_flops)
+    strategy: str = "ddp"  # ray.strategy that wrote it: ddp (whole files) or fsdp (sharded)
 
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
-def _model_state(model: torch.nn.Module) -> dict:
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
+                    rank: int = 0, all_gather: Callable[[object], list] = lambda x: [x]) -> None:
+    """Write a checkpoint folder (local path or s3:// URI). A sharded (FSDP) model: every rank calls this at once,
+    each with its own local folder (Ray Train merges the ranks' folders in storage), and `all_gather` collects
+    the ranks' file digests for rank 0's state.json. Otherwise only rank 0 calls it."""
+    blobs: dict[str, bytes] = {}
+    if is_sharded(model):
+        import torch.distributed.checkpoint as dcp
 
-
-def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: TrainState) -> None:
-    """Write a checkpoint folder (local path or s3:// URI)."""
-    blobs = {"model.safetensors": st_save(_model_state(model))}
-    buf = io.BytesIO()
-    torch.save(optimizer.state_dict(), buf)
-    blobs["optimizer.pt"] = buf.getvalue()
-    buf = io.BytesIO()
-    torch.save(torch.get_rng_state(), buf)
-    blobs["rng.pt"] = buf.getvalue()
+        dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)  # a collective
+        digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
+    else:
+        blobs["model.safetensors"] = st_save(full_state_dict(model))
+        buf = io.BytesIO()
+        torch.save(optimizer.state_dict(), buf)
+        blobs["optimizer.pt"] = buf.getvalue()
+        digests = {}
+    if rank == 0:
+        buf = io.BytesIO()
+        torch.save(torch.get_rng_state(), buf)
+        blobs["rng.pt"] = buf.getvalue()
     for name, data in blobs.items():
         storage.write_bytes(storage.join(folder, name), data)
-    meta = asdict(state) | {"files": {n: hashlib.sha256(d).hexdigest() for n, d in blobs.items()}}
-    storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta).encode())
+        digests[name] = hashlib.sha256(data).hexdigest()
+    every_rank = {name: d for ranks in all_gather(digests) for name, d in ranks.items()}
+    if rank == 0:
+        meta = asdict(state) | {"files": every_rank}
+        storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta).encode())
 
 
 def _read_meta(folder: str) -> tuple[TrainState, dict]:
@@ -92,11 +110,39 @@ def load_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.
                     ) -> TrainState:
     """Restore model, optimizer and RNG from a checkpoint; verifies every file's digest before loading any."""
     state, blobs = _verified(folder)
-    model.load_state_dict(st_load(blobs["model.safetensors"]))
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer.pt"]), weights_only=True))
+    if (state.strategy == "fsdp") != is_sharded(model):
+        raise StrategyMismatch(strategy_mismatch(folder, state.strategy, "fsdp" if is_sharded(model) else "ddp"))
+    if state.strategy == "fsdp":
+        _load_sharded(blobs, model, optimizer)
+    else:
+        model.load_state_dict(st_load(blobs["model.safetensors"]))
+        if optimizer is not None:
+            optimizer.load_state_dict(torch.load(io.BytesIO(blobs["optimizer.pt"]), weights_only=True))
     torch.set_rng_state(torch.load(io.BytesIO(blobs["rng.pt"]), weights_only=True))
     return state
+
+
+def _load_sharded(blobs: dict[str, bytes], model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+                  ) -> None:
+    """Load a torch.distributed.checkpoint folder (its verified files) into a sharded model: each rank reads the
+    pieces of its own shards, whatever the number of ranks that wrote it."""
+    import torch.distributed.checkpoint as dcp
+
+    with tempfile.TemporaryDirectory(prefix="gl-ray-dcp-") as tmp:
+        for name, data in blobs.items():
+            (Path(tmp) / name).write_bytes(data)
+        target = sharded_state(model, optimizer)
+        dcp.load(target, checkpoint_id=tmp)
+    load_sharded_state(model, optimizer, target)
+
+
+class StrategyMismatch(UserError):
+    """A checkpoint of the other strategy: never skipped for an older one (they all are), the run stops."""
+
+
+def strategy_mismatch(folder: str, wrote: str, runs: str) -> str:
+    return (f"run checkpoint {folder!r} was written with ray.strategy={wrote} and this run uses ray.strategy={runs}; "
+            f"resume with ray.strategy={wrote}, or start a new run (another name)")
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
@@ -122,6 +168,8 @@ def _newest_good(run_uri: str, use: Callable[[str], T], warn: Callable[[str], ob
     for _, folder in reversed(list_checkpoints(run_uri)):
         try:
             return use(folder)
+        except StrategyMismatch:
+            raise
         except UserError as e:
             warn(f"gl-ray: refusing checkpoint, falling back to the previous one: {e}")
     return None

@@ -23,6 +23,40 @@ def run_uri_of(cfg: Config) -> str:
     return storage.join(base, cfg.name)
 
 
+GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
+
+
+def check_resumable(run_uri: str, old_plan: dict, plan, strategy: str) -> None:
+    """A rerun of an existing run goes on only with the same stages (the number of workers may change: a step's
+    rows are the same whoever reads them) and the strategy its checkpoints were written with."""
+    from gl_ray.train.checkpoint import find_resume_checkpoint, strategy_mismatch
+
+    def stages(p: dict) -> list:
+        return [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} for s in p["stages"]]
+
+    if stages(old_plan) != stages(plan.to_json()):
+        raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
+                        f"(see its config.yaml) or choose a new name")
+    found = find_resume_checkpoint(run_uri, warn=lambda _: None)
+    if found and found[1].strategy != strategy:
+        raise UserError(strategy_mismatch(found[0], found[1].strategy, strategy))
+
+
+def check_memory_budget(cfg: Config, vocab_size: int) -> None:
+    """train.memory_budget must at least hold the weights, gradients and AdamW state of this worker's share."""
+    if cfg.train.micro_batch_tokens != "auto" or not cfg.train.memory_budget:
+        return
+    from gl_ray.config import parse_size
+    from gl_ray.model import param_count
+    from gl_ray.train.micro_batch import BYTES_PER_PARAM, too_small
+
+    params = param_count(cfg.model.preset, vocab_size)
+    share = params // max(1, cfg.ray.num_workers) if cfg.ray.strategy == "fsdp" else params
+    budget = parse_size(cfg.train.memory_budget, "train.memory_budget")
+    if budget < BYTES_PER_PARAM * share:
+        raise too_small(budget, cfg.schedule.lengths[0], share)
+
+
 def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
     resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one)."""
@@ -41,13 +75,13 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     if val.tokens < plan.final_len:
         raise UserError(f"val split of {cfg.data.path!r} has {val.tokens} tokens, fewer than one row of the final "
                         f"length {plan.final_len}; prepare with a larger --val-fraction")
+    check_memory_budget(cfg, train_stream.manifest.vocab_size)
     run_uri = run_uri_of(cfg)
     storage.check_writable(run_uri)
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}, indent=1)
     plan_uri = storage.join(run_uri, "plan.json")
-    if storage.exists(plan_uri) and json.loads(storage.read_bytes(plan_uri))["stages"] != plan.to_json()["stages"]:
-        raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
-                        f"(see its config.yaml) or choose a new name")
+    if storage.exists(plan_uri):
+        check_resumable(run_uri, json.loads(storage.read_bytes(plan_uri)), plan, cfg.ray.strategy)
     storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
     storage.write_bytes(plan_uri, plan_doc.encode())
     say(format_plan(plan))

@@ -15,7 +15,7 @@ import torch
 
 from gl_ray import storage
 from gl_ray.data.packing import RowLayout
-from gl_ray.data.stream import TokenStream, stage_batches
+from gl_ray.data.stream import TokenStream, stage_steps
 from gl_ray.schedule import Stage
 from gl_ray.train.checkpoint import TrainState, checkpoint_name, prune_checkpoints, restore_latest, save_checkpoint
 
@@ -29,7 +29,8 @@ class WorkerIO:
     world_size: int = 1
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
-        """Micro batches (int32 [micro_batch, seq_len]) of this worker for `stage` from stage step start_step."""
+        """This worker's rows of `stage`, one optimizer step at a time (int32 [rows_per_rank_step, seq_len]), from
+        stage step start_step on."""
         raise NotImplementedError
 
     def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
@@ -46,6 +47,14 @@ class WorkerIO:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def all_reduce_host_sum(self, value: float) -> float:
+        """Sum of a host number over workers, without touching a device stream (no GPU sync)."""
+        return value
+
+    def all_gather_object(self, obj: object) -> list:
+        """Every worker's obj, in rank order (picklable objects)."""
+        return [obj]
+
 
 class LocalIO(WorkerIO):
     """One process, no Ray: batches straight from the token stream, checkpoints written to
@@ -55,7 +64,7 @@ class LocalIO(WorkerIO):
         self.train, self.run_uri, self.keep_checkpoints = train, run_uri, keep_checkpoints
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
-        return stage_batches(self.train, RowLayout.of(stage, rank=0, start_step=start_step), stage.micro_batch)
+        return stage_steps(self.train, RowLayout.of(stage, rank=0, start_step=start_step))
 
     def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
         if checkpoint is not None:
@@ -76,5 +85,6 @@ class RunHooks:
     def on_report(self, metrics: dict) -> None:
         """Before each report goes to the WorkerIO."""
 
-    def on_finish(self, model: torch.nn.Module, state: TrainState, final_val: dict) -> None:
-        """After the last step; final_val: the metrics of the last evaluation."""
+    def on_finish(self, model: torch.nn.Module, weights: dict, state: TrainState, final_val: dict) -> None:
+        """After the last step. weights: the whole model's state dict on CPU (on rank 0; empty elsewhere when the
+        model is sharded); final_val: the metrics of the last evaluation."""

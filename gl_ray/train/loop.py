@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gl_ray.config import Config
+from gl_ray.config import Config, parse_size
 from gl_ray.data.stream import TokenStream
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
@@ -23,6 +23,8 @@ from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail
 from gl_ray.train.io import RunHooks, WorkerIO
+from gl_ray.train.micro_batch import find_micro_batch, too_small, try_fits
+from gl_ray.train.parallel import full_state_dict
 from gl_ray.train.step import make_optimizer, train_step
 
 
@@ -127,11 +129,11 @@ class Trainer:
         self.model = build_model(m.preset, vocab_size, m.max_position_embeddings, m.rope_theta, m.init_std, eos_id,
                                  seed=cfg.train.seed, attention=m.attention,
                                  activation_checkpointing=cfg.train.activation_checkpointing).to(self.device)
+        self.net = io.wrap_model(self.model)  # DDP wraps it; FSDP shards it in place (so before the optimizer)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         restored = io.restore(self.model, self.optimizer)
         self.hooks.on_restore(restored)
-        self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages))
-        self.net = io.wrap_model(self.model)
+        self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
         if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length.
             self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
@@ -144,7 +146,8 @@ class Trainer:
             self.run_stage(stage)
             if self.plan.time_mode and self.state.elapsed_s >= self.plan.budget_time_s:
                 break
-        self.hooks.on_finish(self.model, self.state, self.final_val)
+        weights = full_state_dict(self.model)  # a collective when sharded: every rank takes part
+        self.hooks.on_finish(self.model, weights, self.state, self.final_val)
         return self.state
 
     def run_stage(self, st: Stage) -> None:
@@ -152,13 +155,14 @@ class Trainer:
         if state.stage_step >= st.steps and not self.plan.time_mode:  # finished before a restart
             state.stage, state.stage_step = st.index + 1, 0
             return
+        micro_batch = self.micro_batch(st)
         batches = self.io.batches(st, state.stage_step)
         stage_t0, stage_wall0 = time.perf_counter(), state.stage_wall_s[st.index]
         meter = Meter(self.device)
         while state.stage_step < st.steps:
             maybe_fail(state.step, self.io.rank)
             lr = self.set_lr()
-            loss, wait_s = train_step(self.net, self.optimizer, batches, grad_accum=st.grad_accum,
+            loss, wait_s = train_step(self.net, self.optimizer, batches, micro_batch=micro_batch,
                                       device=self.device, amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
                                       extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro))
             flops = training_flops(self.cfg.model.preset, self.vocab_size, st.rows_per_rank_step * st.seq_len,
@@ -170,10 +174,45 @@ class Trainer:
             due = decide(self.cfg, state.step, tokens_before, state.tokens, self.stage_done(st),
                          last_stage=st.index == len(self.plan.stages) - 1)
             if due.log:
-                self.report(st, due, meter.read(now, self.io) | {"lr": lr})
+                self.report(st, due, meter.read(now, self.io) | {"lr": lr, "micro_batch": micro_batch})
                 meter.reset(now)  # the next window starts now: eval, checkpoint and report time count against it
             if due.stage_done:
                 break
+
+    def micro_batch(self, st: Stage) -> int:
+        """Sequences per forward pass in this stage: the plan's, or with micro_batch_tokens auto the largest that
+        fits on every worker (gl_ray.train.micro_batch), found now and logged with every report."""
+        if not self.plan.auto_micro_batch:
+            return st.micro_batch
+        budget = parse_size(self.cfg.train.memory_budget, "train.memory_budget") if self.cfg.train.memory_budget \
+            else 0
+        x = torch.arange(st.rows_per_rank_step * st.seq_len).reshape(-1, st.seq_len) % self.vocab_size
+
+        def fits_everywhere(seqs: int) -> bool:
+            ok = try_fits(lambda: self.try_micro_batch(x[:seqs].to(self.device), st), seqs, self.device, budget)
+            failed = self.io.all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=self.device))
+            return float(failed) == 0  # every worker takes the same path through the search
+
+        seqs = find_micro_batch(st.rows_per_rank_step, fits_everywhere)
+        if seqs == 0:
+            raise too_small(budget, st.seq_len, sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+                                                    for p in self.model.parameters()))
+        self.evaluator.micro_batch_tokens = seqs * st.seq_len
+        return seqs
+
+    def try_micro_batch(self, x: torch.Tensor, st: Stage) -> None:
+        """One forward+backward of x as a step would run it, gradients then dropped: weights, optimizer, RNG and
+        the data are untouched, so trying does not change the run. On the unwrapped model: no DDP all-reduce,
+        no recompile (FSDP's own gathers remain, and every worker tries the same sizes in step)."""
+        inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
+                              final_len=self.plan.final_len, generator=torch.Generator().manual_seed(0),
+                              eos_id=self.eos_id, attention=self.cfg.model.attention)
+        try:
+            with self.amp():
+                loss = lm_loss(self.model, x, **inputs)
+            loss.backward()
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def set_lr(self) -> float:
         """The LR of the next step (a function of tokens seen, or of the clock in time mode), set on the optimizer."""
@@ -205,9 +244,9 @@ class Trainer:
 
     def stage_done(self, st: Stage) -> bool:
         done = self.state.stage_step >= st.steps
-        if self.plan.time_mode:  # every rank must switch at the same step: agree on the clock of the slowest
-            late = torch.tensor([float(self.state.elapsed_s >= self.plan.time_end_s(st.index))], device=self.device)
-            done = done or bool(self.io.all_reduce_sum(late) > 0)
+        if self.plan.time_mode:  # every rank must switch at the same step: agree on the clock of the slowest,
+            late = float(self.state.elapsed_s >= self.plan.time_end_s(st.index))  # over the host, not the device
+            done = done or self.io.all_reduce_host_sum(late) > 0
         return done
 
     def report(self, st: Stage, due: Due, window: dict) -> None:
@@ -215,7 +254,8 @@ class Trainer:
         s.flops += window["flops"]
         metrics = {"step": s.step, "stage": st.index, "seq_len": st.seq_len, "tokens": s.tokens,
                    "loss": window["loss"], "lr": window["lr"], "tokens_per_s": window["tokens_per_s"],
-                   "data_wait_frac": window["data_wait_frac"], "elapsed_s": s.elapsed_s, "flops": s.flops,
+                   "data_wait_frac": window["data_wait_frac"], "micro_batch": window["micro_batch"],
+                   "elapsed_s": s.elapsed_s, "flops": s.flops,
                    "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
         if plan.time_mode:
             metrics["budget_time_s"] = plan.budget_time_s

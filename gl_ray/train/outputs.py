@@ -3,10 +3,11 @@
     config.yaml     resolved config (no secrets: the config holds none; credentials come from the environment)
     plan.json       the stage plan and per-stage data accounting
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
-                    data_wait_frac, elapsed_s, flops (cumulative training FLOPs, all workers, PaLM's accounting)
+                    data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
+                    training FLOPs, all workers, PaLM's accounting)
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
-                    stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss}]
+                    stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
 """
 
@@ -71,14 +72,15 @@ def progress_line(m: dict) -> str:
             f"lr {m['lr']:.2e} {rate:,.0f} tok/s wait {100 * m['data_wait_frac']:.1f}% ETA {eta}")
 
 
-def export_final(run_uri: str, model: torch.nn.Module, tokenizer_uri: str) -> str:
-    """Save RUN/final/ as a plain HF folder (model + the dataset's tokenizer)."""
+def export_final(run_uri: str, model: torch.nn.Module, weights: dict, tokenizer_uri: str) -> str:
+    """Save RUN/final/ as a plain HF folder (model config, `weights`, the dataset's tokenizer), whether or not the
+    model was sharded."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     final = storage.join(run_uri, "final")
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
         for name in storage.list_dir(tokenizer_uri):
             (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(tokenizer_uri, name)))
         storage.delete_dir(final)
@@ -96,7 +98,8 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
         tokens = steps * plan.tokens_per_step
         stages.append({"seq_len": st.seq_len, "tokens": tokens, "steps": steps, "wall_s": round(wall, 3),
                        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-                       "flops": _stage_delta(metrics, st.index, "flops"), "loss": ms[-1]["loss"] if ms else None})
+                       "flops": _stage_delta(metrics, st.index, "flops"), "loss": ms[-1]["loss"] if ms else None,
+                       "micro_batch": ms[-1].get("micro_batch") if ms else None})
     return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3), "flops": state.flops,
             "final_val_loss": final_val.get("val_loss"),
             "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
@@ -145,10 +148,10 @@ class RunOutputs(RunHooks):
         if self.print_progress:
             print(progress_line(metrics), flush=True)
 
-    def on_finish(self, model: torch.nn.Module, state: TrainState, final_val: dict) -> None:
+    def on_finish(self, model: torch.nn.Module, weights: dict, state: TrainState, final_val: dict) -> None:
         if self.rank != 0:
             return
-        export_final(self.run_uri, model, self.tokenizer_uri)
+        export_final(self.run_uri, model, weights, self.tokenizer_uri)
         metrics = [json.loads(ln) for ln in self.log.lines]
         summary = build_summary(self.plan, state, metrics, final_val or (metrics[-1] if metrics else {}))
         storage.write_bytes(storage.join(self.run_uri, "summary.json"), json.dumps(summary, indent=1).encode())

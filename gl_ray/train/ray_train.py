@@ -24,6 +24,7 @@ from gl_ray import storage
 from gl_ray.config import Config, config_from_dict
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, stage_dataset
+from gl_ray.devices import resolved_precision
 from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER
 from gl_ray.schedule import Plan, Stage
 from gl_ray.train.checkpoint import (
@@ -36,6 +37,7 @@ from gl_ray.train.checkpoint import (
 )
 from gl_ray.train.faults import fault_env
 from gl_ray.train.io import Snapshot, WorkerIO
+from gl_ray.train.parallel import is_sharded, shard_model
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
@@ -118,6 +120,7 @@ class RayWorkerIO(WorkerIO):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.plan, self.run_uri = cfg, plan, run_uri
+        self.host_group = None
         self.warmer = StageWarmer(self.open_stage)
         names = [dataset_name(k, self.rank) for k in range(len(plan.stages))]
         first_stage = next((k for k, n in enumerate(names) if n in dataset_names), None)
@@ -128,14 +131,14 @@ class RayWorkerIO(WorkerIO):
         import ray.train
 
         return iter(ray.train.get_dataset_shard(dataset_name(stage, self.rank)).iter_batches(
-            batch_size=self.plan.stages[stage].micro_batch, batch_format="numpy", drop_last=True,
+            batch_size=self.plan.stages[stage].rows_per_rank_step, batch_format="numpy", drop_last=True,
             prefetch_batches=self.cfg.data.prefetch_batches))
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         # warm the next stage a few steps before this one ends: earlier, its pipeline would run ahead and take
         # CPU from training; later, its start-up would show as data wait
-        left = RowLayout.of(stage, self.rank, start_step).num_rows // stage.micro_batch
-        warm_at = max(0, left - WARM_STEPS_AHEAD * stage.grad_accum)
+        left = stage.steps - start_step  # batches are whole steps
+        warm_at = max(0, left - WARM_STEPS_AHEAD)
         for i, b in enumerate(self.warmer.take(stage.index)):
             if i == 0 and int(b["step"][0]) != start_step:
                 raise RuntimeError(f"stage {stage.index} data starts at step {int(b['step'][0])}, but the "
@@ -152,12 +155,12 @@ class RayWorkerIO(WorkerIO):
             return
         model, optimizer, state = checkpoint
         name = checkpoint_name(state.step)
-        if self.rank != 0:
+        if self.rank != 0 and not is_sharded(model):  # DDP: rank 0 holds everything
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
-        tmp = tempfile.mkdtemp(prefix="gl-ray-ckpt-")
+        tmp = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # FSDP: every rank its shards; Ray merges the folders
         try:
-            save_checkpoint(tmp, model, optimizer, state)
+            save_checkpoint(tmp, model, optimizer, state, rank=self.rank, all_gather=self.all_gather_object)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -168,6 +171,9 @@ class RayWorkerIO(WorkerIO):
     def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
 
+        if self.cfg.ray.strategy == "fsdp":
+            device = next(model.parameters()).device
+            return shard_model(model, bf16=resolved_precision(device, self.cfg.train.precision) == "bf16")
         return ray.train.torch.prepare_model(model, parallel_strategy="ddp" if self.world_size > 1 else None)
 
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -176,6 +182,26 @@ class RayWorkerIO(WorkerIO):
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(t)
         return t
+
+    def all_reduce_host_sum(self, value: float) -> float:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        if self.host_group is None:  # gloo: a CPU tensor's all-reduce never waits for the GPU's queue
+            self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self.host_group)
+        return float(t[0])
+
+    def all_gather_object(self, obj: object) -> list:
+        import torch.distributed as dist
+
+        if self.world_size == 1 or not dist.is_initialized():
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
 
 def ray_worker_loop(config: dict) -> None:

@@ -1,8 +1,8 @@
 """One optimizer step, as training runs it and as `gl-ray bench` times it: the optimizer, gradient accumulation
-over micro batches (DDP gradient sync only on the last), gradient clipping, the AdamW update.
+over micro batches (DDP/FSDP gradient sync only on the last), gradient clipping, the AdamW update.
 
     optimizer = make_optimizer(model, cfg.optim)
-    loss, wait_s = train_step(net, optimizer, batches, grad_accum=4, device=device, amp=amp, grad_clip=1.0)
+    loss, wait_s = train_step(net, optimizer, steps, micro_batch=4, device=device, amp=amp, grad_clip=1.0)
 """
 
 from __future__ import annotations
@@ -32,29 +32,41 @@ def no_inputs(x: torch.Tensor, micro: int) -> dict:
     return {}
 
 
-def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[np.ndarray], *,
-               grad_accum: int, device: torch.device, amp: Callable, grad_clip: float,
+def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int32 rows -> int64 tokens on device; on GPU through pinned memory with a copy that does not block the host."""
+    x = torch.from_numpy(np.require(rows, requirements="W"))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, dtype=torch.long, non_blocking=True)
+    return x.to(device, dtype=torch.long)
+
+
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Iterator[np.ndarray], *,
+               micro_batch: int, device: torch.device, amp: Callable, grad_clip: float,
                extra_inputs: Callable[[torch.Tensor, int], dict] = no_inputs) -> tuple[torch.Tensor, float]:
-    """Forward+backward of `grad_accum` micro batches (int32 [micro_batch, seq_len] each), then clip and step.
+    """Forward+backward of one step's rows (next(steps): int32 [rows_per_rank_step, seq_len]) in micro batches
+    of `micro_batch` rows, then clip and step.
 
     `extra_inputs(x, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids, document
     masks). Returns the step's mean loss (a 0-d tensor on device: no host sync) and the seconds spent waiting for
     data."""
+    t0 = time.perf_counter()
+    rows = next(steps)
+    wait_s = time.perf_counter() - t0
+    grad_accum = len(rows) // micro_batch
     loss_sum = torch.zeros((), device=device)
-    wait_s = 0.0
     for micro in range(grad_accum):
-        t0 = time.perf_counter()
-        x = torch.from_numpy(np.require(next(batches), requirements="W")).to(device, dtype=torch.long)
-        wait_s += time.perf_counter() - t0
-        sync = micro == grad_accum - 1 or not hasattr(net, "no_sync")
-        with contextlib.nullcontext() if sync else net.no_sync():
+        x = to_device(rows[micro * micro_batch: (micro + 1) * micro_batch], device)
+        sync = micro == grad_accum - 1
+        if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter gradients on the last micro batch
+            net.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync():
             with amp():
                 loss = lm_loss(net, x, **extra_inputs(x, micro)) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     if grad_clip > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach kernels on CPU and CUDA (the default)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss_sum, wait_s

@@ -15,7 +15,10 @@ from gl_ray.train.outputs import RunOutputs
 def run_worker(cfg: Config, plan: Plan, run_uri: str, io: WorkerIO, print_progress: bool) -> TrainState:
     """Train what is left of the plan; rank 0 keeps RUN/metrics.jsonl and writes RUN/final/ and summary.json."""
     manifest = load_manifest(cfg.data.path)
-    evaluator = Evaluator(get_stream(cfg.data.path, "val"), cfg.data.eval_tokens, cfg.train.micro_batch_tokens,
+    micro_batch_tokens = cfg.train.micro_batch_tokens  # with auto, the trainer sets it at each stage start
+    if micro_batch_tokens == "auto":
+        micro_batch_tokens = plan.tokens_per_step // plan.world_size
+    evaluator = Evaluator(get_stream(cfg.data.path, "val"), cfg.data.eval_tokens, micro_batch_tokens,
                           eos_id=manifest.eos_token_id if cfg.data.document_masking else None,
                           attention=cfg.model.attention)
     outputs = RunOutputs(run_uri, plan, manifest.tokenizer_uri, io.rank, print_progress)
