@@ -41,9 +41,9 @@ def train(model, net, rows: list[np.ndarray], micro_batch: int, device, amp) -> 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-        loss, _ = train_step(net, optimizer, iter([step_rows]), micro_batch=micro_batch, device=device, amp=amp,
-                             grad_clip=1.0)
-        losses.append(float(loss))
+        out = train_step(net, optimizer, iter([step_rows]), micro_batch=micro_batch, device=device, amp=amp,
+                         grad_clip=1.0)
+        losses.append(float(out.loss))
     if device.type == "cuda":
         torch.cuda.synchronize()
     return losses, time.perf_counter() - t0, optimizer

@@ -203,9 +203,10 @@ def max_micro_batch(model: BenchModel, seq_len: int, device: torch.device, dtype
 
 def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int,
               device: str, dtype: str, steps: int, warmup: int, memory_micro_batch_seqs: int, memory_budget: int,
-              peak_tflops: float = 0.0, use_compile: bool = False) -> dict:
+              peak_tflops: float = 0.0, use_compile: bool = False, progress=lambda line: None) -> dict:
     """Tables 1-3 for `model` at each length (see the module docstring); per length also the cost of a token
-    relative to the shortest length (`cost_vs_first`), which bounds what GrowLength's short stages can save."""
+    relative to the shortest length (`cost_vs_first`), which bounds what GrowLength's short stages can save.
+    `progress(line)` gets one line per length and table, with an estimate of the time left."""
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
     dev = pick_device(device)
@@ -218,21 +219,35 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
            "attention": model.attention, "activation_checkpointing": model.activation_checkpointing,
            "document_masking": model.document_masking, "data": model.data or None,
            "mean_doc_len": model.mean_doc_len or None, "lengths": []}
-    for L in sorted(lengths):
+    t0, order = time.perf_counter(), sorted(lengths)
+
+    def say(i: int, text: str) -> None:
+        done = time.perf_counter() - t0  # a longer length costs more: a rough lower bound on what is left
+        left = done / (i + 1) * (len(order) - i - 1)
+        progress(f"[bench] L={order[i]} ({i + 1}/{len(order)}): {text}; {done:.0f} s so far, at least "
+                 f"{left:.0f} s left")
+
+    for i, L in enumerate(order):
         row = {"seq_len": L}
         row.update(step_time(model=model, seq_len=L, tokens_per_step=tokens_per_step,
                              micro_batch_tokens=micro_batch_tokens, device=dev, dtype=dtype, steps=steps,
                              warmup=warmup, use_compile=use_compile))
+        progress(f"[bench] L={L}: Table 1 {row['step_time_s']:.3f} s/step ({tokens_per_step / row['step_time_s']:,.0f} "
+                 "tokens/s)")
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
         row["cost_vs_first"] = res["lengths"][0]["tokens_per_s"] / row["tokens_per_s"] if res["lengths"] else 1.0
         row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L, row["keys_per_token"])
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
         row["mfu"] = row["achieved_tflops"] / peak if peak and dev.type == "cuda" else None
         row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)
+        peak = row["peak_memory_bytes"]
+        text = f"Table 2 peak {peak / 2**20:,.0f} MiB" if peak else "Table 2 out of memory"
         if memory_budget:
             seqs, probes = max_micro_batch(model, L, dev, dtype, memory_budget)
             row["max_micro_batch_seqs"], row["max_micro_batch_tokens"] = seqs, seqs * L
             row["max_batch_probes"] = probes
+            text += f", Table 3 max micro batch {seqs * L:,} tokens ({len(probes)} probes)"
+        say(i, text)
         res["lengths"].append(row)
     return res
 

@@ -4,6 +4,7 @@
     gl-ray prepare --source stdlib --out data/stdlib
     gl-ray train --config pipelines/configs/tiny-growlength.yaml
     gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --budget-time-s 90 --out results/tiny
+    gl-ray status runs/tiny-growlength --watch 30
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from gl_ray.errors import EXIT_USER_ERROR, UserError, unwrap_user_errors
+from gl_ray.errors import UserError, unwrap_user_errors
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -59,10 +60,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from gl_ray.status import format_status, run_status, watch
+
+    if args.watch is not None:
+        watch(args.run, args.watch)
+    else:
+        print(format_status(run_status(args.run)))
+    return 0
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """Create an output folder now, so that a bad --out fails before the work, with one line."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{what} {str(p)!r} cannot be a folder here: {e.strerror or e}") from None
+    return p
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from gl_ray.evaluate import evaluate_models, format_eval
     from gl_ray.plots import plot_eval
 
+    writable_dir(Path(args.out or "eval.json").parent, "--out")
     res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), args.max_tokens,
                           device=args.device, document_masking=args.document_masking)
     out = args.out or "eval.json"
@@ -79,10 +101,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from gl_ray.config import parse_size
     from gl_ray.plots import plot_bench
 
-    model = bench_model(preset=args.preset, vocab=args.vocab_size, attention=args.attention,
+    cpu = args.device == "cpu"  # defaults sized for a GPU would take a CPU tens of minutes and gigabytes
+    args.tokens_per_step = args.tokens_per_step or (8192 if cpu else 65536)
+    args.micro_batch_tokens = args.micro_batch_tokens or (2048 if cpu else 16384)
+    model = bench_model(preset=args.preset, vocab=args.vocab_size or (8192 if cpu else 50304),
+                        attention=args.attention,
                         activation_checkpointing=args.activation_checkpointing,
                         document_masking=args.document_masking, data=args.data or "", mean_doc_len=args.mean_doc_len)
-    res = run_bench(model=model, lengths=_ints(args.lengths, "--lengths"),
+    lengths = _ints(args.lengths, "--lengths")
+    print(f"[bench] {args.preset} on {args.device}: {len(lengths)} lengths, {args.tokens_per_step:,} tokens per step, "
+          f"{args.warmup} + {args.steps} steps each, vocab {model.vocab:,}", flush=True)
+    res = run_bench(model=model, lengths=lengths, progress=lambda line: print(line, flush=True),
                     tokens_per_step=args.tokens_per_step, micro_batch_tokens=args.micro_batch_tokens,
                     device=args.device, dtype=args.dtype, steps=args.steps, warmup=args.warmup,
                     memory_micro_batch_seqs=args.memory_micro_batch,
@@ -104,6 +133,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from gl_ray.report import build_report, format_report
 
+    writable_dir(args.out, "--out")
     rep = build_report(args.runs, args.out, smooth=args.smooth, baseline=args.baseline)
     print(format_report(rep))
     print(f"wrote {args.out}/report.md, report.json and PNGs")
@@ -189,8 +219,10 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time, memory and max batch per length: the paper's Tables 1-3 (no Ray)")
     p.add_argument("--preset", default="pythia-160m", help="model preset")
     p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated sequence lengths")
-    p.add_argument("--tokens-per-step", type=int, default=65536, help="tokens per optimizer step (Table 1)")
-    p.add_argument("--micro-batch-tokens", type=int, default=16384, help="tokens per forward pass (Table 1)")
+    p.add_argument("--tokens-per-step", type=int, default=0,
+                   help="tokens per optimizer step (Table 1; default 65536 on cuda, 8192 on cpu)")
+    p.add_argument("--micro-batch-tokens", type=int, default=0,
+                   help="tokens per forward pass (Table 1; default 16384 on cuda, 2048 on cpu)")
     p.add_argument("--device", default="cuda" if _has_cuda() else "cpu", help="cpu | cuda")
     p.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto (bf16 autocast on cuda, fp32 on cpu) | bf16 | fp32, as train.precision")
@@ -198,7 +230,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per length")
     p.add_argument("--memory-micro-batch", type=int, default=8, help="sequences per micro batch for Table 2")
     p.add_argument("--memory-budget", default=None, help="memory budget for Table 3, e.g. 16GiB (off if unset)")
-    p.add_argument("--vocab-size", type=int, default=50304, help="embedding rows (Pythia: 50304)")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="embedding rows (default: Pythia's 50304 on cuda, 8192 on cpu; --data: the dataset's)")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for Table 1, as train.compile")
     p.add_argument("--attention", default="sdpa", help="sdpa | flex | flash_attention_2, as model.attention")
@@ -253,10 +286,19 @@ def _add_reproduce(sub) -> None:
     p.set_defaults(func=cmd_reproduce)
 
 
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="where a run stands, from its folder (local or s3://), without Ray")
+    p.add_argument("run", help="run folder: {ray.storage_path}/{name}")
+    p.add_argument("--watch", type=float, nargs="?", const=30.0, default=None, metavar="SECONDS",
+                   help="print again every SECONDS (default 30) until the run finishes")
+    p.set_defaults(func=cmd_status)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gl-ray", description="GrowLength pretraining on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_plan, _add_prepare, _add_train, _add_eval, _add_bench, _add_tune, _add_report, _add_reproduce):
+    for add in (_add_plan, _add_prepare, _add_train, _add_status, _add_eval, _add_bench, _add_tune, _add_report,
+                _add_reproduce):
         add(sub)
     return parser
 
@@ -278,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except UserError as user:
         print(f"gl-ray {args.command}: error: {user}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return user.exit_code
     except KeyboardInterrupt:
         print(f"gl-ray {args.command}: interrupted", file=sys.stderr)
         return 130

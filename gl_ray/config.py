@@ -28,6 +28,8 @@ Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
 Strategy = Literal["ddp", "fsdp"]  # see gl_ray.train.parallel
 MicroBatchTokens = int | Literal["auto"]  # see gl_ray.train.micro_batch
+Logger = Literal["tensorboard", "mlflow", "wandb"]  # see gl_ray.train.tracking
+NonFinite = Literal["stop", "skip"]  # see gl_ray.train.loop.Trainer.diverged
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -97,6 +99,14 @@ class TrainConfig:
     eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
     checkpoint_every_tokens: int = _f(0, "training tokens between checkpoints (0: only at stage ends)")
     keep_checkpoints: int = _f(2, "checkpoints kept in storage (oldest deleted first)")
+    nonfinite: NonFinite = _f("stop", "a NaN/inf loss or gradient norm: stop (exit 3, nothing of it saved) | skip "
+                                      "(leave that step's update out; reads the norm back every step)")
+    max_skipped_steps: int = _f(10, "with nonfinite skip: more skipped steps than this stop the run")
+    loggers: list[Logger] = _f([], "experiment trackers besides metrics.jsonl: any of tensorboard, mlflow, wandb")
+    mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else a store in RUN/mlruns)")
+    wandb_project: str = _f("", "W&B project (empty: WANDB_PROJECT, else gl-ray)")
+    wandb_entity: str = _f("", "W&B entity (empty: WANDB_ENTITY, else your default)")
+    tracker_group: str = _f("", "MLflow experiment and W&B group (empty: the run name; a Tune search: its name)")
 
 
 @dataclass
@@ -144,19 +154,44 @@ class Config:
             if self.get(key) <= 0:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
         for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
-                    "train.eval_every_tokens", "train.checkpoint_every_tokens", "ray.num_workers",
+                    "train.eval_every_tokens", "train.checkpoint_every_tokens", "train.max_skipped_steps",
+                    "ray.num_workers",
                     "ray.max_failures"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        from gl_ray.train.tracking import check_loggers
+
+        check_loggers(self.train.loggers)
         if self.ray.strategy == "fsdp" and self.ray.num_workers == 0:
             raise UserError("ray.strategy=fsdp shards the model over Ray workers; set ray.num_workers >= 1 "
                             "(ray.num_workers=0 trains in one process without Ray)")
+        for key in ("optim.beta1", "optim.beta2"):
+            if not 0 <= self.get(key) < 1:
+                raise UserError(f"{key} must be in [0, 1), got {self.get(key)}")
+        for key in ("optim.eps", "model.init_std", "model.rope_theta"):
+            if self.get(key) <= 0:
+                raise UserError(f"{key} must be positive, got {self.get(key)}")
+        if self.data.seed < 0:
+            raise UserError(f"data.seed must be >= 0, got {self.data.seed}")
+        self._check_device()
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
         from gl_ray.schedule import make_plan
 
         make_plan(self)  # a plan can be made (lengths, ratios, budget, divisibility); the driver builds the real one
         return self
+
+    def _check_device(self) -> None:
+        """train.device=cuda needs a GPU where training runs: here without Ray, on the workers with Ray."""
+        if self.train.device != "cuda":
+            return
+        if self.ray.num_workers > 0 and not self.ray.use_gpu:
+            raise UserError("train.device=cuda with Ray workers needs ray.use_gpu=true (one GPU per worker)")
+        if self.ray.num_workers == 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("train.device=cuda: no CUDA device is available here; use auto or cpu")
 
     def _check_attention(self) -> None:
         """The backend exists in this install, and flex trains only where it has a backward pass (CUDA)."""
@@ -283,6 +318,8 @@ def config_from_dict(raw: dict) -> Config:
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply `section.key=value` strings (value parsed as YAML) to a nested dict, in place."""
+    if not isinstance(raw, dict):
+        raise UserError("a config file must be a YAML mapping of sections (name, data, model, ...)")
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r} must look like section.key=value")
@@ -297,6 +334,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         for part in parts[:-1]:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"config section {part!r} must be a mapping, got {node!r}")
         node[parts[-1]] = value
     return raw
 
@@ -309,7 +348,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
         if not p.is_file():
             raise UserError(f"config file {str(p)!r} not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise UserError(f"config file {str(p)!r} is not UTF-8 text") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""

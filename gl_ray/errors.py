@@ -1,8 +1,8 @@
 """User-facing errors.
 
 A `UserError` is a mistake the user can fix (bad config, bad data, missing credentials). The CLI prints its
-message as one line on stderr and exits with code 2, never with a traceback. Anything else is a bug and keeps
-its traceback.
+message as one line on stderr and exits with code 2, never with a traceback. `TrainingDiverged` (a non-finite
+loss or gradient norm) is told the same way with exit code 3. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +16,17 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """A problem in the user's input: one line that names the thing and what to do."""
 
+    exit_code = EXIT_USER_ERROR
+
     def __str__(self) -> str:
         # Always one line, whatever the caller passed in.
         return " ".join(super().__str__().split())
+
+
+class TrainingDiverged(UserError):
+    """The loss or gradient norm went non-finite: the run stops before anything of that state is saved."""
+
+    exit_code = 3
 
 
 def find_user_error(exc: BaseException) -> UserError | None:
@@ -35,8 +43,10 @@ def find_user_error(exc: BaseException) -> UserError | None:
             return e
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
         stack += list((getattr(e, "worker_failures", None) or {}).values())
-    m = re.search(r"gl_ray\.errors\.UserError: ([^\n]*)", str(exc))
-    return UserError(m.group(1)) if m else None
+    m = re.search(r"gl_ray\.errors\.(UserError|TrainingDiverged): ([^\n]*)", str(exc))
+    if not m:
+        return None
+    return (TrainingDiverged if m.group(1) == "TrainingDiverged" else UserError)(m.group(2))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ including lengths beyond the lengths a model was trained at. No Ray.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,9 @@ def load_model(path: str, device: torch.device):
                         "pass a run's final/ folder")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {path!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # a truncated or foreign file: safetensors, torch and transformers raise their own
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"cannot load model {path!r}: {first}") from None
     return model.to(device).eval()
 
 
@@ -53,9 +55,13 @@ def window_loss(model, tokens: np.ndarray, seq_len: int, batch_tokens: int, devi
 
 
 def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens: int = 262144,
-                    batch_tokens: int = 16384, device: str = "auto", document_masking: bool = False) -> dict:
+                    batch_tokens: int = 16384, device: str = "auto", document_masking: bool = False,
+                    progress=print) -> dict:
+    """Loss and perplexity of each model at each length on the same val tokens; progress(line) after each."""
     if not lengths or any(L <= 1 for L in lengths):
         raise UserError(f"--lengths {lengths} must be lengths > 1")
+    if max_tokens <= 0:
+        raise UserError(f"--max-tokens {max_tokens} must be positive")
     dev = pick_device(device)
     val = TokenStream(data, "val")
     longest = max(lengths)
@@ -68,7 +74,8 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens
     tokens = val.read(0, usable)
     out: dict = {"data": data, "tokens": usable, "lengths": sorted(lengths), "document_masking": document_masking,
                  "models": {}}
-    for path in models:
+    t0 = time.perf_counter()
+    for i, path in enumerate(models):
         model = load_model(path, dev)
         if model.config.vocab_size < val.manifest.vocab_size:
             raise UserError(f"model {path!r} has vocab {model.config.vocab_size}, smaller than the dataset's "
@@ -78,6 +85,8 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], max_tokens
             loss, windows = window_loss(model, tokens, L, batch_tokens, dev, eos_id)
             rows[str(L)] = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "windows": windows,
                             "beyond_trained": L > _trained_len(path)}
+            progress(f"[eval] model {i + 1}/{len(models)} {model_label(path)} L={L}: loss {loss:.4f} "
+                     f"({time.perf_counter() - t0:.0f} s so far)")
         out["models"][model_label(path)] = rows
     return out
 

@@ -17,6 +17,7 @@ lengths are not the same quantity, so read it with that caveat. Training loss is
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -29,8 +30,8 @@ from gl_ray.train.outputs import read_metrics
 def smoothed(ms: list[dict], k: int) -> list[float]:
     out = []
     for i in range(len(ms)):
-        window = ms[max(0, i - k + 1): i + 1]
-        out.append(sum(m["loss"] for m in window) / len(window))
+        window = [m["loss"] for m in ms[max(0, i - k + 1): i + 1] if m["loss"] is not None]  # None: skipped steps
+        out.append(sum(window) / len(window) if window else math.inf)
     return out
 
 
@@ -46,7 +47,7 @@ def val_crossing(ms: list[dict], target: float) -> dict | None:
     the evaluation before the crossing and the one at or after it (None: never reached)."""
     prev = None
     for m in ms:
-        if "val_loss_final_len" not in m:
+        if m.get("val_loss_final_len") is None:
             continue
         v = m["val_loss_final_len"]
         if v <= target:

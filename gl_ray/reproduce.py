@@ -72,9 +72,9 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [], seeds)
     configs = [load_config(base_config, v) for v in variants]  # validate every run before the first starts
     names = []
-    for cfg in configs:
-        print(f"[reproduce] training {cfg.name} (lengths {cfg.schedule.lengths}, ratios {cfg.schedule.ratios})",
-              flush=True)
+    for k, cfg in enumerate(configs):
+        print(f"[reproduce] training {k + 1}/{len(configs)}: {cfg.name} (lengths {cfg.schedule.lengths}, ratios "
+              f"{cfg.schedule.ratios})", flush=True)
         launch_run(cfg, address=address)
         names.append(cfg.name)
     run_uris = [str(Path(runs_dir, n)) for n in names]

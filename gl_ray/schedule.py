@@ -138,7 +138,9 @@ def split_steps(total_steps: int, ratios: list[float]) -> list[int]:
 def micro_batch_for(seqs_per_worker: int, seq_len: int, micro_batch_tokens: int) -> int:
     """Largest divisor of seqs_per_worker whose tokens fit micro_batch_tokens (so grad_accum is whole)."""
     limit = micro_batch_tokens // seq_len
-    return max(d for d in range(1, min(limit, seqs_per_worker) + 1) if seqs_per_worker % d == 0)
+    small = [d for d in range(1, math.isqrt(seqs_per_worker) + 1) if seqs_per_worker % d == 0]
+    divisors = small + [seqs_per_worker // d for d in small]  # in O(sqrt n): n may be 2**40 / seq_len
+    return max(d for d in divisors if d <= limit)
 
 
 def plan_stages(

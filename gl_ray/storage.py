@@ -80,6 +80,14 @@ def exists(uri: str) -> bool:
         return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def modified(uri: str) -> float | None:
+    """Last modification time (seconds since the epoch) of a file, None if it does not exist."""
+    fs, path = resolve(uri)
+    with errors_at(uri):
+        info = fs.get_file_info(path)
+    return None if info.type == pafs.FileType.NotFound or info.mtime is None else info.mtime.timestamp()
+
+
 def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with errors_at(uri), fs.open_input_stream(path, compression=None) as f:
@@ -96,9 +104,20 @@ def write_bytes(uri: str, data: bytes) -> None:
             return
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:  # a failed write (a full disk) leaves no partial file behind
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def delete_file(uri: str) -> None:
+    fs, path = resolve(uri)
+    with errors_at(uri):
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
 
 
 def delete_dir(uri: str) -> None:

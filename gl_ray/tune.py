@@ -162,8 +162,9 @@ def _validate_combinations(space: Space) -> None:
 
 
 def trial_overrides(space: Space, params: dict, name: str | None = None) -> list[str]:
-    """--set overrides of one trial: the space's fixed ones, the budget, then the sampled params."""
-    out = list(space.overrides)
+    """--set overrides of one trial: its tracker group (the search; the space's overrides may change it), the
+    space's fixed ones, the budget, then the sampled params."""
+    out = [f"train.tracker_group={space.name}", *space.overrides]
     out += [f"schedule.budget_tokens={space.budget_tokens}", f"schedule.budget_time_s={space.budget_time_s}"]
     base = load_config(space.base_config, out, validate=False)
     lengths = parse_ladder(params["ladder"]) if "ladder" in params else list(base.schedule.lengths)

@@ -134,13 +134,22 @@ def masked_baseline(tiny_data, tmp_path_factory):
     return cfg, summary, storage / "masked"
 
 
-def train_then_sigkill(sets: list[str], log: Path, lines: int, env: dict, timeout_s: float) -> None:
-    """Run `gl-ray train --set ...` in a subprocess and SIGKILL it once its metrics.jsonl `log` has `lines` lines
-    (or after `timeout_s`), as an OOM killer or a lost session would."""
-    proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + timeout_s
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= lines):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def train_then_signal(sets: list[str], log: Path, lines: int, env: dict, timeout_s: float,
+                      sig: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+    """Run `gl-ray train` (sets: its arguments) in a subprocess and send it `sig` once its metrics.jsonl `log` has
+    `lines` lines (or after `timeout_s`): SIGKILL as an OOM killer or a lost session would, SIGTERM as a spot
+    reclaim or a scheduler would. Returns its exit code and output once it has ended."""
+    import tempfile
+
+    # files, not pipes: Ray's processes that a killed driver leaves behind for a while would hold a pipe open
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, env=env, stdout=out,
+                                stderr=err, text=True)
+        deadline = time.time() + timeout_s
+        while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= lines):
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        proc.wait(timeout=timeout_s)
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())

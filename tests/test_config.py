@@ -46,6 +46,12 @@ def test_overrides_are_parsed_as_yaml():
     (["train.micro_batch_tokens=most"], "expects int or 'auto'"),
     (["train.micro_batch_tokens=auto", "train.memory_budget=plenty"], "train.memory_budget 'plenty'"),
     (["ray.strategy=zero3"], "ddp | fsdp"),
+    (["data.seed=-1"], "data.seed must be >= 0"),
+    (["optim.beta1=1.5"], r"optim.beta1 must be in \[0, 1\)"),
+    (["optim.eps=-1"], "optim.eps must be positive"),
+    (["model.init_std=-1"], "model.init_std must be positive"),
+    (["model.rope_theta=0"], "model.rope_theta must be positive"),
+    (["train.device=cuda", "ray.num_workers=1"], "needs ray.use_gpu=true"),
     (["ray.strategy=fsdp", "ray.num_workers=0"], "set ray.num_workers >= 1"),
     (["optim.min_lr=1"], "above optim.lr"),
     (["schedule.lengths"], "section.key=value"),
@@ -110,3 +116,40 @@ def test_config_choices_match_the_code_that_uses_them():
 
     assert get_args(PositionMode) == POSITION_MODES
     assert get_args(Attention) == tuple(ATTENTION)
+
+
+def test_cuda_without_a_gpu_is_refused_up_front():
+    import torch
+
+    if torch.cuda.is_available():
+        return  # this check is about machines without one
+    with pytest.raises(UserError, match="no CUDA device is available here"):
+        load_config(CONFIGS[0], ["train.device=cuda", "ray.num_workers=0"])
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("- a\n- b\n", "must be a YAML mapping"),
+    ("data: 5\n", "section 'data' must be a mapping"),
+], ids=["yaml-list", "scalar-section"])
+def test_malformed_config_files_with_overrides(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=needle):
+        load_config(path, ["data.path=x"])
+
+
+def test_non_utf8_config_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_config(path)
+
+
+def test_a_huge_micro_batch_validates_quickly():
+    """Finding the micro batch enumerates divisors in O(sqrt n): 2**40 tokens per step validated for minutes."""
+    from gl_ray.schedule import micro_batch_for
+
+    cfg = load_config(CONFIGS[0], ["schedule.tokens_per_step=1099511627776", "train.micro_batch_tokens=1099511627776",
+                                   f"schedule.budget_tokens={2**42}"])
+    assert cfg.schedule.tokens_per_step == 2**40
+    assert micro_batch_for(2**34, 64, 2**40) == 2**34 and micro_batch_for(12, 8, 40) == 4

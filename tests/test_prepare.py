@@ -12,6 +12,7 @@ from conftest import NEOX_TOKENIZER
 from transformers import AutoTokenizer
 
 from gl_ray.data.manifest import load_manifest
+from gl_ray.data.corpus import list_source
 from gl_ray.data.prepare import prepare
 from gl_ray.data.stream import TokenStream
 from gl_ray.errors import UserError
@@ -186,3 +187,25 @@ def test_token_stream_reads_documents_in_order(tiny_data):
     assert sorted(nxt.tolist()) == sorted(flat.tolist()) and nxt.tolist() != flat.tolist()
     rows = s.rows(np.array([0, 64, 10_000]), 64)
     assert rows.tolist() == [flat[0:64].tolist(), flat[64:128].tolist(), flat[10_000:10_064].tolist()]
+
+
+def test_a_small_corpus_always_gets_a_val_document(tmp_path):
+    """60 documents at the default --val-fraction (1%): the hash sends none to val, so the one with the smallest
+    hash goes there; the same on a rerun, and the train documents keep the source order (files shuffled by path
+    hash, see list_source)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(60):
+        (src / f"doc{i:02d}.txt").write_text(f"document number {i} " * 5)
+    runs = []
+    for k in range(2):
+        m = prepare(str(src), str(tmp_path / f"out{k}"), tokenizer=str(NEOX_TOKENIZER), no_ray=True)
+        assert m["splits"]["val"]["documents"] == 1 and m["splits"]["train"]["documents"] == 59
+        runs.append([pq.read_table(tmp_path / f"out{k}" / sh["path"]).column("input_ids").to_pylist()
+                     for s in ("train", "val") for sh in m["splits"][s]["shards"]])
+    assert runs[0] == runs[1]
+    tok = AutoTokenizer.from_pretrained(NEOX_TOKENIZER)
+    train = [int(tok.decode(d).split()[2]) for shard in runs[0][:-1] for d in shard]  # "document number I ..."
+    val = int(tok.decode(runs[0][-1][0]).split()[2])
+    order = [int(Path(f).stem[3:]) for f in list_source(str(src))]
+    assert train == [i for i in order if i != val]

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import MASKED, REPO, metrics, run_tiny, tiny_overrides, train_then_sigkill, weights
+from conftest import MASKED, REPO, metrics, run_tiny, tiny_overrides, train_then_signal, weights
 
 from gl_ray.schedule import make_plan
 
@@ -77,7 +77,7 @@ def test_killed_ray_driver_resumes_with_the_same_command(ray_run, tiny_data, tmp
     env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.4"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "cut" / "metrics.jsonl"
-    train_then_sigkill(sets, log, lines=6, env=env, timeout_s=240)
+    train_then_signal(sets, log, lines=6, env=env, timeout_s=240)
     killed_at = time.time()
     # Ray's workers outlive their killed driver by the seconds it takes them to notice the raylet is gone (a few
     # steps here); they must then stop: wait until the run folder has been quiet for 3 s, within 30 s of the kill
@@ -110,3 +110,28 @@ def test_worker_failure_is_restarted_by_ray_train(ray_run, tiny_data, tmp_path, 
     assert [m["step"] for m in got] == [m["step"] for m in want]  # each step exactly once
     wa, wb = weights(tmp_path / "restarted"), weights(base)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_sigterm_to_the_ray_driver_checkpoints_and_resumes_exactly(ray_run, tiny_data, tmp_path):
+    """SIGTERM to the driver of a 2-worker run (`kill`, a scheduler, `ray job stop`): the workers see the stop
+    request between steps, agree on one step, checkpoint it together, and the driver exits 143 with one line; the
+    same command resumes exactly."""
+    import signal
+
+    _, _, base = ray_run
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "term", **{"ray.num_workers": 2})
+            for x in ("--set", s)]
+    env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.4"}
+    env.pop("RAY_ADDRESS", None)
+    r = train_then_signal(sets, tmp_path / "term" / "metrics.jsonl", 5, env, timeout_s=240, sig=signal.SIGTERM)
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "stopped on SIGTERM, checkpointed at step" in r.stderr
+    stopped = metrics(tmp_path / "term")[-1]["step"]
+    assert stopped < 16 and (tmp_path / "term" / f"checkpoint_step-{stopped:07d}" / "state.json").exists()
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, capture_output=True, text=True,
+                       env={k: v for k, v in env.items() if k != "GL_RAY_SLOW_STEP_S"}, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, want = metrics(tmp_path / "term"), metrics(base)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,8 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import metrics, run_tiny, tiny_overrides, train_then_sigkill
+from conftest import metrics, run_tiny, tiny_overrides, train_then_signal
 from safetensors.torch import load_file
+
+from gl_ray.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "pipelines" / "configs" / "tiny-growlength.yaml")
@@ -104,11 +107,18 @@ def break_escape(ds):
     (ds / "manifest.json").write_text(json.dumps(m))
 
 
+def break_nul(ds):
+    m = json.loads((ds / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["path"] = "train/shard\x00.parquet"
+    (ds / "manifest.json").write_text(json.dumps(m))
+
+
 @pytest.mark.parametrize("breaker, needle", [
     (break_corrupt, "not a readable parquet"), (break_missing, "is missing"), (break_count, "rows but the manifest"),
     (break_range, "token ids outside"), (break_type, "column 'input_ids'"), (break_escape, "escapes the dataset"),
+    (break_nul, "must be a relative path"),
 ], ids=["corrupt-shard", "shard-missing", "count-mismatch", "token-out-of-range", "wrong-column-type",
-        "path-escape"])
+        "path-escape", "nul-in-path"])
 def test_bad_dataset(tiny_data, tmp_path, capsys, monkeypatch, breaker, needle):
     ds = copy_data(tiny_data, tmp_path)
     breaker(ds)
@@ -136,6 +146,30 @@ def test_bad_config(tmp_path, capsys, monkeypatch, sets, needle):
                       *args)
     assert_user_error(r, needle)
     assert not (tmp_path / "runs").exists()
+
+
+def test_outputs_under_a_regular_file_and_bad_eval_sizes(baseline, tiny_data, tmp_path, capsys, monkeypatch):
+    """--out under a file fails before any work (eval used to fail only after evaluating); a truncated model file
+    and --max-tokens <= 0 are one line too."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    final = str(baseline[2] / "final")
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", final, "--data", tiny_data, "--lengths", "32",
+                      "--out", str(blocker / "eval.json"))
+    assert_user_error(r, "cannot be a folder here")
+    r = cli_inprocess(capsys, monkeypatch, "report", str(baseline[2]), "--out", str(blocker / "rep"))
+    assert_user_error(r, "cannot be a folder here")
+    r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", "stdlib", "--out", str(blocker / "ds"), "--no-ray")
+    assert_user_error(r, "a file is in the way")
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", final, "--data", tiny_data, "--lengths", "32",
+                      "--max-tokens", "-5", "--out", str(tmp_path / "e.json"))
+    assert_user_error(r, "--max-tokens -5 must be positive")
+    cut = tmp_path / "cut-final"
+    shutil.copytree(final, cut)
+    (cut / "model.safetensors").write_bytes((cut / "model.safetensors").read_bytes()[:1000])
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", str(cut), "--data", tiny_data, "--lengths", "32",
+                      "--out", str(tmp_path / "e.json"))
+    assert_user_error(r, "cannot load model")
 
 
 def test_document_masking_needs_eos_boundaries(tiny_data, tmp_path, capsys, monkeypatch):
@@ -252,7 +286,7 @@ def test_killed_driver_resumes_with_the_same_command(tiny_data, tmp_path):
     sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "k", **{"train.checkpoint_every_tokens": 2048})
             for x in ("--set", s)]
     log = tmp_path / "k" / "metrics.jsonl"
-    train_then_sigkill(sets, log, lines=7, env={**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"}, timeout_s=120)
+    train_then_signal(sets, log, lines=7, env={**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"}, timeout_s=120)
     assert len(log.read_text().splitlines()) < 16  # killed mid-run
     r = cli("train", *sets)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -274,3 +308,164 @@ def test_secrets_stay_out_of_run_outputs(s3_server, bucket, tiny_data, tmp_path)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "plan.json"):
         text = storage.read_bytes(f"s3://{bucket}/runs/sec/{name}").decode()
         assert secret not in text
+
+
+def test_a_diverging_run_stops_without_saving_that_state(tiny_data, tmp_path, capsys, monkeypatch):
+    """optim.lr=1e4 drives the loss to NaN: the run stops with one line naming the step and exit 3; no checkpoint
+    after it, no final/, metrics.jsonl stays valid JSON and the last good checkpoint is kept."""
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "nan", **{"optim.lr": 1e4, "optim.min_lr": 0})
+            for x in ("--set", s)]
+    r = cli_inprocess(capsys, monkeypatch, "train", *sets)
+    assert r.returncode == 3, r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert "\n" not in err and "Traceback" not in r.stderr and "NaN or infinite at step" in err
+    bad_step = int(re.search(r"at step (\d+)", err).group(1))
+    run = tmp_path / "nan"
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    ms = metrics(run)  # every line parses: no bare NaN
+    assert all(m["step"] < bad_step for m in ms)
+    ckpts = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint_step-*"))
+    assert all(c < bad_step for c in ckpts)
+
+
+def test_nonfinite_skip_leaves_one_update_out_and_counts_it(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("GL_RAY_NAN_AT_STEP", "5")  # the gradients of step 6 are NaN
+    _, summary = run_tiny(tiny_data, tmp_path, "skip", **{"train.nonfinite": "skip"})
+    ms = metrics(tmp_path / "skip")
+    assert [m["skipped_steps"] for m in ms] == [0] * 5 + [1] * (len(ms) - 5)
+    assert summary["steps"] == ms[-1]["step"] and (tmp_path / "skip" / "final").exists()
+    assert ms[5]["loss"] is None and all(m["loss"] is not None for m in ms[:5] + ms[6:])  # step 6: no update
+    with pytest.raises(UserError, match="more than train.max_skipped_steps=0"):
+        run_tiny(tiny_data, tmp_path, "skip0", **{"train.nonfinite": "skip", "train.max_skipped_steps": 0})
+
+
+def test_a_nan_gradient_stops_the_run_by_default(tiny_data, tmp_path, monkeypatch):
+    from gl_ray.errors import TrainingDiverged
+
+    monkeypatch.setenv("GL_RAY_NAN_AT_STEP", "5")
+    with pytest.raises(TrainingDiverged, match="at step 6; .*the last checkpoint is step 4"):
+        run_tiny(tiny_data, tmp_path, "stop")
+    assert max(m["step"] for m in metrics(tmp_path / "stop")) == 5
+    assert not (tmp_path / "stop" / "checkpoint_step-0000008").exists()
+
+
+def test_leftovers_of_an_interrupted_run_are_cleaned_and_torn_lines_tolerated(baseline, tiny_data, tmp_path):
+    """An incomplete checkpoint folder (no state.json) and a stray temp file are removed when the run starts again;
+    a torn last line of metrics.jsonl is dropped (with a warning) and `report`/`status` read past it."""
+    from gl_ray.report import build_report
+    from gl_ray.status import run_status
+
+    run = tmp_path / "base"
+    shutil.copytree(baseline[2], run)
+    (run / "checkpoint_step-0000099").mkdir()
+    (run / "checkpoint_step-0000099" / "model.safetensors").write_bytes(b"partial")
+    (run / "metrics.jsonl.tmp-1234abcd").write_bytes(b"partial")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 17, "loss": 1.')  # a writer died mid-line
+    assert run_status(str(run))["step"] == 16
+    build_report([str(run)], str(tmp_path / "rep"))
+    run_tiny(tiny_data, tmp_path, "base")  # the same run again: finished, so only the cleanup and the export
+    assert not (run / "checkpoint_step-0000099").exists() and not (run / "metrics.jsonl.tmp-1234abcd").exists()
+    assert [m["step"] for m in metrics(run)] == list(range(1, 17))
+
+
+def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    from gl_ray import storage
+
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(UserError, match="No space left|storage error"):
+        storage.write_bytes(str(tmp_path / "x.json"), b"{}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_trainer_per_run(baseline, tiny_data, tmp_path):
+    """While a trainer holds a run, a second one exits 2 naming it, before writing anything; once the holder is
+    gone (its lock dies with it) the run is free again."""
+    from gl_ray.train.lock import run_lock
+
+    run = tmp_path / "base"
+    shutil.copytree(baseline[2], run)
+    before = (run / "config.yaml").read_text()
+    with run_lock(str(run)):
+        with pytest.raises(UserError, match=rf"being trained by another gl-ray \(pid {os.getpid()} on"):
+            run_tiny(tiny_data, tmp_path, "base")
+        assert (run / "config.yaml").read_text() == before
+    run_tiny(tiny_data, tmp_path, "base")  # released: the rerun goes ahead
+
+
+def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
+    from gl_ray.train.lock import run_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gl_ray.train.lock import run_lock\n"
+                               f"with run_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True); "
+                               "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match="being trained by another gl-ray"), run_lock(str(tmp_path / "run")):
+        pass
+    holder.kill()
+    holder.wait()
+    with run_lock(str(tmp_path / "run")):  # the OS released the dead holder's lock
+        pass
+
+
+def test_s3_lease_refuses_a_second_trainer_and_expires(s3_server, bucket, monkeypatch):
+    import gl_ray.train.lock as lock
+
+    uri = f"s3://{bucket}/runs/x"
+    with lock.run_lock(uri):
+        with pytest.raises(UserError, match="being trained by another gl-ray"), lock.run_lock(uri):
+            pass
+    with lock.run_lock(uri):  # released on exit
+        pass
+    from gl_ray import storage
+
+    stale = {"pid": 1, "host": "gone", "since": "then", "id": "x", "expires": 0}  # a killed holder's lease
+    storage.write_bytes(f"{uri}/{lock.LEASE_NAME}", json.dumps(stale).encode())
+    with lock.run_lock(uri):
+        pass
+
+
+def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_exactly(baseline, tiny_data, tmp_path):
+    """SIGTERM (a spot reclaim, kill, a scheduler) mid-stage: the step in progress ends, a checkpoint is written
+    at it, one line and exit 143; the same command then resumes from that step as if nothing happened."""
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "term") for x in ("--set", s)]
+    env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.3"}
+    r = train_then_signal(sets, tmp_path / "term" / "metrics.jsonl", 6, env, timeout_s=300, sig=signal.SIGTERM)
+    assert r.returncode == 143, r.stderr[-2000:]
+    assert r.stderr.strip().count("\n") == 0 and "stopped on SIGTERM, checkpointed at step" in r.stderr
+    stopped = metrics(tmp_path / "term")[-1]["step"]
+    assert 6 <= stopped < 16 and (tmp_path / "term" / f"checkpoint_step-{stopped:07d}").exists()
+    assert f"step {stopped};" in r.stderr and not (tmp_path / "term" / "final").exists()
+    r = cli(*["train", *sets])
+    assert r.returncode == 0, r.stderr[-2000:]
+    got, want = metrics(tmp_path / "term"), metrics(baseline[2])
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    wa, wb = load_file(tmp_path / "term" / "final" / "model.safetensors"), load_file(baseline[2] / "final" /
+                                                                                    "model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_a_resume_must_be_the_same_run(baseline, tiny_data, tmp_path):
+    """Another dataset of the same shape, another model preset: refused with one line naming it, before anything
+    is written; an allowed change (optim.lr) goes ahead, recorded in config_history.jsonl, config.yaml kept."""
+    run = tmp_path / "base"
+    shutil.copytree(baseline[2], run)
+    first = (run / "config.yaml").read_text()
+    other = copy_data(tiny_data, tmp_path)
+    m = json.loads((other / "manifest.json").read_text())
+    m["source"] = "another corpus"  # same shape, another dataset
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="was started with dataset"):
+        run_tiny(str(other), tmp_path, "base")
+    with pytest.raises(UserError, match="was started with model.preset='tiny'; this config has 'pythia-14m'"):
+        run_tiny(tiny_data, tmp_path, "base", **{"model.preset": "pythia-14m"})
+    assert (run / "config.yaml").read_text() == first and not (run / "config_history.jsonl").exists()
+    run_tiny(tiny_data, tmp_path, "base", **{"optim.lr": 1e-3})
+    history = [json.loads(ln) for ln in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["changed"]["optim.lr"] == [0.003, 0.001]  # (and the storage path: the run was copied)
+    assert (run / "config.yaml").read_text() == first

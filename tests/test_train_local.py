@@ -151,7 +151,7 @@ def test_time_budget_mode_switches_stages(tiny_data, tmp_path):
 
 def test_resuming_with_a_different_plan_is_refused(baseline, tiny_data):
     _, _, run = baseline
-    with pytest.raises(UserError, match="different plan"):
+    with pytest.raises(UserError, match="was started with the stage plan; this config has another plan"):
         run_tiny(tiny_data, run.parent, "base", **{"schedule.lengths": "[64]", "schedule.ratios": "[1.0]"})
 
 

@@ -48,6 +48,7 @@ def test_trial_overrides_translate_ladders_and_ratios(tmp_path):
     cfg = load_config(space.base_config, trial_overrides(space, {"ladder": "64-128-256", "first_ratio": 0.5}))
     assert cfg.schedule.lengths == [64, 128, 256] and cfg.schedule.ratios == [0.5, 0.25, 0.25]
     assert cfg.train.eval_every_tokens == 1048576 // 4
+    assert cfg.train.tracker_group == space.name  # trackers group the trials under the search
     assert parse_weights("4-3-2-1", 4) == [0.4, 0.3, 0.2, 0.1]
 
 

@@ -61,7 +61,7 @@ class Manifest:
 
 def _safe_relpath(root: str, rel: str, what: str) -> str:
     """A manifest path must stay inside the dataset folder."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "://" in rel:
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel or "://" in rel or "\x00" in rel:
         raise UserError(f"manifest {what} path {rel!r} must be a relative path inside {root!r}")
     norm = posixpath.normpath(rel)
     if norm == ".." or norm.startswith("../"):

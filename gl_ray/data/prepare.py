@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from gl_ray.errors import UserError, unwrap_user_errors
 
 TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
 FILES_PER_BATCH = 16  # files per tokenize task
+PROGRESS_EVERY_S = 10.0  # seconds between progress lines
 ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py", ".txt.gz", ".md.gz", ".rst.gz", ".py.gz")  # one document per file
 
 
@@ -81,6 +83,46 @@ class ShardWriter:
                 "shards": self.shards}
 
 
+class Splitter:
+    """Sends each document to train or val by a stable hash of its key (the same split on every rerun). Until val
+    has a document, train documents wait in order; if none has come by the end (a small corpus) or by one shard's
+    worth of waiting tokens, the waiting document with the smallest hash goes to val, so a corpus of two or more
+    documents always has a val split. Corpora whose val split fills early are split exactly as by the hash alone."""
+
+    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, shard_tokens: int):
+        self.writers, self.val_fraction, self.shard_tokens = writers, val_fraction, shard_tokens
+        self.val_has_doc = val_fraction == 0  # nothing to wait for
+        self.waiting: list[tuple[float, np.ndarray]] = []  # (hash, document) in arrival order
+        self.waiting_tokens = 0
+
+    def add(self, key: str, ids: np.ndarray) -> None:
+        h = stable_hash("split:" + key)
+        if h < self.val_fraction:
+            self.writers["val"].add(ids)
+            self.release(to_val=False)
+            self.val_has_doc = True
+        elif not self.val_has_doc:
+            self.waiting.append((h, ids))
+            self.waiting_tokens += len(ids)
+            if self.waiting_tokens >= self.shard_tokens and len(self.waiting) >= 2:
+                self.release(to_val=True)
+        else:
+            self.writers["train"].add(ids)
+
+    def release(self, to_val: bool) -> None:
+        if to_val:
+            i = min(range(len(self.waiting)), key=lambda j: self.waiting[j][0])
+            self.writers["val"].add(self.waiting.pop(i)[1])
+            self.val_has_doc = True
+        for _, ids in self.waiting:
+            self.writers["train"].add(ids)
+        self.waiting.clear()
+        self.waiting_tokens = 0
+
+    def finish(self) -> None:
+        self.release(to_val=len(self.waiting) >= 2)
+
+
 def _resolve_tokenizer(spec: str, files: list[str], max_docs: int):
     if spec.startswith("train:"):
         try:
@@ -122,6 +164,8 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
         raise UserError(f"{out!r} exists and is not empty; choose another --out")
     if storage.is_s3(out):
         storage.check_writable(out)
+    elif any(p.exists() and not p.is_dir() for p in [Path(out).resolve(), *Path(out).resolve().parents]):
+        raise UserError(f"--out {out!r}: a file is in the way of that folder")
     files = list_source(source)
     if max_docs:
         files = files[:max_docs] if all(f.endswith(ONE_DOC_EXTS) for f in files) else files
@@ -176,7 +220,9 @@ def _write_dataset(*, files: list[str], tok, eos_id: int, out: str, source: str,
     batches = tokenized_batches(files, tok.backend_tokenizer.to_str(), eos_id, address, no_ray)
 
     writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
-    docs = replaced = skipped = 0
+    split = Splitter(writers, val_fraction, shard_tokens)
+    docs = replaced = skipped = tokens = 0
+    t0 = last = time.perf_counter()
     for batch in batches:
         for key, ids, empty, bad in zip(batch.column("key").to_pylist(), batch.column("input_ids"),
                                         batch.column("empty").to_pylist(), batch.column("replaced").to_pylist()):
@@ -187,10 +233,14 @@ def _write_dataset(*, files: list[str], tok, eos_id: int, out: str, source: str,
                 skipped += 1
                 continue
             docs += 1
-            split = "val" if stable_hash("split:" + key) < val_fraction else "train"
-            writers[split].add(ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
+            tokens += len(ids.values)
+            split.add(key, ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
+        if time.perf_counter() - last >= PROGRESS_EVERY_S:
+            last = time.perf_counter()
+            print(f"[prepare] {docs:,} documents, {tokens:,} tokens ({last - t0:.0f} s)", flush=True)
         if max_docs and docs >= max_docs:
             break
+    split.finish()
     for w in writers.values():
         w.flush()
     if not writers["train"].shards:

@@ -47,6 +47,7 @@ class TrainState:
     stage_wall_s: list = field(default_factory=list)  # wall time per finished or running stage
     flops: float = 0.0  # training FLOPs so far, all workers (PaLM's accounting, gl_ray.model.training_flops)
     strategy: str = "ddp"  # ray.strategy that wrote it: ddp (whole files) or fsdp (sharded)
+    skipped_steps: int = 0  # steps whose update train.nonfinite=skip left out
 
 
 def checkpoint_name(step: int) -> str:
@@ -77,7 +78,8 @@ def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.
     for name, data in blobs.items():
         storage.write_bytes(storage.join(folder, name), data)
         digests[name] = hashlib.sha256(data).hexdigest()
-    every_rank = {name: d for ranks in all_gather(digests) for name, d in ranks.items()}
+    gathered = all_gather(digests) if is_sharded(model) else [digests]  # only FSDP ranks all call this
+    every_rank = {name: d for ranks in gathered for name, d in ranks.items()}
     if rank == 0:
         meta = asdict(state) | {"files": every_rank}
         storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta).encode())
@@ -191,3 +193,20 @@ def prune_checkpoints(run_uri: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (the Ray path lets Ray Train do this)."""
     for _, folder in list_checkpoints(run_uri)[:-keep]:
         storage.delete_dir(folder)
+
+
+def remove_leftovers(run_uri: str) -> list[str]:
+    """Delete what an interrupted writer left in a run folder: checkpoint folders without state.json (written
+    last, so they are incomplete) and temp files (*.tmp-*). Called before a run (re)starts, when nothing writes.
+    Returns the names removed."""
+    gone = []
+    complete = {folder.rsplit("/", 1)[-1] for _, folder in list_checkpoints(run_uri)}
+    for name in storage.list_dir(run_uri):
+        uri = storage.join(run_uri, name)
+        if name.startswith(PREFIX) and name not in complete:
+            storage.delete_dir(uri)
+            gone.append(name)
+        elif ".tmp-" in name and not storage.is_s3(uri) and Path(storage.resolve(uri)[1]).is_file():
+            Path(storage.resolve(uri)[1]).unlink()
+            gone.append(name)
+    return gone

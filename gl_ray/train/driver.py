@@ -1,6 +1,7 @@
-"""`gl-ray train`, the driver layer: validate everything, build the plan once, write RUN/config.yaml and
-plan.json, train (in this process, or on Ray Train via `ray_train.fit_trainer`), print the summary. Running the
-same command again with the same name resumes from the newest good checkpoint.
+"""`gl-ray train`, the driver layer: validate everything, build the plan once, take the run's lock, check a
+resume against the run's fingerprint, write RUN/config.yaml (first start) and plan.json, train (in this process,
+or on Ray Train via `ray_train.fit_trainer`), print the summary. Running the same command again with the same
+name resumes from the newest good checkpoint.
 
     summary = launch_run(load_config("pipelines/configs/tiny-growlength.yaml"))
 """
@@ -11,35 +12,18 @@ import json
 import os
 
 from gl_ray import storage
-from gl_ray.config import Config, dump_config
+from gl_ray.config import Config
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, make_plan
+from gl_ray.train import preempt
+from gl_ray.train.lock import run_lock
 from gl_ray.train.outputs import format_summary
 
 
 def run_uri_of(cfg: Config) -> str:
     base = cfg.ray.storage_path if storage.is_s3(cfg.ray.storage_path) else os.path.abspath(cfg.ray.storage_path)
     return storage.join(base, cfg.name)
-
-
-GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
-
-
-def check_resumable(run_uri: str, old_plan: dict, plan, strategy: str) -> None:
-    """A rerun of an existing run goes on only with the same stages (the number of workers may change: a step's
-    rows are the same whoever reads them) and the strategy its checkpoints were written with."""
-    from gl_ray.train.checkpoint import find_resume_checkpoint, strategy_mismatch
-
-    def stages(p: dict) -> list:
-        return [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} for s in p["stages"]]
-
-    if stages(old_plan) != stages(plan.to_json()):
-        raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
-                        f"(see its config.yaml) or choose a new name")
-    found = find_resume_checkpoint(run_uri, warn=lambda _: None)
-    if found and found[1].strategy != strategy:
-        raise UserError(strategy_mismatch(found[0], found[1].strategy, strategy))
 
 
 def check_memory_budget(cfg: Config, vocab_size: int) -> None:
@@ -78,29 +62,59 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     check_memory_budget(cfg, train_stream.manifest.vocab_size)
     run_uri = run_uri_of(cfg)
     storage.check_writable(run_uri)
+    with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
+        return _train(cfg, plan, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet)
+
+
+def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
+           quiet: bool) -> dict:
+    """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
+    from gl_ray.train.checkpoint import remove_leftovers
+    from gl_ray.train.identity import check_resumable, record_run
+
+    manifest_bytes = storage.read_bytes(storage.join(cfg.data.path, "manifest.json"))
+    check_resumable(run_uri, cfg, plan, manifest_bytes)
+    for name in remove_leftovers(run_uri):
+        say(f"removed {name} from {run_uri}: left incomplete by an interrupted run")
+    for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
+        say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}, indent=1)
-    plan_uri = storage.join(run_uri, "plan.json")
-    if storage.exists(plan_uri):
-        check_resumable(run_uri, json.loads(storage.read_bytes(plan_uri)), plan, cfg.ray.strategy)
-    storage.write_bytes(storage.join(run_uri, "config.yaml"), dump_config(cfg).encode())
-    storage.write_bytes(plan_uri, plan_doc.encode())
+    storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
     say(f"run folder: {run_uri}")
+    preempt.clear(run_uri)
+    _fit(cfg, plan, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet)
+    summary_uri = storage.join(run_uri, "summary.json")
+    if preempt.was_requested(run_uri) and not storage.exists(summary_uri):
+        raise preempt.Preempted(preempt.stopped_message(run_uri))
+    summary = json.loads(storage.read_bytes(summary_uri))
+    say(format_summary(summary))
+    say(f"final model: {storage.join(run_uri, 'final')}")
+    return summary
 
+
+def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, callbacks: list | None,
+         quiet: bool) -> None:
+    """Train in this process (ray.num_workers: 0) or on Ray Train, with SIGTERM turned into a stop request (set
+    after ray.init, whose own handler would exit at once)."""
     if cfg.ray.num_workers == 0:
         from gl_ray.train.io import LocalIO
         from gl_ray.train.worker import run_worker
 
-        run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints),
-                   print_progress=not quiet)
-    else:
-        from gl_ray.ray_utils import ensure_ray
-        from gl_ray.train.ray_train import fit_trainer
+        previous = preempt.install(run_uri)
+        try:
+            run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints),
+                       print_progress=not quiet)
+        finally:
+            preempt.restore(previous)
+        return
+    from gl_ray.ray_utils import ensure_ray
+    from gl_ray.train.ray_train import fit_trainer
 
-        local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
-        ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
+    local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
+    ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
+    previous = preempt.install(run_uri)
+    try:
         fit_trainer(cfg, plan, run_uri, callbacks=callbacks)
-    summary = json.loads(storage.read_bytes(storage.join(run_uri, "summary.json")))
-    say(format_summary(summary))
-    say(f"final model: {storage.join(run_uri, 'final')}")
-    return summary
+    finally:
+        preempt.restore(previous)

@@ -18,6 +18,7 @@ from gl_ray.data.packing import RowLayout
 from gl_ray.data.stream import TokenStream, stage_steps
 from gl_ray.schedule import Stage
 from gl_ray.train.checkpoint import TrainState, checkpoint_name, prune_checkpoints, restore_latest, save_checkpoint
+from gl_ray.train.preempt import StopWatch
 
 Snapshot = tuple[torch.nn.Module, torch.optim.Optimizer, TrainState]  # what a checkpoint holds
 
@@ -47,6 +48,10 @@ class WorkerIO:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def stop_requested(self) -> bool:
+        """Whether the run was asked to stop (SIGTERM to the driver): then it checkpoints at this step and ends."""
+        return False
+
     def all_reduce_host_sum(self, value: float) -> float:
         """Sum of a host number over workers, without touching a device stream (no GPU sync)."""
         return value
@@ -62,6 +67,10 @@ class LocalIO(WorkerIO):
 
     def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int):
         self.train, self.run_uri, self.keep_checkpoints = train, run_uri, keep_checkpoints
+        self.stop_watch = StopWatch(run_uri)
+
+    def stop_requested(self) -> bool:
+        return self.stop_watch.requested()
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         return stage_steps(self.train, RowLayout.of(stage, rank=0, start_step=start_step))
@@ -84,6 +93,9 @@ class RunHooks:
 
     def on_report(self, metrics: dict) -> None:
         """Before each report goes to the WorkerIO."""
+
+    def on_abort(self) -> None:
+        """The loop ended with an exception (it propagates after this): close what the run had open."""
 
     def on_finish(self, model: torch.nn.Module, weights: dict, state: TrainState, final_val: dict) -> None:
         """After the last step. weights: the whole model's state dict on CPU (on rank 0; empty elsewhere when the

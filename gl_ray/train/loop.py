@@ -9,6 +9,7 @@ let the caller keep logs and exports. The loop reads like torchtitan's `Trainer.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -17,14 +18,15 @@ import torch
 
 from gl_ray.config import Config, parse_size
 from gl_ray.data.stream import TokenStream
+from gl_ray.errors import TrainingDiverged
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
 from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.train.checkpoint import TrainState
-from gl_ray.train.faults import maybe_fail
+from gl_ray.train.faults import maybe_fail, maybe_poison
 from gl_ray.train.io import RunHooks, WorkerIO
 from gl_ray.train.micro_batch import find_micro_batch, too_small, try_fits
-from gl_ray.train.parallel import full_state_dict
+from gl_ray.train.parallel import full_state_dict, is_sharded
 from gl_ray.train.step import make_optimizer, train_step
 
 
@@ -46,26 +48,30 @@ class Evaluator:
     @torch.no_grad()
     def loss(self, model, seq_len: int, io: WorkerIO, device, amp) -> float:
         n = len(self.tokens) // seq_len
-        rows = torch.from_numpy(self.tokens[: n * seq_len].reshape(n, seq_len))[io.rank:: io.world_size]
+        every = torch.from_numpy(self.tokens[: n * seq_len].reshape(n, seq_len))
+        rows = every[io.rank:: io.world_size]
         mb = max(1, self.micro_batch_tokens // seq_len)
+        passes = math.ceil(math.ceil(n / io.world_size) / mb)  # the same on every worker (FSDP gathers in each)
         total = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of row losses, rows]
         was_training = model.training
         model.eval()
-        for i in range(0, len(rows), mb):
-            x = rows[i: i + mb].to(device, dtype=torch.long)
+        for i in range(passes):
+            x = rows[i * mb: (i + 1) * mb]
+            counted = len(x)
+            x = (x if counted else every[:1]).to(device, dtype=torch.long)  # out of rows: a pass not counted
             inputs = batch_inputs(x, position_mode="extrapolate", seq_len=seq_len, final_len=seq_len,
                                   eos_id=self.eos_id, attention=self.attention)
             with amp():
-                total[0] += lm_loss(model, x, **inputs).double() * len(x)
-            total[1] += len(x)
+                total[0] += lm_loss(model, x, **inputs).double() * counted
+            total[1] += counted
         model.train(was_training)
         total = io.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
 class Meter:
-    """Statistics of the window between two reports: tokens, summed step losses, this worker's FLOPs, data wait,
-    wall time."""
+    """Statistics of the window between two reports: tokens, summed step losses and gradient norms, this worker's
+    FLOPs, data wait, wall time, and the first step whose loss or gradient norm was not finite."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -73,21 +79,39 @@ class Meter:
 
     def reset(self, now: float) -> None:
         self.t0, self.tokens, self.wait_s, self.steps = now, 0, 0.0, 0
-        # [summed step losses, FLOPs]: stay on device (no host sync per step), float64 (FLOPs reach 1e20)
-        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        # [summed step losses, FLOPs, summed gradient norms]: on device (no host sync per step), float64 (FLOPs
+        # reach 1e20); first_bad: the first non-finite step of the window, -1 if none
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
-    def add(self, tokens: int, loss: torch.Tensor, flops, wait_s: float) -> None:
-        self.tokens, self.steps, self.wait_s = self.tokens + tokens, self.steps + 1, self.wait_s + wait_s
+    def add(self, step: int, tokens: int, loss: torch.Tensor, grad_norm: torch.Tensor, flops, wait_s: float,
+            skipped: bool = False) -> None:
+        self.tokens, self.wait_s = self.tokens + tokens, self.wait_s + wait_s
+        if skipped:  # train.nonfinite=skip left its update out: its loss and norm are not the window's
+            return
+        self.steps += 1
         self.sums[0] += loss
         self.sums[1] += flops
+        self.sums[2] += grad_norm
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm)) & (self.first_bad < 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
 
     def read(self, now: float, io: WorkerIO) -> dict:
-        """loss (mean over steps and workers), flops (all workers), tokens_per_s and data_wait_frac of the window."""
-        sums = io.all_reduce_sum(self.sums / torch.tensor([max(1, self.steps), 1.0], device=self.device,
+        """loss and grad_norm (means over steps; loss also over workers), flops (all workers), tokens_per_s,
+        data_wait_frac of the window, and first_bad_step (the first step, over workers, with a non-finite loss or
+        gradient norm; None if none)."""
+        steps = max(1, self.steps)
+        sums = io.all_reduce_sum(self.sums / torch.tensor([steps, 1.0, steps], device=self.device,
                                                           dtype=torch.float64))
+        bad = io.all_reduce_sum(torch.stack([(self.first_bad >= 0).double(),
+                                             torch.where(self.first_bad >= 0, self.first_bad, 0).double()]))
         span = max(1e-9, now - self.t0)
-        return {"loss": float(sums[0]) / io.world_size, "flops": float(sums[1]), "tokens_per_s": self.tokens / span,
-                "data_wait_frac": self.wait_s / span}
+        counted = self.steps > 0  # a window of skipped steps only has no loss (NaN, null in metrics.jsonl)
+        return {"loss": float(sums[0]) / io.world_size if counted else math.nan, "flops": float(sums[1]),
+                "grad_norm": float(sums[2]) / io.world_size if counted else math.nan,
+                "tokens_per_s": self.tokens / span,
+                "data_wait_frac": self.wait_s / span,
+                "first_bad_step": int(bad[1] / bad[0]) if bad[0] > 0 else None}
 
 
 @dataclass(frozen=True)
@@ -140,13 +164,25 @@ class Trainer:
         self.final_val: dict = {}
         self.vocab_size = vocab_size
         self.step_pairs = 0  # query-key pairs of this worker's current step (a tensor with document masking)
+        self.last_checkpoint_step = self.state.step if restored else 0
+        self.stopped = False  # a stop request ended the run early (after a checkpoint)
 
     def train(self) -> TrainState:
-        for stage in self.plan.stages[self.state.stage:]:
-            self.run_stage(stage)
-            if self.plan.time_mode and self.state.elapsed_s >= self.plan.budget_time_s:
-                break
-        weights = full_state_dict(self.model)  # a collective when sharded: every rank takes part
+        """Run what is left of the plan, then export; a stop request (SIGTERM) ends it after a checkpoint at the
+        current step, without the export (`self.stopped`)."""
+        try:
+            for stage in self.plan.stages[self.state.stage:]:
+                self.run_stage(stage)
+                if self.stopped:
+                    self.hooks.on_abort()
+                    return self.state
+                if self.plan.time_mode and self.state.elapsed_s >= self.plan.budget_time_s:
+                    break
+        except BaseException:
+            self.hooks.on_abort()
+            raise
+        sharded = is_sharded(self.model)  # then gathering the weights is a collective: every rank takes part
+        weights = full_state_dict(self.model) if sharded or self.io.rank == 0 else {}
         self.hooks.on_finish(self.model, weights, self.state, self.final_val)
         return self.state
 
@@ -161,23 +197,51 @@ class Trainer:
         meter = Meter(self.device)
         while state.stage_step < st.steps:
             maybe_fail(state.step, self.io.rank)
+            poison = maybe_poison(state.step, self.model)
             lr = self.set_lr()
-            loss, wait_s = train_step(self.net, self.optimizer, batches, micro_batch=micro_batch,
-                                      device=self.device, amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
-                                      extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro))
+            out = train_step(self.net, self.optimizer, batches, micro_batch=micro_batch, device=self.device,
+                             amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
+                             extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro),
+                             skip_nonfinite=self.cfg.train.nonfinite == "skip")
+            if poison is not None:
+                poison.remove()
             flops = training_flops(self.cfg.model.preset, self.vocab_size, st.rows_per_rank_step * st.seq_len,
                                    self.step_pairs)
             self.step_pairs = 0
             tokens_before = state.tokens
             now = self.advance(st, stage_t0, stage_wall0)
-            meter.add(self.plan.tokens_per_step, loss, flops, wait_s)
+            if out.skipped:
+                self.count_skipped()
+            meter.add(state.step, self.plan.tokens_per_step, out.loss, out.grad_norm, flops, out.wait_s, out.skipped)
             due = decide(self.cfg, state.step, tokens_before, state.tokens, self.stage_done(st),
                          last_stage=st.index == len(self.plan.stages) - 1)
+            if self.io.all_reduce_host_sum(float(self.io.stop_requested())) > 0:  # every worker stops at this step
+                self.stopped = True
+                due = Due(log=True, eval=due.eval, checkpoint=True, stage_done=due.stage_done)
             if due.log:
-                self.report(st, due, meter.read(now, self.io) | {"lr": lr, "micro_batch": micro_batch})
+                window = meter.read(now, self.io)
+                if window["first_bad_step"] is not None:  # before anything of this state is reported or saved
+                    raise self.diverged(window["first_bad_step"])
+                self.report(st, due, window | {"lr": lr, "micro_batch": micro_batch})
                 meter.reset(now)  # the next window starts now: eval, checkpoint and report time count against it
-            if due.stage_done:
+            if due.stage_done or self.stopped:
                 break
+
+    def diverged(self, step: int) -> TrainingDiverged:
+        last = self.last_checkpoint_step
+        return TrainingDiverged(
+            f"the loss or gradient norm became NaN or infinite at step {step}; the run stopped without saving that "
+            f"state ({f'the last checkpoint is step {last}' if last else 'no checkpoint was written'}). Lower "
+            "optim.lr, check model.rope_theta and the data, or set train.nonfinite=skip")
+
+    def count_skipped(self) -> None:
+        """train.nonfinite=skip: a step whose gradient norm was not finite made no update; too many stop the run."""
+        self.state.skipped_steps += 1
+        if self.state.skipped_steps > self.cfg.train.max_skipped_steps:
+            raise TrainingDiverged(
+                f"{self.state.skipped_steps} steps skipped for a non-finite gradient norm (the last: step "
+                f"{self.state.step}), more than train.max_skipped_steps={self.cfg.train.max_skipped_steps}; the run "
+                "stopped. Lower optim.lr or check the data")
 
     def micro_batch(self, st: Stage) -> int:
         """Sequences per forward pass in this stage: the plan's, or with micro_batch_tokens auto the largest that
@@ -255,6 +319,7 @@ class Trainer:
         metrics = {"step": s.step, "stage": st.index, "seq_len": st.seq_len, "tokens": s.tokens,
                    "loss": window["loss"], "lr": window["lr"], "tokens_per_s": window["tokens_per_s"],
                    "data_wait_frac": window["data_wait_frac"], "micro_batch": window["micro_batch"],
+                   "grad_norm": window["grad_norm"], "skipped_steps": s.skipped_steps,
                    "elapsed_s": s.elapsed_s, "flops": s.flops,
                    "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
         if plan.time_mode:
@@ -268,3 +333,5 @@ class Trainer:
             s.stage, s.stage_step = st.index + 1, 0
         self.hooks.on_report(metrics)
         self.io.report(metrics, checkpoint=(self.model, self.optimizer, s) if due.checkpoint else None)
+        if due.checkpoint:
+            self.last_checkpoint_step = s.step

@@ -1,6 +1,7 @@
 """What a run leaves in RUN = {ray.storage_path}/{name}, besides its checkpoints.
 
-    config.yaml     resolved config (no secrets: the config holds none; credentials come from the environment)
+    config.yaml     resolved config of the first start (no secrets: the config holds none; credentials come from
+                    the environment); fingerprint.json and config_history.jsonl: see gl_ray.train.identity
     plan.json       the stage plan and per-stage data accounting
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
@@ -9,12 +10,15 @@
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
+    trackers.json   with train.loggers: tracker run ids and the last step logged (gl_ray.train.tracking), beside
+                    tensorboard/, mlruns/ (MLflow's default local store) and wandb/
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -26,6 +30,17 @@ from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.io import RunHooks
 
 
+def finite(obj):
+    """obj with every NaN or infinite float replaced by None, so that it is valid JSON (json.dumps writes NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
 class MetricsLog:
     """RUN/metrics.jsonl. On (re)start, lines past the resumed step are dropped, so a step is never logged
     twice. Local files are appended; S3 objects are rewritten whole (S3 has no append)."""
@@ -34,21 +49,21 @@ class MetricsLog:
         self.uri = storage.join(run_uri, "metrics.jsonl")
         self.lines: list[str] = []
         if storage.exists(self.uri):
-            for line in storage.read_bytes(self.uri).decode().splitlines():
+            for line in storage.read_bytes(self.uri).decode(errors="replace").splitlines():
                 try:
                     if json.loads(line)["step"] <= resume_step:
                         self.lines.append(line)
                 except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a torn last line from a killed writer
+                    print(f"gl-ray: dropping a torn line of {self.uri} (a writer died mid-line): {line[:60]!r}")
         storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
 
     def append(self, metrics: dict) -> None:
-        line = json.dumps(metrics)
+        line = json.dumps(finite(metrics), allow_nan=False)
         self.lines.append(line)
         if storage.is_s3(self.uri):
             storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
         else:
-            with open(self.uri, "a") as f:
+            with storage.errors_at(self.uri), open(self.uri, "a") as f:  # a full disk: one line, exit 2
                 f.write(line + "\n")
 
 
@@ -56,7 +71,13 @@ def read_metrics(run_uri: str) -> list[dict]:
     uri = storage.join(run_uri, "metrics.jsonl")
     if not storage.exists(uri):
         return []
-    return [json.loads(ln) for ln in storage.read_bytes(uri).decode().splitlines() if ln.strip()]
+    out = []
+    for ln in storage.read_bytes(uri).decode(errors="replace").splitlines():
+        try:
+            out.append(json.loads(ln))
+        except json.JSONDecodeError:
+            continue  # a torn last line of a writer that died (dropped on the run's next start too)
+    return out
 
 
 def progress_line(m: dict) -> str:
@@ -75,12 +96,16 @@ def progress_line(m: dict) -> str:
 def export_final(run_uri: str, model: torch.nn.Module, weights: dict, tokenizer_uri: str) -> str:
     """Save RUN/final/ as a plain HF folder (model config, `weights`, the dataset's tokenizer), whether or not the
     model was sharded."""
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     final = storage.join(run_uri, "final")
+    with torch.device("meta"):  # a plain (not sharded, not wrapped) model of the same config, holding `weights`
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(weights, assign=True)
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
         for name in storage.list_dir(tokenizer_uri):
             (Path(tmp) / name).write_bytes(storage.read_bytes(storage.join(tokenizer_uri, name)))
         storage.delete_dir(final)
@@ -132,21 +157,32 @@ class RunOutputs(RunHooks):
     """The run's own files, kept by rank 0: metrics.jsonl (trimmed to the resumed step), progress lines, and at
     the end final/ and summary.json. Other ranks do nothing."""
 
-    def __init__(self, run_uri: str, plan: Plan, tokenizer_uri: str, rank: int, print_progress: bool):
+    def __init__(self, run_uri: str, plan: Plan, tokenizer_uri: str, rank: int, print_progress: bool, cfg=None):
         self.run_uri, self.plan, self.tokenizer_uri = run_uri, plan, tokenizer_uri
-        self.rank, self.print_progress = rank, print_progress
+        self.rank, self.print_progress, self.cfg = rank, print_progress, cfg
         self.log: MetricsLog | None = None
+        self.trackers = None
 
     def on_restore(self, state: TrainState | None) -> None:
         if self.rank == 0:
             self.log = MetricsLog(self.run_uri, resume_step=state.step if state else 0)
+            if self.cfg is not None and self.cfg.train.loggers:
+                from gl_ray.train.tracking import Trackers
+
+                self.trackers = Trackers(self.run_uri, self.cfg)
 
     def on_report(self, metrics: dict) -> None:
         if self.rank != 0:
             return
         self.log.append(metrics)
+        if self.trackers is not None:
+            self.trackers.log(metrics)
         if self.print_progress:
             print(progress_line(metrics), flush=True)
+
+    def on_abort(self) -> None:
+        if self.trackers is not None:
+            self.trackers.abort()
 
     def on_finish(self, model: torch.nn.Module, weights: dict, state: TrainState, final_val: dict) -> None:
         if self.rank != 0:
@@ -154,4 +190,7 @@ class RunOutputs(RunHooks):
         export_final(self.run_uri, model, weights, self.tokenizer_uri)
         metrics = [json.loads(ln) for ln in self.log.lines]
         summary = build_summary(self.plan, state, metrics, final_val or (metrics[-1] if metrics else {}))
-        storage.write_bytes(storage.join(self.run_uri, "summary.json"), json.dumps(summary, indent=1).encode())
+        storage.write_bytes(storage.join(self.run_uri, "summary.json"),
+                            json.dumps(finite(summary), indent=1, allow_nan=False).encode())
+        if self.trackers is not None:
+            self.trackers.finish(summary)

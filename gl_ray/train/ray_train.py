@@ -38,6 +38,7 @@ from gl_ray.train.checkpoint import (
 from gl_ray.train.faults import fault_env
 from gl_ray.train.io import Snapshot, WorkerIO
 from gl_ray.train.parallel import is_sharded, shard_model
+from gl_ray.train.preempt import StopWatch
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
@@ -121,6 +122,7 @@ class RayWorkerIO(WorkerIO):
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.plan, self.run_uri = cfg, plan, run_uri
         self.host_group = None
+        self.stop_watch = StopWatch(run_uri)
         self.warmer = StageWarmer(self.open_stage)
         names = [dataset_name(k, self.rank) for k in range(len(plan.stages))]
         first_stage = next((k for k, n in enumerate(names) if n in dataset_names), None)
@@ -182,6 +184,9 @@ class RayWorkerIO(WorkerIO):
         if self.world_size > 1 and dist.is_initialized():
             dist.all_reduce(t)
         return t
+
+    def stop_requested(self) -> bool:
+        return self.stop_watch.requested()
 
     def all_reduce_host_sum(self, value: float) -> float:
         import torch.distributed as dist

@@ -2,7 +2,8 @@
 over micro batches (DDP/FSDP gradient sync only on the last), gradient clipping, the AdamW update.
 
     optimizer = make_optimizer(model, cfg.optim)
-    loss, wait_s = train_step(net, optimizer, steps, micro_batch=4, device=device, amp=amp, grad_clip=1.0)
+    out = train_step(net, optimizer, steps, micro_batch=4, device=device, amp=amp, grad_clip=1.0)
+    out.loss, out.grad_norm                    # 0-d tensors on the device: reading them is a host sync
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -40,15 +42,23 @@ def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
     return x.to(device, dtype=torch.long)
 
 
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # this worker's mean loss of the step, 0-d, on the device
+    grad_norm: torch.Tensor  # global gradient norm before clipping, 0-d, on the device (the same on every worker)
+    wait_s: float  # seconds spent waiting for the step's rows
+    skipped: bool  # skip_nonfinite and the gradient norm was not finite: no update was made
+
+
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Iterator[np.ndarray], *,
                micro_batch: int, device: torch.device, amp: Callable, grad_clip: float,
-               extra_inputs: Callable[[torch.Tensor, int], dict] = no_inputs) -> tuple[torch.Tensor, float]:
+               extra_inputs: Callable[[torch.Tensor, int], dict] = no_inputs,
+               skip_nonfinite: bool = False) -> StepResult:
     """Forward+backward of one step's rows (next(steps): int32 [rows_per_rank_step, seq_len]) in micro batches
     of `micro_batch` rows, then clip and step.
 
     `extra_inputs(x, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids, document
-    masks). Returns the step's mean loss (a 0-d tensor on device: no host sync) and the seconds spent waiting for
-    data."""
+    masks). Loss and gradient norm stay on the device (no host sync), except with `skip_nonfinite`, which reads
+    the norm back to leave out the update of a step whose norm is NaN or infinite."""
     t0 = time.perf_counter()
     rows = next(steps)
     wait_s = time.perf_counter() - t0
@@ -64,9 +74,15 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: It
                 loss = lm_loss(net, x, **extra_inputs(x, micro)) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
-    if grad_clip > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)  # foreach kernels on CPU and CUDA (the default)
-    optimizer.step()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if grad_clip > 0:  # foreach kernels on CPU and CUDA (the default)
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor over the shards
+        norm = norm.full_tensor()
+    skipped = skip_nonfinite and not bool(torch.isfinite(norm))
+    if not skipped:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, wait_s
+    return StepResult(loss_sum, norm.detach(), wait_s, skipped)

@@ -21,7 +21,7 @@ def run_worker(cfg: Config, plan: Plan, run_uri: str, io: WorkerIO, print_progre
     evaluator = Evaluator(get_stream(cfg.data.path, "val"), cfg.data.eval_tokens, micro_batch_tokens,
                           eos_id=manifest.eos_token_id if cfg.data.document_masking else None,
                           attention=cfg.model.attention)
-    outputs = RunOutputs(run_uri, plan, manifest.tokenizer_uri, io.rank, print_progress)
+    outputs = RunOutputs(run_uri, plan, manifest.tokenizer_uri, io.rank, print_progress, cfg=cfg)
     trainer = Trainer(cfg, plan, io, vocab_size=manifest.vocab_size, eos_id=manifest.eos_token_id,
                       evaluator=evaluator, hooks=outputs)
     return trainer.train()

@@ -1,0 +1,102 @@
+"""`gl-ray status RUN [--watch]`: where a run stands, from its folder alone (local or s3://), without Ray.
+
+    gl-ray status runs/tiny-growlength            # one look
+    gl-ray status s3://bucket/runs/x --watch 30   # again every 30 s until the run finishes (Ctrl-C stops)
+
+It reads plan.json, metrics.jsonl, the checkpoint folders' state.json and summary.json: stage, tokens, loss,
+validation loss at the final length, tokens/s, ETA, the last checkpoint and whether the run has finished.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+
+from gl_ray import storage
+from gl_ray.errors import UserError
+from gl_ray.train.checkpoint import list_checkpoints
+
+
+def run_status(run_uri: str) -> dict:
+    """The facts `gl-ray status` prints (UserError if run_uri is not a gl-ray run)."""
+    plan_uri = storage.join(run_uri, "plan.json")
+    if not storage.exists(plan_uri):
+        raise UserError(f"{run_uri!r} is not a gl-ray run folder (no plan.json); give RUN = storage_path/name")
+    plan = json.loads(storage.read_bytes(plan_uri))
+    lines = []
+    if storage.exists(storage.join(run_uri, "metrics.jsonl")):
+        for ln in storage.read_bytes(storage.join(run_uri, "metrics.jsonl")).decode().splitlines():
+            try:
+                lines.append(json.loads(ln))
+            except json.JSONDecodeError:
+                continue  # a line being written
+    last = lines[-1] if lines else {}
+    val = next((m for m in reversed(lines) if "val_loss_final_len" in m), {})
+    ckpts = list_checkpoints(run_uri)
+    ckpt = None
+    if ckpts:
+        step, folder = ckpts[-1]
+        ckpt = {"step": step, "folder": folder}
+    summary_uri = storage.join(run_uri, "summary.json")
+    summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
+    finished = summary is not None and summary.get("steps") == last.get("step")
+    total = plan["total_tokens"]
+    eta = None
+    if not finished and last:
+        if plan.get("budget_time_s"):
+            eta = max(0.0, plan["budget_time_s"] - last["elapsed_s"])
+        elif last.get("tokens_per_s"):
+            eta = (total - last["tokens"]) / last["tokens_per_s"]
+    updated = storage.modified(storage.join(run_uri, "metrics.jsonl"))
+    return {"run": run_uri, "finished": finished, "started": bool(lines), "step": last.get("step", 0),
+            "budget_time_s": plan.get("budget_time_s"), "updated_s_ago": time.time() - updated if updated else None,
+            "stage": last.get("stage"), "num_stages": len(plan["stages"]), "seq_len": last.get("seq_len"),
+            "tokens": last.get("tokens", 0), "total_tokens": total, "loss": last.get("loss"),
+            "val_loss_final_len": val.get("val_loss_final_len"), "val_step": val.get("step"),
+            "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"), "eta_s": eta,
+            "last_checkpoint": ckpt, "summary": summary}
+
+
+def format_status(s: dict) -> str:
+    def dur(sec):
+        return str(datetime.timedelta(seconds=int(sec))) if sec is not None else "?"
+
+    if s["finished"]:
+        state = "finished"
+    elif s["started"]:
+        state = f"not finished; last report {dur(s['updated_s_ago'])} ago (running, or stopped: rerun to resume)"
+    else:
+        state = "not started"
+    out = [f"run {s['run']}: {state}"]
+    if s["started"]:
+        if s["budget_time_s"]:  # time mode: the clock is the budget, tokens only a cap
+            pct = 100 * s["elapsed_s"] / s["budget_time_s"]
+            done = f"{dur(s['elapsed_s'])} of {dur(s['budget_time_s'])} ({pct:.0f}%)"
+        else:
+            done = f"{100 * s['tokens'] / max(1, s['total_tokens']):.0f}% of {s['total_tokens']:,} tokens"
+        out.append(f"  stage {s['stage'] + 1}/{s['num_stages']} (L={s['seq_len']}), step {s['step']}, "
+                   f"{s['tokens']:,} tokens: {done}")
+        val = (f", val loss at the final length {s['val_loss_final_len']:.4f} (step {s['val_step']})"
+               if s["val_loss_final_len"] is not None else "")
+        out.append(f"  loss {s['loss']:.4f}{val}")
+        out.append(f"  {s['tokens_per_s']:,.0f} tokens/s, elapsed {dur(s['elapsed_s'])}"
+                   + ("" if s["finished"] else f", ETA {dur(s['eta_s'])}"))
+    ck = s["last_checkpoint"]
+    out.append(f"  last checkpoint: step {ck['step']} ({ck['folder']})" if ck else "  last checkpoint: none")
+    if s["finished"]:
+        sm = s["summary"]
+        v = sm.get("final_val_loss_final_len")
+        out.append(f"  final: {sm['tokens']:,} tokens in {sm['wall_s']:.1f} s, val loss at the final length "
+                   f"{'-' if v is None else f'{v:.4f}'}; model in {storage.join(s['run'], 'final')}")
+    return "\n".join(out)
+
+
+def watch(run_uri: str, every_s: float, print_fn=print) -> dict:
+    """Print the status every `every_s` seconds until the run has finished; returns the last status."""
+    while True:
+        s = run_status(run_uri)
+        print_fn(format_status(s), flush=True)
+        if s["finished"] or every_s <= 0:
+            return s
+        time.sleep(every_s)

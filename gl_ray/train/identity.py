@@ -1,0 +1,94 @@
+"""What a run is, so that a resume cannot quietly become another run.
+
+    RUN/fingerprint.json     written at the first start: what must not change on resume (FINGERPRINT_KEYS, the
+                             dataset's manifest digest, the global stage plan)
+    RUN/config.yaml          the config of the first start, never overwritten
+    RUN/config_history.jsonl one line per resume that changed an allowed key: {"time", "changed": {key: [old, new]}}
+
+A resume may change what does not alter the data, the model or the step sequence: optim.* (the LR and the rest),
+train.* (intervals, micro batch, loggers, precision, compile), ray.* sizes (workers, CPUs, GPUs: each step's rows
+are the same whoever reads them), data.path (a copy of the same dataset), data.prefetch_batches,
+data.eval_tokens, model.attention (the kernel) and model.max_position_embeddings (RoPE has no table).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+
+import yaml
+
+from gl_ray import storage
+from gl_ray.config import Config, dump_config
+from gl_ray.errors import UserError
+
+GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
+FINGERPRINT_KEYS = ("model.preset", "model.rope_theta", "model.init_std", "model.position_mode",
+                    "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step")
+
+
+def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
+    fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
+    fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
+    fp["stages"] = [{k: s[k] for k in GLOBAL_STAGE_KEYS} for s in plan.to_json()["stages"]]
+    return fp
+
+
+def check_resumable(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> None:
+    """A rerun of an existing run goes on only as the same run (its fingerprint) and with the strategy its
+    checkpoints were written with; UserError naming the first difference otherwise."""
+    from gl_ray.train.checkpoint import find_resume_checkpoint, strategy_mismatch
+
+    fp_uri = storage.join(run_uri, "fingerprint.json")
+    if storage.exists(fp_uri):
+        old, new = json.loads(storage.read_bytes(fp_uri)), fingerprint(cfg, plan, manifest_bytes)
+        for key, value in new.items():
+            if key in old and old[key] != value:
+                what = "the stage plan" if key == "stages" else f"{key}={old[key]!r}"
+                now = "another plan" if key == "stages" else repr(value)
+                raise UserError(f"run {run_uri!r} was started with {what}; this config has {now}. A resume keeps "
+                                "it (see gl_ray/train/identity.py for what may change); resume with the run's own "
+                                "config.yaml or choose a new name")
+    elif storage.exists(storage.join(run_uri, "plan.json")):  # a run from before fingerprints: its stages
+        old_plan = json.loads(storage.read_bytes(storage.join(run_uri, "plan.json")))
+        if [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} for s in old_plan["stages"]] != \
+                fingerprint(cfg, plan, manifest_bytes)["stages"]:
+            raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
+                            f"(see its config.yaml) or choose a new name")
+    found = find_resume_checkpoint(run_uri, warn=lambda _: None)
+    if found and found[1].strategy != cfg.ray.strategy:
+        raise UserError(strategy_mismatch(found[0], found[1].strategy, cfg.ray.strategy))
+
+
+def flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def record_run(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> dict:
+    """First start: write fingerprint.json and config.yaml. A resume: append what changed to config_history.jsonl
+    (config.yaml keeps the first start's). Returns the changes {key: [old, new]}."""
+    fp_uri, cfg_uri = storage.join(run_uri, "fingerprint.json"), storage.join(run_uri, "config.yaml")
+    if not storage.exists(fp_uri):
+        storage.write_bytes(fp_uri, json.dumps(fingerprint(cfg, plan, manifest_bytes), indent=1).encode())
+    if not storage.exists(cfg_uri):
+        storage.write_bytes(cfg_uri, dump_config(cfg).encode())
+        return {}
+    first = flat(yaml.safe_load(storage.read_bytes(cfg_uri)) or {})
+    history_uri = storage.join(run_uri, "config_history.jsonl")
+    if storage.exists(history_uri):  # the config in force: the first, then every recorded change
+        for line in storage.read_bytes(history_uri).decode().splitlines():
+            try:
+                first.update({k: v[1] for k, v in json.loads(line)["changed"].items()})
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                continue
+    now = flat(cfg.to_dict())
+    changed = {k: [first.get(k), v] for k, v in now.items() if first.get(k) != v}
+    if changed:
+        line = json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds"), "changed": changed})
+        old = storage.read_bytes(history_uri).decode() if storage.exists(history_uri) else ""
+        storage.write_bytes(history_uri, (old + line + "\n").encode())
+    return changed

@@ -1,0 +1,105 @@
+"""One trainer per run: the driver holds a lock on its run folder from before it writes anything until it ends.
+
+    with run_lock("runs/tiny"):           # UserError naming the holder if another trainer has it
+        ...
+
+Local folders: an OS file lock (flock) on RUN/.gl-ray.lock, released by the OS whatever way the holder dies, so a
+stale lock never blocks a rerun. s3:// runs: a lease object RUN/.gl-ray.lease with the holder and an expiry,
+renewed by a heartbeat thread; a lease whose holder stopped renewing it (killed) expires after LEASE_S and is
+taken over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from gl_ray import storage
+from gl_ray.errors import UserError
+
+LOCK_NAME = ".gl-ray.lock"
+LEASE_NAME = ".gl-ray.lease"
+LEASE_S = 60.0  # an s3 lease not renewed for this long is stale
+RENEW_S = 15.0
+
+
+def holder() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "id": uuid.uuid4().hex}
+
+
+def busy(run_uri: str, who: dict) -> UserError:
+    return UserError(f"run {run_uri!r} is being trained by another gl-ray (pid {who.get('pid')} on "
+                     f"{who.get('host')} since {who.get('since')}); wait for it to end or stop it, or use another name")
+
+
+@contextlib.contextmanager
+def run_lock(run_uri: str) -> Iterator[None]:
+    if storage.is_s3(run_uri):
+        with _s3_lease(run_uri):
+            yield
+        return
+    import fcntl
+
+    path = Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with storage.errors_at(str(path)):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                who = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                who = {}
+            raise busy(run_uri, who) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def _s3_lease(run_uri: str) -> Iterator[None]:
+    uri = storage.join(run_uri, LEASE_NAME)
+    me = holder()
+    if storage.exists(uri):
+        try:
+            other = json.loads(storage.read_bytes(uri))
+        except json.JSONDecodeError:
+            other = {}
+        if other.get("expires", 0) > time.time() and other.get("id") != me["id"]:
+            raise busy(run_uri, other)
+
+    def write() -> None:
+        storage.write_bytes(uri, json.dumps(me | {"expires": time.time() + LEASE_S}).encode())
+
+    write()
+    time.sleep(0.2)  # two trainers that wrote at once: the object holds one of them, the other backs off
+    if json.loads(storage.read_bytes(uri)).get("id") != me["id"]:
+        raise busy(run_uri, json.loads(storage.read_bytes(uri)))
+    stop = threading.Event()
+
+    def heartbeat() -> None:
+        while not stop.wait(RENEW_S):
+            with contextlib.suppress(Exception):  # a missed renewal is retried; the lease outlasts a few
+                write()
+
+    thread = threading.Thread(target=heartbeat, name="gl-ray-lease", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        with contextlib.suppress(Exception):
+            storage.delete_file(uri)

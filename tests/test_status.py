@@ -1,0 +1,51 @@
+"""`gl-ray status`: a run's standing from its folder alone (finished, cut mid-run, not a run)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, metrics
+
+from gl_ray.errors import UserError
+from gl_ray.status import format_status, run_status, watch
+
+
+def test_status_of_a_finished_run(baseline):
+    _, summary, run = baseline
+    s = run_status(str(run))
+    last = metrics(run)[-1]
+    assert s["finished"] and s["step"] == summary["steps"] == last["step"]
+    assert s["loss"] == last["loss"] and s["val_loss_final_len"] == summary["final_val_loss_final_len"]
+    assert s["last_checkpoint"]["step"] == last["step"] and s["eta_s"] is None
+    text = format_status(s)
+    assert "finished" in text and "stage 2/2 (L=64)" in text and "final:" in text
+
+
+def test_status_of_a_run_cut_mid_way(baseline, tmp_path):
+    _, _, run = baseline
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    (cut / "summary.json").unlink()
+    lines = (cut / "metrics.jsonl").read_text().splitlines()[:6]
+    (cut / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    s = run_status(str(cut))
+    assert not s["finished"] and s["step"] == 6 and s["stage"] == 0
+    m = json.loads(lines[-1])
+    assert s["eta_s"] == pytest.approx((s["total_tokens"] - m["tokens"]) / m["tokens_per_s"])
+    assert "not finished" in format_status(s) and "ETA" in format_status(s)
+
+
+def test_watch_stops_when_the_run_has_finished(baseline):
+    printed = []
+    assert watch(str(baseline[2]), every_s=60, print_fn=lambda text, **_: printed.append(text))["finished"]
+    assert len(printed) == 1
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    with pytest.raises(UserError, match="not a gl-ray run folder"):
+        run_status(str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "status", str(tmp_path)], cwd=REPO, capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
