@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 # gl-ray turns Ray Data's progress bars off on purpose (they garble logs); Ray then warns once per process that
 # they are off, under this logger, which gl-ray quiets.
@@ -28,6 +29,12 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    if not address:
+        # a local instance gl-ray starts itself: Ray's notice that it turned token auth on reads as a problem to a
+        # newcomer (auth stays on), and no spot node will ever be reclaimed under it, so Ray Train's preemption
+        # watcher (which logs a core_worker error line at start) has nothing to watch
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Ray Train's controller takes a worker's report every health-check interval (2 s by default), and a report
     # blocks until the one before it was taken: with reports closer than that, training stalls. 0.5 s is cheap.
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
@@ -37,6 +44,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         return
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
     ray.init(num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "gl_ray.ray_utils.quiet_local_worker"})
 
@@ -48,6 +56,8 @@ def quiet_local_worker() -> None:
     alive; without a dashboard it logs a warning every second for the whole run. It only matters when a controller
     dies and its cluster lives on; a local instance ends with its driver, so the warning is noise here."""
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Ray Train's own DatasetManager sets an ExecutionOptions field that Ray Data deprecated: not gl-ray's to fix
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.* is deprecated")
 
 
 def _job_env_vars() -> set[str]:

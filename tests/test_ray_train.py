@@ -131,6 +131,8 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_resumes_exactly(ray_run, tiny
     r = subprocess.run([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, capture_output=True, text=True,
                        env={k: v for k, v in env.items() if k != "GL_RAY_SLOW_STEP_S"}, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
+    for noise in ("Token authentication is enabled", "PreemptionWatcher", "exclude_resources"):  # a quiet console
+        assert noise not in r.stdout + r.stderr, noise
     got, want = metrics(tmp_path / "term"), metrics(base)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want):
