@@ -98,7 +98,7 @@ def test_masking_changes_training_and_validation(baseline, masked_baseline, tiny
     from gl_ray.data.stream import get_stream
     from gl_ray.model import build_model
     from gl_ray.train.io import WorkerIO
-    from gl_ray.train.loop import Evaluator
+    from gl_ray.train.validation import Evaluator
 
     train, val = get_stream(tiny_data, "train"), get_stream(tiny_data, "val")
     eos = train.manifest.eos_token_id

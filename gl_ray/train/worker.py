@@ -8,7 +8,8 @@ from gl_ray.data.stream import get_stream
 from gl_ray.schedule import Plan
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.io import WorkerIO
-from gl_ray.train.loop import Evaluator, Trainer
+from gl_ray.train.loop import Trainer
+from gl_ray.train.validation import Evaluator
 from gl_ray.train.outputs import RunOutputs
 
 
