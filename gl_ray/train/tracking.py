@@ -40,16 +40,11 @@ def check_loggers(loggers: list[str]) -> None:
                             "from train.loggers)")
 
 
-def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """{"train": {"seed": 0}} -> {"train.seed": "0"} (values as text, lists as YAML-like text)."""
-    out: dict[str, str] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
-    return out
+def flatten(d: dict) -> dict[str, str]:
+    """{"train": {"seed": 0}} -> {"train.seed": "0"}: gl_ray.train.identity.flat, values as text."""
+    from gl_ray.train.identity import flat
+
+    return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat(d).items()}
 
 
 def numeric(metrics: dict) -> dict[str, float]:
