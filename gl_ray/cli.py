@@ -40,11 +40,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from gl_ray.config import parse_size
     from gl_ray.data.prepare import prepare
 
+    sample = parse_size(args.tokenizer_sample_bytes, "--tokenizer-sample-bytes")
     manifest = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        shard_tokens=args.shard_tokens, max_docs=args.max_docs, address=args.address,
-                       overwrite=args.overwrite, no_ray=args.no_ray)
+                       overwrite=args.overwrite, resume=args.resume, no_ray=args.no_ray, workers=args.workers,
+                       text_column=args.text_column, tokenizer_sample_bytes=sample)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     print(f"wrote {args.out}: vocab {manifest['vocab_size']}, train {tr['documents']} docs / {tr['tokens']:,} "
           f"tokens in {len(tr['shards'])} shards, val {va['documents']} docs / {va['tokens']:,} tokens")
@@ -180,14 +183,21 @@ def _add_plan(sub) -> None:
 def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into Parquet token shards")
     p.add_argument("--source", default="stdlib",
-                   help="stdlib (default), a folder or glob of text files, or s3://bucket/prefix")
+                   help="stdlib (default), a folder, file or glob (.txt/.md/.rst/.py, .jsonl, .parquet, .arrow; "
+                        "text and .jsonl may be .gz or .zst), a `datasets` save_to_disk folder, or s3://bucket/prefix")
     p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix")
     p.add_argument("--tokenizer", default="train:8192",
-                   help="train:VOCAB (byte-level BPE trained on the corpus), a local HF folder, or a hub name")
+                   help="train:VOCAB (byte-level BPE trained on a sample of the corpus), a local HF folder, or a "
+                        "hub name")
+    p.add_argument("--tokenizer-sample-bytes", default="32MiB",
+                   help="corpus text the BPE trainer reads with train:VOCAB (a deterministic sample; e.g. 256MiB)")
+    p.add_argument("--text-column", default="text", help="the text field of .jsonl and column of Parquet/Arrow")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the val split")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="target tokens per Parquet shard")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0: all)")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset already at --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a dataset (or an interrupted prepare) at --out")
+    p.add_argument("--resume", action="store_true", help="finish an interrupted prepare into --out (same settings)")
+    p.add_argument("--workers", type=int, default=0, help="tokenize tasks at once (0: one per CPU of the cluster)")
     p.add_argument("--no-ray", action="store_true", help="tokenize in this process (no Ray needed)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_prepare)

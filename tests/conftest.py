@@ -70,13 +70,18 @@ def ray_local(s3_server):
     ray.shutdown()
 
 
+TINY_PREPARE = {"tokenizer": "train:1024", "val_fraction": 0.2, "shard_tokens": 60_000, "max_docs": 120,
+                "unit_bytes": 300_000}
+
+
 @pytest.fixture(scope="session")
 def tiny_data(ray_local, tmp_path_factory) -> str:
-    """A small dataset prepared from the stdlib corpus: ~120 documents, BPE vocab 1024, several shards."""
+    """A small dataset prepared from the stdlib corpus: ~120 documents, BPE vocab 1024, several units of shards
+    written by parallel Ray Data tasks."""
     from gl_ray.data.prepare import prepare
 
     out = str(tmp_path_factory.mktemp("data") / "stdlib")
-    prepare("stdlib", out, tokenizer="train:1024", val_fraction=0.2, shard_tokens=60_000, max_docs=120)
+    prepare("stdlib", out, **TINY_PREPARE)
     return out
 
 

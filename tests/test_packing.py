@@ -95,3 +95,21 @@ def test_row_layout_resume_cursor_skips_nothing_and_replays_nothing():
     assert resumed.token_starts(np.arange(9)).tolist() == full.token_starts(np.arange(15))[2 * 3:].tolist()
     assert resumed.steps(np.arange(9)).tolist() == full.steps(np.arange(15))[2 * 3:].tolist() == \
         [2, 2, 2, 3, 3, 3, 4, 4, 4]
+
+
+def test_later_epochs_shuffle_blocks_of_documents_within_shards():
+    """Documents are grouped into blocks by where they start in ~block_tokens windows of their shard; a block never
+    crosses a shard; the stream of a later epoch is the blocks in epoch_order."""
+    from gl_ray.data.packing import document_blocks
+
+    lengths = np.array([3, 4, 2, 9, 1, 1, 5, 2], dtype=np.int64)  # shards: [3,4,2,9] and [1,1,5,2]
+    firsts, per_shard = document_blocks(lengths, [4, 4], block_tokens=5)
+    # shard 0 starts at 0,3,7,9 -> windows 0,0,1,1; shard 1 starts at 0,1,2,7 -> windows 0,0,0,1
+    assert firsts.tolist() == [0, 2, 4, 7] and per_shard == [2, 2]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    b_off = offsets[firsts]
+    b_len = np.diff(np.append(b_off, lengths.sum()))
+    corpus = np.arange(int(lengths.sum()))
+    epoch = _read(stream_segments(b_len, b_off, 27, 54, seed=1, shard_docs=per_shard), corpus)
+    expect = np.concatenate([corpus[b_off[b]:b_off[b] + b_len[b]] for b in epoch_order(per_shard, 1, 1)])
+    assert epoch.tolist() == expect.tolist() and sorted(epoch.tolist()) == corpus.tolist()

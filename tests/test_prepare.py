@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import NEOX_TOKENIZER
+from conftest import NEOX_TOKENIZER, TINY_PREPARE
 from transformers import AutoTokenizer
 
 from gl_ray.data.manifest import load_manifest
@@ -37,15 +37,21 @@ def test_stdlib_dataset_is_valid_and_accounted(tiny_data):
     assert tok.eos_token_id == m["eos_token_id"] and len(tok) == m["vocab_size"]
 
 
-def test_prepare_without_ray_gives_the_same_dataset(tiny_data, tmp_path):
-    """A second run, in-process this time, gives the same manifest and shards: prepare is deterministic."""
-    out = tmp_path / "noray"
-    prepare("stdlib", str(out), tokenizer="train:1024", val_fraction=0.2, shard_tokens=60_000, max_docs=120,
-            no_ray=True)
-    a = json.loads((Path(tiny_data) / "manifest.json").read_text())
-    assert json.loads((out / "manifest.json").read_text()) == a
-    for sh in a["splits"]["train"]["shards"] + a["splits"]["val"]["shards"]:
-        assert pq.read_table(Path(tiny_data) / sh["path"]).equals(pq.read_table(out / sh["path"]))
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", [{"no_ray": True}, {"workers": 1}])
+def test_the_same_inputs_give_byte_identical_shards_on_any_number_of_cpus(tiny_data, tmp_path, how):
+    """tiny_data's units ran as parallel Ray Data tasks on 4 CPUs; in this process, or one task at a time, every
+    file (shards, manifest, tokenizer) comes out byte for byte the same, and the work files are gone."""
+    out = tmp_path / "again"
+    prepare("stdlib", str(out), **TINY_PREPARE, **how)
+    a = _files(Path(tiny_data))
+    units = {p.split("-")[1] for p in a if p.startswith("train/")}  # train/shard-UUUUU-KKKK.parquet
+    assert len(units) >= 3 and not any("_units" in p for p in a)
+    assert _files(out) == a
+    assert not Path(f"{out}.partial").exists()
 
 
 def test_text_jsonl_parquet_gz_sources_with_the_pythia_tokenizer(ray_local, tmp_path):
@@ -75,7 +81,7 @@ def test_text_jsonl_parquet_gz_sources_with_the_pythia_tokenizer(ray_local, tmp_
 def test_bad_sources(tmp_path, source, needle):
     with pytest.raises(UserError, match=needle):
         prepare(source, str(tmp_path / "o"))
-    assert not (tmp_path / "o").exists()
+    assert not list(tmp_path.glob("o*"))
 
 
 def test_empty_corpus_leaves_nothing_behind(ray_local, tmp_path):
@@ -133,7 +139,7 @@ def test_manifest_mismatches(tiny_data, tmp_path):
     m["splits"]["train"]["shards"][0]["tokens"] += 1
     m["splits"]["train"]["tokens"] += 1
     _save(ds, m)
-    with pytest.raises(UserError, match="shard-00000.parquet.* holds .* tokens but the manifest says"):
+    with pytest.raises(UserError, match="shard-00000-0000.parquet.* holds .* tokens but the manifest says"):
         TokenStream(str(ds), "train")
     m = json.loads(json.dumps(good))
     m["splits"]["train"]["tokens"] += 5
@@ -207,5 +213,124 @@ def test_a_small_corpus_always_gets_a_val_document(tmp_path):
     tok = AutoTokenizer.from_pretrained(NEOX_TOKENIZER)
     train = [int(tok.decode(d).split()[2]) for shard in runs[0][:-1] for d in shard]  # "document number I ..."
     val = int(tok.decode(runs[0][-1][0]).split()[2])
-    order = [int(Path(f).stem[3:]) for f in list_source(str(src))]
+    order = [int(Path(f.uri).stem[3:]) for f in list_source(str(src))]
     assert train == [i for i in order if i != val]
+
+
+def _jsonl(docs, key="text") -> bytes:
+    return "".join(json.dumps({key: d}) + "\n" for d in docs).encode()
+
+
+def test_streaming_sources_jsonl_gz_zst_parquet_and_save_to_disk(ray_local, tmp_path):
+    """The same eight documents as .jsonl.gz, .jsonl.zst, Parquet with another text column and a `datasets`
+    save_to_disk folder (and its DatasetDict) all tokenize to the same documents."""
+    datasets = pytest.importorskip("datasets")  # a dev dependency: the real writer of save_to_disk folders
+    docs = [f"document {i}: " + "word " * (i + 3) for i in range(8)]
+    zstd = pa.Codec("zstd")
+    sources = {}
+    for name, write in {
+        "gz": lambda d: (d / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(docs))),
+        "zst": lambda d: (d / "a.jsonl.zst").write_bytes(zstd.compress(_jsonl(docs), asbytes=True)),
+        "parquet": lambda d: pq.write_table(pa.table({"id": range(8), "body": docs}), d / "a.parquet",
+                                            row_group_size=3),
+        "hf": lambda d: datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(d / "ds"), num_shards=2),
+        "hfdict": lambda d: datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": docs}),
+                                                  "test": datasets.Dataset.from_dict({"body": ["x"]})}
+                                                 ).save_to_disk(str(d / "ds")),
+    }.items():
+        d = tmp_path / name
+        d.mkdir()
+        write(d)
+        sources[name] = str(d / "ds") if name.startswith("hf") else str(d)
+    tok = AutoTokenizer.from_pretrained(NEOX_TOKENIZER)
+    expect = sorted(tok(t)["input_ids"] + [0] for t in docs)
+    for name, src in sources.items():
+        column = "text" if name in ("gz", "zst") else "body"
+        m = prepare(src, str(tmp_path / f"out-{name}"), tokenizer=str(NEOX_TOKENIZER), val_fraction=0.0,
+                    text_column=column)
+        got = sorted(d for sh in m["splits"]["train"]["shards"]
+                     for d in pq.read_table(tmp_path / f"out-{name}" / sh["path"]).column("input_ids").to_pylist())
+        assert got == expect, name
+
+
+def _truncated_gz(p: Path) -> None:
+    data = gzip.compress(_jsonl([f"document {i} {i * i} {i ** 3}" for i in range(2000)]))
+    assert len(data) > 2000
+    p.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("name, write, needle", [
+    ("a.jsonl.gz", _truncated_gz, r"a.jsonl.gz' is not a valid gzip file .*truncated"),
+    ("a.jsonl", lambda p: p.write_bytes(_jsonl(["ok"]) + b"{not json\n"), r"a.jsonl' line 2 is not JSON"),
+    ("a.jsonl", lambda p: p.write_bytes(_jsonl(["ok"]) + _jsonl(["no"], key="body")),
+     r"a.jsonl' line 2 is not a JSON object with a 'text' field"),
+    ("a.jsonl", lambda p: p.write_bytes(_jsonl(["ok", "ok"]) + b'{"text": "caf\xe9"}\n'),
+     r"a.jsonl' line 3 is not UTF-8"),
+    ("a.parquet", lambda p: pq.write_table(pa.table({"body": ["x"]}), p), r"a.parquet' has no column 'text'"),
+    ("a.parquet", lambda p: p.write_bytes(b"PAR1 not really"), r"a.parquet' is not a readable Parquet file"),
+])
+def test_bad_source_files_are_one_line_and_leave_nothing(tmp_path, name, write, needle):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good.txt").write_text("a fine document")
+    write(src / name)
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "prepare", "--source", str(src), "--out",
+                        str(tmp_path / "o"), "--tokenizer", str(NEOX_TOKENIZER), "--no-ray"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    import re
+    assert re.search(needle, r.stderr), r.stderr
+    assert not list(tmp_path.glob("o*"))  # no manifest, no partial folder
+
+
+def test_the_bpe_trains_on_a_deterministic_sample(tmp_path):
+    """A word that only the end of a big file holds is in the vocabulary when the trainer reads everything and
+    not when it reads a 64 KiB sample; the sampled tokenizer is the same on a rerun."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rare = "quuxzorblat"
+    (src / "a.jsonl").write_bytes(_jsonl([f"common text number {i} here" for i in range(8000)] + [rare] * 4000))
+    toks = {}
+    for name, sample in [("all", 1 << 30), ("sample", 1 << 16), ("again", 1 << 16)]:
+        prepare(str(src), str(tmp_path / name), tokenizer="train:400", val_fraction=0.0, no_ray=True,
+                tokenizer_sample_bytes=sample)
+        toks[name] = (tmp_path / name / "tokenizer" / "tokenizer.json").read_text()
+    whole = AutoTokenizer.from_pretrained(tmp_path / "all" / "tokenizer")
+    sampled = AutoTokenizer.from_pretrained(tmp_path / "sample" / "tokenizer")
+    assert len(whole(rare)["input_ids"]) < len(sampled(rare)["input_ids"])
+    assert toks["sample"] == toks["again"] != toks["all"]
+
+
+def test_an_interrupted_prepare_is_not_a_dataset_and_resumes(tmp_path, monkeypatch):
+    """Interrupted after two units: DEST is not a dataset and a plain rerun says how to go on; --resume finishes
+    it without redoing the finished units, and gives the same bytes as an uninterrupted prepare."""
+    import gl_ray.data.prepare as prep
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"part{i}.jsonl").write_bytes(_jsonl([f"file {i} doc {j} " * 20 for j in range(40)]))
+    kw = dict(tokenizer=str(NEOX_TOKENIZER), val_fraction=0.1, no_ray=True, unit_bytes=1)
+    clean = prepare(str(src), str(tmp_path / "clean"), **kw)
+    real, calls, fail = prep.write_unit, [], [True]
+
+    def dies_on_the_third(unit, **k):
+        calls.append(unit["index"])
+        if fail[0] and len(calls) == 3:
+            raise ConnectionError("the node went away")  # not bad input: the partial output stays
+        return real(unit, **k)
+
+    monkeypatch.setattr(prep, "write_unit", dies_on_the_third)
+    out = tmp_path / "ds"
+    with pytest.raises(ConnectionError):
+        prepare(str(src), str(out), **kw)
+    assert not out.exists() and Path(f"{out}.partial").is_dir()
+    with pytest.raises(UserError, match=r"interrupted prepare \(2 units done\); pass --resume"):
+        prepare(str(src), str(out), **kw)
+    with pytest.raises(UserError, match="val_fraction differ"):
+        prepare(str(src), str(out), **{**kw, "val_fraction": 0.2}, resume=True)
+    calls.clear()
+    fail[0] = False
+    assert prepare(str(src), str(out), **kw, resume=True) == clean
+    assert sorted(calls) == [2, 3, 4, 5]  # the two finished units were not redone
+    assert _files(out) == _files(tmp_path / "clean") and not Path(f"{out}.partial").exists()

@@ -30,6 +30,7 @@ def test_prepare_from_and_to_s3(ray_local, s3_server, bucket, tmp_path, tiny_dat
                 val_fraction=0.25)
     got = keys(s3_server, bucket, "ds/")
     assert "ds/manifest.json" in got and "ds/tokenizer/tokenizer.json" in got
+    assert not [k for k in got if "_units" in k]  # the per-unit work files are gone once the manifest is there
     assert all(f"ds/{sh['path']}" in got for sh in m["splits"]["train"]["shards"])
     assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] + m["skipped_empty"] == 12
     stream = TokenStream(f"s3://{bucket}/ds", "train")
@@ -66,3 +67,10 @@ def test_missing_bucket_is_one_clear_line(s3_server, tiny_data):
         launch_run(load_config(None, tiny_overrides(tiny_data, "s3://no-such-bucket-x/runs", "x")), quiet=True)
     with pytest.raises(UserError, match="does not exist|no dataset"):
         TokenStream("s3://no-such-bucket-x/ds", "train")
+
+
+def test_an_s3_prefix_without_documents_is_one_line(s3_server, bucket, tmp_path):
+    storage.write_bytes(f"s3://{bucket}/only-binaries/x.bin", b"\x00")
+    with pytest.raises(UserError, match=f"source 's3://{bucket}/only-binaries' has no document files"):
+        prepare(f"s3://{bucket}/only-binaries", str(tmp_path / "o"))
+    assert not list(tmp_path.glob("o*"))

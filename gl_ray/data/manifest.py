@@ -2,13 +2,13 @@
 
     DEST/manifest.json   written last: its presence means the dataset is complete
     DEST/tokenizer/      a Hugging Face tokenizer folder (AutoTokenizer.from_pretrained works, eos set)
-    DEST/train/shard-00000.parquet, DEST/val/shard-00000.parquet, ...
+    DEST/train/shard-00000-0000.parquet, DEST/val/shard-00000-0000.parquet, ...   (shard-UNIT-K: see prepare)
 
 manifest.json:
     {"format": "gl-ray-shards/1", "tokenizer": "tokenizer", "vocab_size": int, "eos_token_id": int,
      "source": str, "replaced_chars": int, "skipped_empty": int,
      "splits": {"train": {"documents": int, "tokens": int,
-                          "shards": [{"path": "train/shard-00000.parquet", "rows": int, "tokens": int}, ...]},
+                          "shards": [{"path": "train/shard-00000-0000.parquet", "rows": int, "tokens": int}, ...]},
                 "val": {...}}}
 
 Each shard holds one row per document, in the order training reads them:

@@ -1,7 +1,8 @@
 """Packing and stream arithmetic: pure numpy functions of in-memory arrays (no I/O, no Ray).
 
 The train split is one token stream: epoch 0 is the documents in manifest order, each later epoch the same
-documents in an order shuffled by (seed, epoch). Stage k owns the contiguous stream slice
+documents in an order shuffled by (seed, epoch) at the level of blocks of consecutive documents
+(`document_blocks`, ~BLOCK_TOKENS each), so a later epoch reads long slices as epoch 0 does. Stage k owns the contiguous stream slice
 [start_token_k, start_token_k + tokens_k) and cuts it into rows of seq_len_k tokens, so no token is read
 twice within an epoch and a stage's tokens are all packed (documents run across row boundaries, separated by
 their EOS token).
@@ -33,6 +34,24 @@ def pack_rows(tokens: np.ndarray, seq_len: int) -> tuple[np.ndarray, int]:
 def concat_documents(docs: list[np.ndarray]) -> np.ndarray:
     """Concatenate documents (each already ending with EOS) into one int32 stream."""
     return np.concatenate(docs).astype(np.int32, copy=False) if docs else np.zeros(0, np.int32)
+
+
+BLOCK_TOKENS = 16384  # tokens per shuffled block of consecutive documents (a block never spans two shards)
+
+
+def document_blocks(doc_lengths: np.ndarray, shard_docs: list[int],
+                    block_tokens: int = BLOCK_TOKENS) -> tuple[np.ndarray, list[int]]:
+    """Group each shard's documents into blocks: a document joins the block in which its first token falls when
+    the shard is cut into block_tokens windows. Returns (first document of each block, blocks per shard)."""
+    firsts, per_shard, start = [], [], 0
+    for n in shard_docs:
+        lengths = doc_lengths[start:start + n]
+        window = (np.cumsum(lengths) - lengths) // block_tokens
+        new = np.flatnonzero(np.diff(window, prepend=-1)) if n else np.zeros(0, np.int64)
+        firsts.append(start + new)
+        per_shard.append(len(new))
+        start += n
+    return (np.concatenate(firsts) if firsts else np.zeros(0, np.int64)).astype(np.int64), per_shard
 
 
 def epoch_order(shard_docs: list[int], epoch: int, seed: int) -> np.ndarray:

@@ -1,20 +1,26 @@
 """`gl-ray prepare`: corpus -> tokenizer -> Parquet token shards + manifest (format: gl_ray.data.manifest).
 
-Tokenization runs as a Ray Data pipeline (`from_items(files) -> map_batches(tokenize)`) so it scales out on
-a cluster (or, with `no_ray`, the same batch function in this process, for machines without Ray); the driver
-consumes the results in file order, splits train/val by a hash of each document's key, and writes shards as they
-fill. Nothing is half-written: a local DEST is built in a temp folder and renamed into place; on S3 the manifest
-goes last and a failed run deletes what it wrote.
+The source files are cut into units (consecutive files of about `unit_bytes`, in listing order). Each unit is one
+Ray Data task that streams its files, tokenizes them, sends each document to train or val by a hash of its key,
+and writes its own shards straight to the output (`train/shard-UUUUU-KKKK.parquet`, U the unit, K the shard
+within it). So shards are named and filled by input order alone: the same inputs give byte-identical shards on
+any number of CPUs or nodes, and the driver only collects per-unit statistics (its memory does not grow with the
+corpus). A byte-level BPE tokenizer is trained on a deterministic sample of the corpus, not on all of it.
+
+Nothing is half-written: the dataset is complete only when manifest.json exists, and it is written last. A local
+DEST is built in DEST.partial and renamed into place; on S3 the manifest goes last. Each finished unit leaves
+`_units/unit-UUUUU.json`, so an interrupted prepare continues with `resume` (the same settings) or starts over
+with `overwrite`; bad input (a UserError) deletes what was written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -22,125 +28,140 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gl_ray import storage
-from gl_ray.data.corpus import list_source, read_documents, stable_hash
+from gl_ray.data.corpus import SourceFile, list_source, read_documents, stable_hash
 from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from gl_ray.errors import UserError, unwrap_user_errors
 
-TRAIN_TOKENIZER_MAX_BYTES = 256 << 20  # corpus text the BPE trainer sees at most
-FILES_PER_BATCH = 16  # files per tokenize task
+UNIT_BYTES = 16 << 20  # source bytes per task (a unit ends at a file boundary)
+ENCODE_BYTES = 4 << 20  # text handed to the tokenizer at once
+SAMPLE_BYTES = 32 << 20  # default corpus text the BPE trainer sees (--tokenizer-sample-bytes)
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines
-ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py", ".txt.gz", ".md.gz", ".rst.gz", ".py.gz")  # one document per file
-
-
-def tokenize_files(batch: dict, tokenizer_json: str, eos_id: int) -> pa.Table:
-    """Ray Data batch function: file uris in, one row per document out (key, input_ids, replaced)."""
-    keys, texts, replaced = [], [], []
-    for uri in batch["uri"]:
-        for key, text, bad in read_documents(str(uri)):
-            keys.append(key)
-            texts.append(text)
-            replaced.append(bad)
-    ids = encode_documents(texts, tokenizer_json, eos_id)
-    return pa.table({"key": pa.array(keys, pa.string()),
-                     "input_ids": pa.array(ids, pa.list_(pa.int32())),
-                     "empty": pa.array([not t.strip() for t in texts], pa.bool_()),
-                     "replaced": pa.array(replaced, pa.int64())})
+UNITS_DIR = "_units"  # per-unit statistics of finished units (removed when the dataset is complete)
+ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py")
 
 
 class ShardWriter:
-    """Collects documents of one split and writes shard-NNNNN.parquet files of about shard_tokens each."""
+    """Collects documents of one split of one unit and writes {split}/{prefix}-KKKK.parquet of ~shard_tokens."""
 
-    def __init__(self, out_dir: str, split: str, shard_tokens: int):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
+    def __init__(self, out_dir: str, split: str, prefix: str, shard_tokens: int):
+        self.out_dir, self.split, self.prefix, self.shard_tokens = out_dir, split, prefix, shard_tokens
         self.docs: list[np.ndarray] = []
         self.pending_tokens = 0
         self.shards: list[dict] = []
 
-    def add(self, ids: np.ndarray) -> None:
+    def add(self, ids: np.ndarray) -> tuple[int, int]:
+        """Queue a document; returns its (shard number, row) within this writer."""
+        where = (len(self.shards), len(self.docs))
         self.docs.append(ids)
         self.pending_tokens += len(ids)
         if self.pending_tokens >= self.shard_tokens:
             self.flush()
+        return where
 
     def flush(self) -> None:
         if not self.docs:
             return
-        rel = f"{self.split}/shard-{len(self.shards):05d}.parquet"
-        table = pa.table({"input_ids": pa.array(self.docs, pa.list_(pa.int32())),
-                          "num_tokens": pa.array([len(d) for d in self.docs], pa.int32())}, schema=SHARD_SCHEMA)
-        uri = storage.join(self.out_dir, rel)
-        fs, path = storage.resolve(uri)
-        if not storage.is_s3(uri):
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with storage.errors_at(uri):
-            pq.write_table(table, path, filesystem=fs, write_statistics=True)
+        rel = f"{self.split}/{self.prefix}-{len(self.shards):04d}.parquet"
+        write_shard(storage.join(self.out_dir, rel), self.docs)
         self.shards.append({"path": rel, "rows": len(self.docs), "tokens": self.pending_tokens})
         self.docs, self.pending_tokens = [], 0
 
-    def summary(self) -> dict:
-        return {"documents": sum(s["rows"] for s in self.shards), "tokens": sum(s["tokens"] for s in self.shards),
-                "shards": self.shards}
+
+def write_shard(uri: str, docs: list[np.ndarray]) -> None:
+    table = pa.table({"input_ids": pa.array(docs, pa.list_(pa.int32())),
+                      "num_tokens": pa.array([len(d) for d in docs], pa.int32())}, schema=SHARD_SCHEMA)
+    fs, path = storage.resolve(uri)
+    if not storage.is_s3(uri):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with storage.errors_at(uri):
+        pq.write_table(table, path, filesystem=fs, write_statistics=True)
 
 
-class Splitter:
-    """Sends each document to train or val by a stable hash of its key (the same split on every rerun). Until val
-    has a document, train documents wait in order; if none has come by the end (a small corpus) or by one shard's
-    worth of waiting tokens, the waiting document with the smallest hash goes to val, so a corpus of two or more
-    documents always has a val split. Corpora whose val split fills early are split exactly as by the hash alone."""
-
-    def __init__(self, writers: dict[str, ShardWriter], val_fraction: float, shard_tokens: int):
-        self.writers, self.val_fraction, self.shard_tokens = writers, val_fraction, shard_tokens
-        self.val_has_doc = val_fraction == 0  # nothing to wait for
-        self.waiting: list[tuple[float, np.ndarray]] = []  # (hash, document) in arrival order
-        self.waiting_tokens = 0
-
-    def add(self, key: str, ids: np.ndarray) -> None:
-        h = stable_hash("split:" + key)
-        if h < self.val_fraction:
-            self.writers["val"].add(ids)
-            self.release(to_val=False)
-            self.val_has_doc = True
-        elif not self.val_has_doc:
-            self.waiting.append((h, ids))
-            self.waiting_tokens += len(ids)
-            if self.waiting_tokens >= self.shard_tokens and len(self.waiting) >= 2:
-                self.release(to_val=True)
-        else:
-            self.writers["train"].add(ids)
-
-    def release(self, to_val: bool) -> None:
-        if to_val:
-            i = min(range(len(self.waiting)), key=lambda j: self.waiting[j][0])
-            self.writers["val"].add(self.waiting.pop(i)[1])
-            self.val_has_doc = True
-        for _, ids in self.waiting:
-            self.writers["train"].add(ids)
-        self.waiting.clear()
-        self.waiting_tokens = 0
-
-    def finish(self) -> None:
-        self.release(to_val=len(self.waiting) >= 2)
+def units_of(files: list[SourceFile], unit_bytes: int) -> list[list[str]]:
+    """Consecutive files grouped into units of about unit_bytes (a big file is a unit of its own)."""
+    units: list[list[str]] = []
+    size = unit_bytes
+    for f in files:
+        if size >= unit_bytes:
+            units.append([])
+            size = 0
+        units[-1].append(f.uri)
+        size += f.size
+    return units
 
 
-def _resolve_tokenizer(spec: str, files: list[str], max_docs: int):
+def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fraction: float, shard_tokens: int,
+               text_column: str, max_docs: int = 0) -> dict:
+    """Tokenize one unit's files and write its shards; returns (and stores under _units/) its statistics.
+
+    A Ray Data task on a cluster, or a plain call. Documents keep source order within each split; the train
+    document with the smallest split hash is remembered so the driver can give a tiny corpus a val document."""
+    index = unit["index"]
+    writers = {s: ShardWriter(out, s, f"shard-{index:05d}", shard_tokens) for s in SPLITS}
+    st = {"index": index, "documents": 0, "tokens": 0, "replaced_chars": 0, "skipped_empty": 0, "min_train": None}
+    batch: list[tuple[str, str]] = []
+
+    def encode() -> None:
+        for (key, _), ids in zip(batch, encode_documents([t for _, t in batch], tokenizer_json, eos_id)):
+            h = stable_hash("split:" + key)
+            split = "val" if h < val_fraction else "train"
+            shard, row = writers[split].add(ids)
+            if split == "train" and (st["min_train"] is None or h < st["min_train"][0]):
+                st["min_train"] = [h, shard, row]
+            st["documents"] += 1
+            st["tokens"] += len(ids)
+        batch.clear()
+
+    size = 0
+    for uri in unit["files"]:
+        for key, text, bad in read_documents(uri, text_column):
+            st["replaced_chars"] += bad
+            if not text.strip():
+                st["skipped_empty"] += 1
+                continue
+            if max_docs and st["documents"] + len(batch) >= max_docs:
+                break
+            batch.append((key, text))
+            size += len(text)
+            if size >= ENCODE_BYTES:
+                encode()
+                size = 0
+    encode()
+    for w in writers.values():
+        w.flush()
+    st["shards"] = {s: w.shards for s, w in writers.items()}
+    if st["min_train"] is not None:  # (hash, shard path, row)
+        h, shard, row = st["min_train"]
+        st["min_train"] = [h, writers["train"].shards[shard]["path"], row]
+    storage.write_bytes(storage.join(out, UNITS_DIR, f"unit-{index:05d}.json"), json.dumps(st).encode())
+    return st
+
+
+def _tokenizer_sample(files: list[SourceFile], sample_bytes: int, text_column: str):
+    """Deterministic training text for the BPE: files in listing order (already shuffled by path hash), at most a
+    1/64 share of the sample from each, so at least 64 files contribute when the corpus has them."""
+    per_file = max(sample_bytes // 64, 1 << 16)
+    seen = 0
+    for f in files:
+        taken = 0
+        for _, text, _ in read_documents(f.uri, text_column):
+            yield text
+            taken += len(text)
+            seen += len(text)
+            if seen >= sample_bytes:
+                return
+            if taken >= per_file:
+                break
+
+
+def _resolve_tokenizer(spec: str, files: list[SourceFile], sample_bytes: int, text_column: str):
     if spec.startswith("train:"):
         try:
             vocab = int(spec.split(":", 1)[1])
         except ValueError:
             raise UserError(f"--tokenizer {spec!r}: expected train:VOCAB with an integer VOCAB") from None
-
-        def texts():
-            seen_bytes, seen_docs = 0, 0
-            for uri in files:
-                for _, text, _ in read_documents(uri):
-                    yield text
-                    seen_bytes += len(text)
-                    seen_docs += 1
-                    if seen_bytes >= TRAIN_TOKENIZER_MAX_BYTES or (max_docs and seen_docs >= max_docs):
-                        return
-
-        return train_bpe(texts(), vocab)
+        return train_bpe(_tokenizer_sample(files, sample_bytes, text_column), vocab)
     return load_tokenizer(spec)
 
 
@@ -150,107 +171,209 @@ def _upload_dir(local: str, dest: str) -> None:
             storage.write_bytes(storage.join(dest, str(p.relative_to(local))), p.read_bytes())
 
 
+def _check_out(out: str, overwrite: bool) -> None:
+    if storage.exists(storage.join(out, "manifest.json")) and not overwrite:
+        raise UserError(f"{out!r} already holds a dataset; pass --overwrite or choose another --out")
+    if storage.is_s3(out):
+        storage.check_writable(out)
+        return
+    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
+        raise UserError(f"{out!r} exists and is not empty; choose another --out")
+    if any(p.exists() and not p.is_dir() for p in [Path(out).resolve(), *Path(out).resolve().parents]):
+        raise UserError(f"--out {out!r}: a file is in the way of that folder")
+
+
+def _settings(source: str, files: list[SourceFile], tokenizer: str, **kw) -> dict:
+    """What a resumed prepare must share with the interrupted one."""
+    listing = hashlib.sha256("\n".join(f"{f.uri}\t{f.size}" for f in files).encode()).hexdigest()
+    return {"source": source, "files": len(files), "listing_sha256": listing, "tokenizer": tokenizer, **kw}
+
+
+def _staging(out: str) -> str:
+    return out if storage.is_s3(out) else f"{Path(out).resolve()}.partial"
+
+
+def _start_or_resume(staging: str, settings: dict, resume: bool, overwrite: bool) -> set[int]:
+    """Units already finished in staging (resume), after checking it belongs to the same prepare."""
+    marker = storage.join(staging, UNITS_DIR, "prepare.json")
+    if not storage.exists(marker):
+        return set()
+    if not resume:
+        if not overwrite:
+            done = len(storage.list_dir(storage.join(staging, UNITS_DIR))) - 1
+            raise UserError(f"{staging!r} holds an interrupted prepare ({done} units done); pass --resume to "
+                            "finish it or --overwrite to start over")
+        _remove(staging)
+        return set()
+    old = json.loads(storage.read_bytes(marker))
+    if old != settings:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UserError(f"cannot resume the prepare in {staging!r}: {', '.join(diff)} differ from the interrupted "
+                        "one; pass --overwrite to start over")
+    return {int(n[5:10]) for n in storage.list_dir(storage.join(staging, UNITS_DIR)) if n.startswith("unit-")}
+
+
+def _remove(staging: str) -> None:
+    if storage.is_s3(staging):
+        for part in SPLITS + ("tokenizer", UNITS_DIR):
+            storage.delete_dir(storage.join(staging, part))
+    else:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fraction: float = 0.01,
             shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
-            overwrite: bool = False, no_ray: bool = False) -> dict:
+            overwrite: bool = False, resume: bool = False, no_ray: bool = False, text_column: str = "text",
+            tokenizer_sample_bytes: int = SAMPLE_BYTES, unit_bytes: int = UNIT_BYTES, workers: int = 0) -> dict:
     """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
-    if shard_tokens <= 0 or max_docs < 0:
-        raise UserError("--shard-tokens must be positive and --max-docs >= 0")
-    if storage.exists(storage.join(out, "manifest.json")) and not overwrite:
-        raise UserError(f"{out!r} already holds a dataset; pass --overwrite or choose another --out")
-    if not storage.is_s3(out) and Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise UserError(f"{out!r} exists and is not empty; choose another --out")
-    if storage.is_s3(out):
-        storage.check_writable(out)
-    elif any(p.exists() and not p.is_dir() for p in [Path(out).resolve(), *Path(out).resolve().parents]):
-        raise UserError(f"--out {out!r}: a file is in the way of that folder")
+    if shard_tokens <= 0 or max_docs < 0 or tokenizer_sample_bytes <= 0 or unit_bytes <= 0 or workers < 0:
+        raise UserError("--shard-tokens and --tokenizer-sample-bytes must be positive, --max-docs and --workers "
+                        ">= 0")
+    if not text_column:
+        raise UserError("--text-column must not be empty")
+    _check_out(out, overwrite)
     files = list_source(source)
-    if max_docs:
-        files = files[:max_docs] if all(f.endswith(ONE_DOC_EXTS) for f in files) else files
-    tok = _resolve_tokenizer(tokenizer, files, max_docs)
-    eos_id = int(tok.eos_token_id)
-
-    staging = out if storage.is_s3(out) else f"{Path(out).resolve()}.tmp-{uuid.uuid4().hex[:8]}"
+    if max_docs and all(f.uri.endswith(ONE_DOC_EXTS) for f in files):
+        files = files[:max_docs]
+    settings = _settings(source, files, tokenizer, text_column=text_column, val_fraction=val_fraction,
+                         shard_tokens=shard_tokens, max_docs=max_docs, unit_bytes=unit_bytes,
+                         tokenizer_sample_bytes=tokenizer_sample_bytes)
+    staging = _staging(out)
+    done = _start_or_resume(staging, settings, resume, overwrite)
     try:
-        manifest = _write_dataset(files=files, tok=tok, eos_id=eos_id, out=staging, source=source,
-                                  val_fraction=val_fraction, shard_tokens=shard_tokens, max_docs=max_docs,
-                                  address=address, no_ray=no_ray)
-    except BaseException:
-        if storage.is_s3(out):
-            for split in SPLITS + ("tokenizer",):
-                storage.delete_dir(storage.join(out, split))
+        if done:
+            tok = load_tokenizer(storage.join(staging, "tokenizer")) if not storage.is_s3(staging) else \
+                _load_s3_tokenizer(staging)
         else:
-            shutil.rmtree(staging, ignore_errors=True)
+            tok = _resolve_tokenizer(tokenizer, files, tokenizer_sample_bytes, text_column)
+            with tempfile.TemporaryDirectory() as tmp:
+                tok.save_pretrained(tmp)
+                _upload_dir(tmp, storage.join(staging, "tokenizer"))
+            storage.write_bytes(storage.join(staging, UNITS_DIR, "prepare.json"), json.dumps(settings).encode())
+        units = [{"index": i, "files": u} for i, u in enumerate(units_of(files, unit_bytes))]
+        kw = {"out": staging, "tokenizer_json": tok.backend_tokenizer.to_str(), "eos_id": int(tok.eos_token_id),
+              "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_column": text_column}
+        stats = _run_units(units, done, kw, staging, max_docs=max_docs, address=address, no_ray=no_ray,
+                           workers=workers)
+        manifest = _finish(stats, tok, source, staging, val_fraction)
+    except UserError:
+        _remove(staging)  # bad input: nothing half-written
         raise
     if not storage.is_s3(out):
         final = Path(out).resolve()
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
+        Path(staging).rename(final)
+        shutil.rmtree(final / UNITS_DIR, ignore_errors=True)
+    else:
+        storage.delete_dir(storage.join(out, UNITS_DIR))
     return manifest
 
 
-def tokenized_batches(files: list[str], tokenizer_json: str, eos_id: int, address: str | None, no_ray: bool):
-    """Tokenized documents in file order: a Ray Data pipeline (scales out on a cluster), or in this process."""
-    if no_ray:
-        for i in range(0, len(files), FILES_PER_BATCH):
-            yield tokenize_files({"uri": files[i:i + FILES_PER_BATCH]}, tokenizer_json, eos_id)
-        return
-    import ray
-
-    from gl_ray.ray_utils import ensure_ray
-
-    ensure_ray(address)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True  # reruns give identical shards
-    ds = ray.data.from_items([{"uri": f} for f in files]).map_batches(
-        tokenize_files, batch_size=FILES_PER_BATCH, batch_format="numpy",
-        fn_kwargs={"tokenizer_json": tokenizer_json, "eos_id": eos_id})
-    with unwrap_user_errors():
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-
-
-def _write_dataset(*, files: list[str], tok, eos_id: int, out: str, source: str, val_fraction: float,
-                   shard_tokens: int, max_docs: int, address: str | None, no_ray: bool) -> dict:
+def _load_s3_tokenizer(staging: str):
     with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        _upload_dir(tmp, storage.join(out, "tokenizer"))
-    batches = tokenized_batches(files, tok.backend_tokenizer.to_str(), eos_id, address, no_ray)
+        for name in storage.list_dir(storage.join(staging, "tokenizer")):
+            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(staging, "tokenizer", name)))
+        return load_tokenizer(tmp)
 
-    writers = {s: ShardWriter(out, s, shard_tokens) for s in SPLITS}
-    split = Splitter(writers, val_fraction, shard_tokens)
-    docs = replaced = skipped = tokens = 0
+
+def _run_units(units: list[dict], done: set[int], kw: dict, staging: str, *, max_docs: int, address: str | None,
+               no_ray: bool, workers: int) -> list[dict]:
+    """Statistics of every unit in order: finished ones read back, the rest written now (Ray Data tasks, or in
+    this process with no_ray or max_docs over multi-document files, which must stop at a document count)."""
+    stats = {i: json.loads(storage.read_bytes(storage.join(staging, UNITS_DIR, f"unit-{i:05d}.json")))
+             for i in done}
+    todo = [u for u in units if u["index"] not in done]
     t0 = last = time.perf_counter()
-    for batch in batches:
-        for key, ids, empty, bad in zip(batch.column("key").to_pylist(), batch.column("input_ids"),
-                                        batch.column("empty").to_pylist(), batch.column("replaced").to_pylist()):
-            if max_docs and docs >= max_docs:
-                break
-            replaced += bad
-            if empty:
-                skipped += 1
-                continue
-            docs += 1
-            tokens += len(ids.values)
-            split.add(key, ids.values.to_numpy(zero_copy_only=False).astype(np.int32))
-        if time.perf_counter() - last >= PROGRESS_EVERY_S:
+
+    def progress(force: bool = False) -> None:
+        nonlocal last
+        if force or time.perf_counter() - last >= PROGRESS_EVERY_S:
             last = time.perf_counter()
-            print(f"[prepare] {docs:,} documents, {tokens:,} tokens ({last - t0:.0f} s)", flush=True)
-        if max_docs and docs >= max_docs:
-            break
-    split.finish()
-    for w in writers.values():
-        w.flush()
-    if not writers["train"].shards:
+            tokens = sum(s["tokens"] for s in stats.values())
+            print(f"[prepare] {len(stats)}/{len(units)} units, {tokens:,} tokens ({last - t0:.0f} s)", flush=True)
+
+    sequential = no_ray or (max_docs and not all(f.endswith(ONE_DOC_EXTS) for u in units for f in u["files"]))
+    if sequential:
+        count = sum(s["documents"] for s in stats.values())
+        for u in todo:
+            if max_docs and count >= max_docs:
+                break
+            stats[u["index"]] = write_unit(u, **kw, max_docs=max_docs - count if max_docs else 0)
+            count += stats[u["index"]]["documents"]
+            progress()
+    elif todo:
+        import ray
+
+        from gl_ray.ray_utils import ensure_ray
+
+        ensure_ray(address)
+        ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo], override_num_blocks=len(todo))
+        ds = ds.map(_unit_task, fn_kwargs=kw, num_cpus=1, concurrency=workers or None)
+        with unwrap_user_errors():
+            for row in ds.iter_rows():
+                st = json.loads(row["stats"])
+                stats[st["index"]] = st
+                progress()
+    progress(force=True)
+    return [stats[i] for i in sorted(stats)]
+
+
+def _unit_task(row: dict, **kw) -> dict:
+    """A unit as a Ray Data task. It holds one CPU, so the tokenizer runs single-threaded in it (its own thread
+    pool would otherwise take every core of the node once per task)."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by `tokenizers` at each encode_batch call
+    try:
+        return {"stats": json.dumps(write_unit(json.loads(row["unit"]), **kw))}
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _give_val_a_document(stats: list[dict], staging: str) -> None:
+    """A corpus so small that the hash sent no document to val: move the train document with the smallest split
+    hash there (so any corpus of two or more documents has a val split, the same on every rerun)."""
+    best = min((s for s in stats if s["min_train"]), key=lambda s: s["min_train"][0])
+    _, rel, row = best["min_train"]
+    entry = next(sh for sh in best["shards"]["train"] if sh["path"] == rel)
+    fs, path = storage.resolve(storage.join(staging, rel))
+    with storage.errors_at(path):
+        table = pq.read_table(path, filesystem=fs).column("input_ids").to_pylist()
+    doc = np.asarray(table.pop(row), np.int32)
+    val_rel = f"val/shard-{best['index']:05d}-0000.parquet"
+    write_shard(storage.join(staging, val_rel), [doc])
+    best["shards"]["val"] = [{"path": val_rel, "rows": 1, "tokens": len(doc)}]
+    if table:
+        write_shard(storage.join(staging, rel), [np.asarray(d, np.int32) for d in table])
+        entry.update(rows=entry["rows"] - 1, tokens=entry["tokens"] - len(doc))
+    else:
+        storage.delete_file(storage.join(staging, rel))
+        best["shards"]["train"].remove(entry)
+
+
+def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: float) -> dict:
+    docs = sum(s["documents"] for s in stats)
+    shards = {split: [sh for s in stats for sh in s["shards"][split]] for split in SPLITS}
+    if val_fraction > 0 and not shards["val"] and docs >= 2:
+        _give_val_a_document(stats, staging)
+        shards = {split: [sh for s in stats for sh in s["shards"][split]] for split in SPLITS}
+    if not shards["train"]:
         raise UserError(f"source {source!r} yielded no non-empty training documents")
-    if val_fraction > 0 and not writers["val"].shards:
+    if val_fraction > 0 and not shards["val"]:
         raise UserError(f"no document of {docs} fell into the val split; raise --val-fraction or add documents")
     manifest = {
-        "format": FORMAT, "tokenizer": "tokenizer", "vocab_size": len(tok), "eos_token_id": eos_id,
-        "source": source, "replaced_chars": replaced, "skipped_empty": skipped,
-        "splits": {s: w.summary() for s, w in writers.items()},
+        "format": FORMAT, "tokenizer": "tokenizer", "vocab_size": len(tok), "eos_token_id": int(tok.eos_token_id),
+        "source": source, "replaced_chars": sum(s["replaced_chars"] for s in stats),
+        "skipped_empty": sum(s["skipped_empty"] for s in stats),
+        "splits": {split: {"documents": sum(sh["rows"] for sh in shards[split]),
+                           "tokens": sum(sh["tokens"] for sh in shards[split]), "shards": shards[split]}
+                   for split in SPLITS},
     }
-    storage.write_bytes(storage.join(out, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    storage.write_bytes(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return manifest

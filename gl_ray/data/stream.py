@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
-from gl_ray.data.packing import RowLayout, pack_rows, stream_segments
+from gl_ray.data.packing import RowLayout, document_blocks, pack_rows, stream_segments
 from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
 
@@ -25,7 +25,8 @@ _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the 
 
 
 class TokenStream:
-    """The token stream of one split, epoch after epoch in the document order data.seed gives (epoch_order)."""
+    """The token stream of one split, epoch after epoch in the order data.seed gives (epoch_order over blocks of
+    documents, see document_blocks)."""
 
     def __init__(self, root: str, split: str, seed: int = 0):
         self.manifest = load_manifest(root)
@@ -36,6 +37,9 @@ class TokenStream:
                    for sh in self.shards]
         self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.doc_offsets = np.concatenate([[0], np.cumsum(self.doc_lengths)[:-1]]).astype(np.int64)
+        firsts, self.shard_blocks = document_blocks(self.doc_lengths, self.shard_docs)  # the shuffled pieces
+        self.block_offsets = self.doc_offsets[firsts]
+        self.block_lengths = np.diff(np.append(self.block_offsets, int(self.doc_lengths.sum()))).astype(np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum([sh.tokens for sh in self.shards])]).astype(np.int64)
         self.tokens = int(self.shard_starts[-1])
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
@@ -66,8 +70,8 @@ class TokenStream:
         """Stream tokens [start, stop); wraps into later epochs past the end of the split."""
         if self.tokens == 0:
             raise ValueError(f"the {self.split} split is empty")
-        segs = stream_segments(self.doc_lengths, self.doc_offsets, start, stop, self.seed, self._orders,
-                               self.shard_docs)
+        segs = stream_segments(self.block_lengths, self.block_offsets, start, stop, self.seed, self._orders,
+                               self.shard_blocks)
         parts = [self._read_flat(a, a + n) for a, n in segs]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int32, copy=False)
 
