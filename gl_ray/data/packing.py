@@ -2,10 +2,10 @@
 
 The train split is one token stream: epoch 0 is the documents in manifest order, each later epoch the same
 documents in an order shuffled by (seed, epoch) at the level of blocks of consecutive documents
-(`document_blocks`, ~BLOCK_TOKENS each), so a later epoch reads long slices as epoch 0 does. Stage k owns the contiguous stream slice
-[start_token_k, start_token_k + tokens_k) and cuts it into rows of seq_len_k tokens, so no token is read
-twice within an epoch and a stage's tokens are all packed (documents run across row boundaries, separated by
-their EOS token).
+(`document_blocks`, ~BLOCK_TOKENS each), so a later epoch reads long slices as epoch 0 does. Stage k owns the
+contiguous stream slice [start_token_k, start_token_k + tokens_k) and cuts it into rows of seq_len_k tokens,
+so no token is read twice within an epoch and a stage's tokens are all packed (documents run across row
+boundaries, separated by their EOS token).
 
 Row layout of a stage (`RowLayout`): optimizer step s holds sequences_per_step rows; worker r takes the
 contiguous block of rows_per_rank_step (= micro_batch * grad_accum) rows at offset r * rows_per_rank_step within
