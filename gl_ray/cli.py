@@ -157,7 +157,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     from gl_ray.reproduce import reproduce
 
     reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
-              budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, workers=args.workers,
+              budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, modes=args.modes,
+              workers=args.workers,
               eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, eval_tokens=args.eval_tokens,
               extra=args.overrides,
               address=args.address)
@@ -284,6 +285,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
     p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
+    p.add_argument("--modes", default="reshape",
+                   help="schedule modes of the GrowLength arms: reshape (default), window, or reshape,window")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per arm (train.seed and data.seed + 0..N-1: weight init, data order)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")

@@ -30,6 +30,8 @@ Strategy = Literal["ddp", "fsdp"]  # see gl_ray.train.parallel
 MicroBatchTokens = int | Literal["auto"]  # see gl_ray.train.micro_batch
 Logger = Literal["tensorboard", "mlflow", "wandb"]  # see gl_ray.train.tracking
 NonFinite = Literal["stop", "skip"]  # see gl_ray.train.loop.Trainer.diverged
+Shape = Literal["ladder", "linear", "geometric"]  # see gl_ray.schedule.stage_lengths
+Mode = Literal["reshape", "window"]
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -64,8 +66,20 @@ class ModelConfig:
 
 @dataclass
 class ScheduleConfig:
-    lengths: list[int] = _f([128, 256, 512, 1024], "stage sequence lengths, strictly increasing, multiples of 8")
-    ratios: list[float] = _f([], "share of the budget per stage, summing to 1 (empty: equal shares)")
+    shape: Shape = _f("ladder", "ladder (the explicit lengths) | linear | geometric (stages generated from start_len "
+                                "to final_len)")
+    mode: Mode = _f("reshape", "reshape: rows of the stage length (GrowLength) | window: rows at the final length, "
+                               "attention limited to a causal window of the stage length (SkyLadder-style)")
+    lengths: list[int] = _f([128, 256, 512, 1024], "shape ladder: stage lengths, strictly increasing, multiples of 8")
+    ratios: list[float] = _f([], "share of the budget per stage, summing to 1 (empty: warmup_fraction, else equal)")
+    start_len: int = _f(0, "shape linear/geometric: the first stage length (0: the first of lengths)")
+    final_len: int = _f(0, "shape linear/geometric: the last stage length, where the rest of the budget runs (0: the "
+                           "last of lengths)")
+    len_step: int = _f(0, "shape linear: tokens added to the length per stage (or give num_stages)")
+    growth: float = _f(0.0, "shape geometric: factor between stage lengths, e.g. 2 (or give num_stages)")
+    num_stages: int = _f(0, "shape linear/geometric: stages before final_len, instead of len_step / growth")
+    warmup_fraction: float = _f(0.0, "share of the budget for the stages before the final length, split equally "
+                                     "(0: ratios decide)")
     budget_tokens: int = _f(0, "total training tokens (0 with budget_time_s: cap that sizes each stage's data)")
     budget_time_s: float = _f(0.0, "wall-time budget in seconds; stages switch at their fractions of it (0: off)")
     tokens_per_step: int = _f(65536, "global tokens per optimizer step, the same in every stage")
@@ -141,10 +155,6 @@ class Config:
             raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
         check_preset(self.model.preset, "model.preset")
         self._check_attention()
-        if s.lengths and s.lengths[-1] > self.model.max_position_embeddings:
-            raise UserError(
-                f"last stage length {s.lengths[-1]} exceeds model.max_position_embeddings="
-                f"{self.model.max_position_embeddings}; raise it or shorten schedule.lengths")
         if self.train.micro_batch_tokens != "auto" and self.train.micro_batch_tokens <= 0:
             raise UserError(f"train.micro_batch_tokens must be positive or auto, got {self.train.micro_batch_tokens}")
         if self.train.memory_budget:
@@ -176,8 +186,20 @@ class Config:
         self._check_device()
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
-        from gl_ray.schedule import make_plan
+        from gl_ray.schedule import make_plan, stage_lengths
 
+        lengths, _ = stage_lengths(s)
+        if lengths[-1] > self.model.max_position_embeddings:
+            raise UserError(
+                f"last stage length {lengths[-1]} exceeds model.max_position_embeddings="
+                f"{self.model.max_position_embeddings}; raise it or shorten the schedule")
+        if s.mode == "window":
+            if self.model.position_mode != "extrapolate":
+                raise UserError(f"schedule.mode=window keeps every row at the final length, so positions already "
+                                f"span it; model.position_mode={self.model.position_mode} does not compose with it "
+                                "(use extrapolate)")
+            if self.model.attention == "flash_attention_2":
+                raise UserError("schedule.mode=window needs model.attention sdpa or flex (the window is a mask)")
         make_plan(self)  # a plan can be made (lengths, ratios, budget, divisibility); the driver builds the real one
         return self
 

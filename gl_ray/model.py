@@ -5,6 +5,7 @@ transformers only.
     pos = position_ids("pose", batch=8, seq_len=128, final_len=1024, generator=g)  # LongTensor [8, 128]
     loss = lm_loss(model, input_ids, pos)
     docs = document_mask(input_ids, eos_id=0, attention="sdpa")                   # packed rows, masked
+    docs = document_mask(input_ids, eos_id=0, window=256)    # and a sliding window (schedule.mode window)
     loss = lm_loss(model, input_ids, position_ids("extrapolate", 8, 128, 1024, local=docs.positions), docs)
 
 Document masking (data.document_masking): a packed row holds several documents, each ending with its EOS token.
@@ -152,13 +153,14 @@ def training_flops(preset: str, vocab_size: int, tokens, pairs):
     return 6.0 * matmul_params * tokens + 12.0 * p.layers * p.hidden * pairs
 
 
-def document_pairs(starts: torch.Tensor) -> torch.Tensor:
-    """Query-key pairs inside documents, summed over the rows: sum of n_d^2 (a 0-d tensor, on starts' device).
+def document_pairs(starts: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """Query-key pairs inside documents, summed over the rows: sum of n_d^2, or with an attention window w of
+    n_d * min(n_d, w) (each query meets the w keys of its band; a 0-d tensor, on starts' device).
     starts: bool [batch, seq_len], True where a document begins (`DocumentMask.starts`)."""
     doc = torch.cumsum(starts.long(), dim=1)  # document number of each token within its row, from 1
     counts = torch.zeros(starts.shape[0], starts.shape[1] + 1, device=starts.device)
     counts.scatter_add_(1, doc, torch.ones_like(doc, dtype=counts.dtype))
-    return (counts * counts).sum()
+    return (counts * (counts.clamp(max=window) if window else counts)).sum()
 
 
 def position_ids(mode: str, batch: int, seq_len: int, final_len: int, generator: torch.Generator | None = None,
@@ -194,10 +196,13 @@ class DocumentMask:
     model_kwargs: dict  # the backend's form of the block-diagonal causal mask, passed to the model
 
 
-def document_mask(input_ids: torch.Tensor, eos_id: int, attention: str = "sdpa") -> DocumentMask:
-    """Documents of each row of input_ids [batch, seq_len]: a document ends with its EOS, the next starts after."""
+def document_mask(input_ids: torch.Tensor, eos_id: int | None, attention: str = "sdpa",
+                  window: int = 0) -> DocumentMask:
+    """Documents of each row of input_ids [batch, seq_len]: a document ends with its EOS, the next starts after
+    (eos_id None: the row is one document). window > 0: a query attends only to the `window` most recent keys
+    of its document (itself included), the sliding-window mask of schedule.mode window."""
     batch, seq_len = input_ids.shape
-    is_eos = input_ids == eos_id
+    is_eos = input_ids == eos_id if eos_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
     starts = torch.zeros_like(is_eos)
     starts[:, 0] = True
     starts[:, 1:] = is_eos[:, :-1]
@@ -208,12 +213,15 @@ def document_mask(input_ids: torch.Tensor, eos_id: int, attention: str = "sdpa")
         from torch.nn.attention.flex_attention import create_block_mask
 
         def same_doc_causal(b, h, q, kv):
-            return (q >= kv) & (doc[b, q] == doc[b, kv])
+            keep = (q >= kv) & (doc[b, q] == doc[b, kv])
+            return keep & (q - kv < window) if window else keep
 
         block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
                                   device=input_ids.device)
         kwargs = {"attention_mask": block}
     elif attention == "flash_attention_2":  # variable-length kernel over the flattened batch*seq_len tokens
+        if window:
+            raise UserError("an attention window needs model.attention sdpa or flex")
         flat_starts = torch.nonzero(starts.reshape(-1)).reshape(-1)
         cu = torch.cat([flat_starts, flat_starts.new_tensor([batch * seq_len])]).to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
@@ -221,16 +229,23 @@ def document_mask(input_ids: torch.Tensor, eos_id: int, attention: str = "sdpa")
                   "max_length_k": longest}
     else:  # sdpa: an explicit boolean [batch, 1, q, kv] mask (True: attend), used by transformers as given
         causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
-        kwargs = {"attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
+        if window:
+            causal = causal.triu(-(window - 1))  # keys q - window + 1 .. q
+        if eos_id is None:  # one document per row: one [1, 1, q, kv] mask for every row
+            kwargs = {"attention_mask": causal[None, None]}
+        else:
+            kwargs = {"attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
     return DocumentMask(starts=starts, positions=positions, model_kwargs=kwargs)
 
 
 def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len: int,
                  generator: torch.Generator | None = None, eos_id: int | None = None,
-                 attention: str = "sdpa") -> dict:
+                 attention: str = "sdpa", window: int = 0) -> dict:
     """Keyword arguments of lm_loss for a micro batch x [batch, seq_len]: position ids for the mode and, when
-    `eos_id` is given (document masking), the document mask in the form the attention backend takes."""
-    docs = None if eos_id is None else document_mask(x, eos_id, attention)
+    `eos_id` is given (document masking) or a `window` (schedule.mode window), the mask in the form the
+    attention backend takes."""
+    masked = eos_id is not None or 0 < window < seq_len
+    docs = document_mask(x, eos_id, attention, window if window < seq_len else 0) if masked else None
     pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator,
                        local=None if docs is None else docs.positions)
     return {"pos": None if pos is None else pos.to(x.device), "docs": docs}

@@ -65,13 +65,16 @@ def val_crossing(ms: list[dict], target: float) -> dict | None:
 
 
 def find_baseline(data: dict[str, list[dict]], baseline: str | None = None) -> str | None:
-    """The named run, else the first run trained at one length only, the longest final length of all runs."""
+    """The named run, else the first run trained at one length only (rows and attention: a window-mode run
+    has one row length but a growing window), the longest final length of all runs."""
     if baseline is not None:
         if baseline not in data:
             raise UserError(f"--baseline {baseline!r} is not one of the runs: {', '.join(data)}")
         return baseline
     longest = max(ms[-1]["seq_len"] for ms in data.values())
-    return next((name for name, ms in data.items() if {m["seq_len"] for m in ms} == {longest}), None)
+    return next((name for name, ms in data.items()
+                 if {m["seq_len"] for m in ms} == {longest} and {m.get("window", longest) for m in ms} == {longest}),
+                None)
 
 
 def _ratio(a, b):

@@ -4,7 +4,10 @@ data and budget, then `report` and `eval`; optionally a ratio ablation (the pape
 Runs go one after another into OUT/runs/; the comparison into OUT/report/ and OUT/eval.json (+ .png).
 
     gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --data data/stdlib --budget-time-s 90 \
-        --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--workers 0]
+        --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--modes reshape,window] [--workers 0]
+
+`--modes reshape,window` adds, for every GrowLength arm, the same schedule in window mode (rows at the final
+length, attention growing through the stage lengths: SkyLadder-style), named ...-window.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from gl_ray.errors import UserError
 from gl_ray.evaluate import evaluate_models, format_eval
 from gl_ray.plots import plot_eval
 from gl_ray.report import build_report, format_report
-from gl_ray.schedule import normalise_ratios
+from gl_ray.schedule import normalise_ratios, stage_lengths
 from gl_ray.train.driver import launch_run
+
+MODES = ("reshape", "window")
 
 
 def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
@@ -33,23 +38,37 @@ def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
     return sets
 
 
-def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]], seeds: int = 1
-                 ) -> list[list[str]]:
-    """Override lists of every run: GrowLength (one per ratio set), fixed shortest, fixed longest; with seeds > 1,
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes or len(set(modes)) != len(modes):
+        raise UserError(f"--modes {text!r}: expected a comma-separated subset of {','.join(MODES)}")
+    return modes
+
+
+def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]], seeds: int = 1,
+                 modes: tuple[str, ...] = ("reshape",)) -> list[list[str]]:
+    """Override lists of every run: GrowLength (one per ratio set, and per mode), fixed shortest, fixed longest
+    (a fixed length has no mode); with seeds > 1,
     each of them `seeds` times, named ...-s0, -s1, ... with train.seed (weight init, PoSE draws) and data.seed
     (document order) both set to the base config's plus k."""
     cfg = load_config(base_config, overrides)
-    lengths, prefix = list(cfg.schedule.lengths), cfg.name
+    (lengths, default_ratios), prefix = stage_lengths(cfg.schedule), cfg.name
     if len(lengths) < 2:
         raise UserError(f"{base_config}: reproduce needs a GrowLength config with at least two lengths")
     if seeds < 1:
         raise UserError(f"--seeds {seeds} must be at least 1")
     arms = []  # (name, overrides of the arm)
-    for i, ratios in enumerate(ratio_sets or [list(cfg.schedule.ratios)]):
+    for i, ratios in enumerate(ratio_sets or [default_ratios]):
         tag = "growlength" if not ratio_sets or len(ratio_sets) == 1 else f"growlength-r{i}"
-        arms.append((f"{prefix}-{tag}", [f"schedule.ratios={ratios}"]))
+        for mode in modes:
+            sets = [f"schedule.ratios={ratios}", "schedule.warmup_fraction=0", f"schedule.mode={mode}"]
+            arms.append((f"{prefix}-{tag}" + ("-window" if mode == "window" else ""), sets))
+    fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape",
+             "schedule.start_len=0", "schedule.final_len=0", "schedule.len_step=0", "schedule.growth=0",
+             "schedule.num_stages=0"]
     for L in (lengths[0], lengths[-1]):
-        arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", "schedule.ratios=[1.0]"]))
+        arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", *fixed]))
     if seeds == 1:
         return [[*overrides, f"name={name}", *sets] for name, sets in arms]
     return [[*overrides, f"name={name}-s{k}", *sets, f"train.seed={cfg.train.seed + k}",
@@ -57,7 +76,8 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
 
 
 def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
-              ratios: str = "", seeds: int = 1, workers: int | None = None, eval_lengths: list[int] | None = None,
+              ratios: str = "", seeds: int = 1, modes: str = "reshape", workers: int | None = None,
+              eval_lengths: list[int] | None = None,
               eval_tokens: int = 0, extra: list[str] | None = None, address: str | None = None) -> dict:
     """Train every arm (and seed) one after another, then report and eval. eval_tokens: val tokens per length in
     the context-extension eval (0: 64 windows of the longest eval length)."""
@@ -68,21 +88,23 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
                  f"schedule.budget_tokens={budget_tokens}", f"schedule.budget_time_s={budget_time_s}"]
     if workers is not None:
         overrides.append(f"ray.num_workers={workers}")
-    stages = len(load_config(base_config, overrides).schedule.lengths)
-    variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [], seeds)
+    stages = len(stage_lengths(load_config(base_config, overrides).schedule)[0])
+    variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [], seeds,
+                            tuple(parse_modes(modes)))
     configs = [load_config(base_config, v) for v in variants]  # validate every run before the first starts
     names = []
     for k, cfg in enumerate(configs):
-        print(f"[reproduce] training {k + 1}/{len(configs)}: {cfg.name} (lengths {cfg.schedule.lengths}, ratios "
-              f"{cfg.schedule.ratios})", flush=True)
+        lengths, ratios = stage_lengths(cfg.schedule)
+        print(f"[reproduce] training {k + 1}/{len(configs)}: {cfg.name} ({cfg.schedule.mode}, lengths {lengths}, "
+              f"ratios {[round(r, 4) for r in ratios]})", flush=True)
         launch_run(cfg, address=address)
         names.append(cfg.name)
     run_uris = [str(Path(runs_dir, n)) for n in names]
     rep = build_report(run_uris, str(Path(out, "report")))
     print(format_report(rep))
-    longest = max(max(c.schedule.lengths) for c in configs)
-    lengths = eval_lengths or sorted({min(c.schedule.lengths) for c in configs} | {longest // 2, longest,
-                                                                                     2 * longest, 4 * longest})
+    spans = [stage_lengths(c.schedule)[0] for c in configs]
+    longest = max(max(s) for s in spans)
+    lengths = eval_lengths or sorted({min(s) for s in spans} | {longest // 2, longest, 2 * longest, 4 * longest})
     ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, lengths,
                          max_tokens=eval_tokens or max(lengths) * 64, document_masking=configs[0].data.document_masking)
     Path(out, "eval.json").write_text(json.dumps(ev, indent=1))

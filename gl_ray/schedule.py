@@ -5,6 +5,11 @@ tokens). Every stage keeps the same `tokens_per_step`, so a stage of length L ru
 sequences per optimizer step, split over the workers and, within a worker, over gradient-accumulation micro
 batches of at most `micro_batch_tokens` tokens.
 
+Stage lengths come from `schedule.shape` (`stage_lengths`): a ladder of explicit lengths (GrowLength), or a
+linear or geometric warmup generated from start_len to final_len. `schedule.mode` says what a stage length
+means: reshape, rows of that length; window, rows at the final length with attention limited to a causal
+window of that length (SkyLadder-style; the last stage has full attention).
+
 Token budget: optimizer steps are shared out by the ratios (largest remainder, every stage at least one
 step); a budget that is not a whole number of steps leaves `unplanned_tokens` (< one step) untrained, and the
 plan says so. Time budget: stage k runs until elapsed wall time reaches the cumulative share of
@@ -31,6 +36,7 @@ class Stage:
     start_step: int  # optimizer steps before this stage
     start_token: int  # tokens before this stage (offset of its slice in the train stream)
     time_s: float  # wall-time share in time mode, else 0
+    window: int = 0  # attention window in tokens (schedule.mode window), 0: plain causal attention
 
     @property
     def rows_per_rank_step(self) -> int:
@@ -63,6 +69,10 @@ class Plan:
     def final_len(self) -> int:
         return self.stages[-1].seq_len
 
+    @property
+    def window_mode(self) -> bool:
+        return any(s.window for s in self.stages)
+
     def stage_at_step(self, step: int) -> Stage:
         """The stage that optimizer step `step` (0-based, global) belongs to."""
         for st in self.stages:
@@ -85,9 +95,10 @@ class Plan:
     def to_json(self) -> dict:
         """The summary written to RUN/plan.json and printed by `gl-ray plan --json`."""
         keys = ("index", "seq_len", "sequences_per_step", "micro_batch", "grad_accum", "steps", "tokens")
+        windowed = self.window_mode
         out = {
             "stages": [{k: asdict(s)[k] for k in keys} | ({"time_s": s.time_s} if self.time_mode else {})
-                       for s in self.stages],
+                       | ({"window": s.window} if windowed else {}) for s in self.stages],
             "total_tokens": self.total_tokens,
             "total_steps": self.total_steps,
             "tokens_per_step": self.tokens_per_step,
@@ -125,6 +136,68 @@ def check_lengths(lengths: list[int]) -> None:
             raise UserError(f"schedule.lengths {lengths} must be strictly increasing ({a} then {b})")
 
 
+def _check_generated(lengths: list[int], what: str) -> None:
+    for L in lengths:
+        if L % 8:
+            raise UserError(f"{what} generates a stage of length {L}, not a multiple of 8; choose lengths whose "
+                            "stages all are")
+
+
+def stage_lengths(s) -> tuple[list[int], list[float]]:
+    """(lengths, ratios) of a ScheduleConfig. ladder: its lengths and ratios. linear: start_len, + len_step, ...,
+    final_len; geometric: start_len, * growth, ..., final_len (or num_stages evenly spaced / spaced by a constant
+    factor, rounded to multiples of 8); start_len and final_len default to the ladder's first and last length.
+    The keys of the other shapes may stay set (one config switches shape with one key, as a Tune space does).
+    ratios: as given, else warmup_fraction split equally over the stages before the final one and the rest at
+    final_len, else equal shares."""
+    if s.shape == "ladder":
+        lengths = list(s.lengths)
+    else:
+        a, b, n = s.start_len or s.lengths[0], s.final_len or s.lengths[-1], s.num_stages
+        if not (isinstance(a, int) and isinstance(b, int)) or a <= 0 or a % 8 or b % 8 or b <= a:
+            raise UserError(f"shape {s.shape}: schedule.start_len={a} and final_len={b} must be multiples of 8 "
+                            "with start_len < final_len")
+        step = s.len_step if s.shape == "linear" else s.growth
+        name = "len_step" if s.shape == "linear" else "growth"
+        if bool(n) == bool(step):
+            raise UserError(f"shape {s.shape}: give exactly one of schedule.{name} and schedule.num_stages")
+        if n < 0:
+            raise UserError(f"schedule.num_stages={n} must be positive")
+        if s.shape == "linear":
+            if n:
+                lengths = [round((a + (b - a) * k / n) / 8) * 8 for k in range(n)] + [b]
+            else:
+                if step <= 0 or (b - a) % step:
+                    raise UserError(f"shape linear: final_len {b} is not reachable from start_len {a} in steps of "
+                                    f"len_step={step}; (final_len - start_len) must be a positive multiple of it")
+                lengths = list(range(a, b + 1, step))
+        else:
+            if n:
+                lengths = [round(a * (b / a) ** (k / n) / 8) * 8 for k in range(n)] + [b]
+            else:
+                if step <= 1:
+                    raise UserError(f"shape geometric: schedule.growth={step} must be greater than 1")
+                k = round(math.log(b / a, step))
+                if k < 1 or abs(a * step ** k - b) > 1e-6 * b:
+                    raise UserError(f"shape geometric: final_len {b} is not reachable from start_len {a} by "
+                                    f"factors of growth={step:g}")
+                lengths = [round(a * step ** i) for i in range(k)] + [b]
+        _check_generated(lengths, f"shape {s.shape}")
+        if len(set(lengths)) != len(lengths):
+            raise UserError(f"shape {s.shape}: {s.num_stages} stages between {a} and {b} give repeated lengths "
+                            f"{lengths}; use fewer stages")
+    ratios = list(s.ratios)
+    if s.warmup_fraction:
+        if ratios:
+            raise UserError("give either schedule.ratios or schedule.warmup_fraction, not both")
+        if not 0 < s.warmup_fraction < 1 or len(lengths) < 2:
+            raise UserError(f"schedule.warmup_fraction={s.warmup_fraction} must be in (0, 1) and the schedule "
+                            "needs at least two lengths")
+        w = len(lengths) - 1
+        ratios = [s.warmup_fraction / w] * w + [1.0 - s.warmup_fraction]
+    return lengths, ratios
+
+
 def split_steps(total_steps: int, ratios: list[float]) -> list[int]:
     """Whole optimizer steps per stage in proportion to ratios (largest remainder; ties go to later stages)."""
     ideal = [r * total_steps for r in ratios]
@@ -153,6 +226,7 @@ def plan_stages(
     budget_tokens: int = 0,
     budget_time_s: float = 0.0,
     cap_tokens: int = 0,
+    mode: str = "reshape",
 ) -> Plan:
     """The stage plan. `num_workers=0` means one process without Ray (world size 1). micro_batch_tokens "auto":
     each worker picks the micro batch at the start of each stage (gl_ray.train.micro_batch); the plan's micro
@@ -160,8 +234,13 @@ def plan_stages(
 
     In time mode (`budget_time_s > 0`) step counts are upper bounds sized from `budget_tokens`, else from
     `cap_tokens` (the corpus size, when the caller knows it), else they are 0 (unknown until the run).
+    mode window: every stage's rows are lengths[-1] long and stage k attends within a window of lengths[k].
     """
     check_lengths(lengths)
+    windows = [0] * len(lengths)
+    if mode == "window":
+        windows = lengths[:-1] + [0]
+        lengths = [lengths[-1]] * len(lengths)
     ratios = normalise_ratios(lengths, ratios)
     if budget_tokens < 0 or budget_time_s < 0:
         raise UserError("schedule.budget_tokens and schedule.budget_time_s must be >= 0")
@@ -175,7 +254,7 @@ def plan_stages(
     for k, L in enumerate(lengths):
         if tokens_per_step % L:
             raise UserError(f"stage {k}: schedule.tokens_per_step={tokens_per_step} is not divisible by "
-                            f"seq_len {L}")
+                            f"seq_len {L}; every stage length divides a multiple of {math.lcm(*lengths)}")
         seqs = tokens_per_step // L
         if seqs % world:
             raise UserError(f"stage {k}: {seqs} sequences per step (seq_len {L}) do not split evenly over "
@@ -201,7 +280,7 @@ def plan_stages(
     for k, ((L, seqs, mb, ga), n) in enumerate(zip(shapes, steps)):
         stages.append(Stage(index=k, seq_len=L, sequences_per_step=seqs, micro_batch=mb, grad_accum=ga, steps=n,
                             tokens=n * tokens_per_step, start_step=step0, start_token=step0 * tokens_per_step,
-                            time_s=ratios[k] * budget_time_s))
+                            time_s=ratios[k] * budget_time_s, window=windows[k]))
         step0 += n
     total_tokens = step0 * tokens_per_step
     return Plan(stages=tuple(stages), tokens_per_step=tokens_per_step, world_size=world, total_tokens=total_tokens,
@@ -214,9 +293,11 @@ def make_plan(cfg, cap_tokens: int = 0) -> Plan:
     """The plan of a Config (see gl_ray.config). The driver builds it once (with the corpus size as `cap_tokens`)
     and ships it to the workers as `Plan.to_dict()`."""
     s = cfg.schedule
-    return plan_stages(lengths=list(s.lengths), ratios=list(s.ratios), tokens_per_step=s.tokens_per_step,
+    lengths, ratios = stage_lengths(s)
+    return plan_stages(lengths=lengths, ratios=ratios, tokens_per_step=s.tokens_per_step,
                        micro_batch_tokens=cfg.train.micro_batch_tokens, num_workers=cfg.ray.num_workers,
-                       budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens)
+                       budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens,
+                       mode=s.mode)
 
 
 def lr_at(tokens_seen: int, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int,
@@ -240,17 +321,23 @@ def lr_at(tokens_seen: int, lr: float, min_lr: float, warmup_tokens: int, total_
 def format_plan(plan: Plan) -> str:
     """A human table of the plan."""
     head = f"{'stage':>5} {'seq_len':>7} {'seqs/step':>9} {'micro':>5} {'accum':>5} {'steps':>7} {'tokens':>13}"
+    if plan.window_mode:
+        head += f" {'window':>7}"
     if plan.time_mode:
         head += f" {'time_s':>8}"
     rows = [head]
     for s in plan.stages:
         row = (f"{s.index:>5} {s.seq_len:>7} {s.sequences_per_step:>9} {s.micro_batch:>5} {s.grad_accum:>5} "
                f"{s.steps:>7} {s.tokens:>13,}")
+        if plan.window_mode:
+            row += f" {s.window or 'full':>7}"
         if plan.time_mode:
             row += f" {s.time_s:>8.1f}"
         rows.append(row)
     rows.append(f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens, "
                 f"{plan.tokens_per_step:,} tokens/step, world size {plan.world_size}")
+    if plan.window_mode:
+        rows.append(f"window mode: every row is {plan.final_len} tokens; attention reaches back `window` tokens")
     if plan.auto_micro_batch:
         rows.append("micro batch: auto, chosen by each worker at each stage start (micro/accum above: the most "
                     "it may be)")

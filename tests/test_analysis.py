@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import metrics, tiny_overrides
 
 from gl_ray.bench import bench_model, format_bench, peak_memory, run_bench
 from gl_ray.config import parse_size
@@ -257,3 +257,30 @@ def test_seeds_make_arms_with_mean_and_spread(tiny_data, tmp_path):
     assert arms["f"]["inside_spread"] is None  # the baseline itself
     with pytest.raises(UserError, match="--seeds 0"):
         run_variants("pipelines/configs/tiny-growlength.yaml", [f"data.path={tiny_data}"], [], seeds=0)
+
+
+def test_window_mode_trains_full_rows_with_a_growing_window(tiny_data, tmp_path):
+    """schedule.mode window: every step reads 64-token rows, stage 0 attends 32 back and counts fewer attention
+    FLOPs per token than the full-attention stage; reproduce --modes names the arm; the report never takes it
+    for the fixed-length baseline."""
+    from gl_ray.config import load_config
+    from gl_ray.reproduce import run_variants
+    from gl_ray.train.driver import launch_run
+
+    cfg = load_config(None, tiny_overrides(tiny_data, str(tmp_path), "win", **{"schedule.mode": "window"}))
+    summary = launch_run(cfg, quiet=True)
+    plan = json.loads((tmp_path / "win" / "plan.json").read_text())
+    assert [(s["seq_len"], s["window"]) for s in plan["stages"]] == [(64, 32), (64, 0)]
+    ms = metrics(tmp_path / "win")
+    assert {m["seq_len"] for m in ms} == {64} and [m["window"] for m in ms][:: len(ms) - 1] == [32, 64]
+    st = summary["stages"]
+    assert st[0]["window"] == 32 and st[0]["flops"] / st[0]["tokens"] < st[1]["flops"] / st[1]["tokens"]
+    assert (tmp_path / "win" / "final" / "model.safetensors").exists()
+    from gl_ray.report import find_baseline
+
+    assert find_baseline({"win": ms, "fixed": [{"seq_len": 64}]}) == "fixed"
+    variants = run_variants("pipelines/configs/tiny-growlength.yaml", [f"data.path={tiny_data}"], [],
+                            modes=("reshape", "window"))
+    names = [next(o[5:] for o in v if o.startswith("name=")) for v in variants]
+    assert names == ["tiny-growlength-growlength", "tiny-growlength-growlength-window", "tiny-growlength-fixed64",
+                     "tiny-growlength-fixed512"]

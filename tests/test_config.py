@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,61 @@ def test_a_huge_micro_batch_validates_quickly():
                                    f"schedule.budget_tokens={2**42}"])
     assert cfg.schedule.tokens_per_step == 2**40
     assert micro_batch_for(2**34, 64, 2**40) == 2**34 and micro_batch_for(12, 8, 40) == 4
+
+
+def _plan(*sets):
+    from gl_ray.schedule import make_plan
+
+    return make_plan(load_config(None, ["schedule.budget_tokens=10000000", "model.max_position_embeddings=1024",
+                                        *sets]))
+
+
+def test_linear_and_geometric_shapes_generate_stages():
+    lin = _plan("schedule.shape=linear", "schedule.start_len=128", "schedule.final_len=1024", "schedule.len_step=128",
+                "schedule.tokens_per_step=107520", "schedule.warmup_fraction=0.3")
+    assert [s.seq_len for s in lin.stages] == list(range(128, 1025, 128))
+    warm = sum(s.steps for s in lin.stages[:-1])
+    assert abs(warm / lin.total_steps - 0.3) < 0.01 and len({s.steps for s in lin.stages[:-1]}) <= 2
+    geo = _plan("schedule.shape=geometric", "schedule.growth=2", "schedule.len_step=64")  # a ladder's ends
+    assert _plan("schedule.len_step=64", "schedule.growth=8").stages == _plan().stages  # ladder: keys ignored
+    assert [s.seq_len for s in geo.stages] == [128, 256, 512, 1024]
+    by_count = _plan("schedule.shape=geometric", "schedule.start_len=128", "schedule.final_len=1024",
+                     "schedule.num_stages=3")
+    assert [s.seq_len for s in by_count.stages] == [128, 256, 512, 1024]
+    n = _plan("schedule.shape=linear", "schedule.start_len=256", "schedule.final_len=1024",
+              "schedule.num_stages=3", "schedule.tokens_per_step=3072")
+    assert [s.seq_len for s in n.stages] == [256, 512, 768, 1024]
+
+
+def test_window_mode_keeps_rows_at_the_final_length():
+    p = _plan("schedule.mode=window", "schedule.lengths=[128,256,1024]")
+    assert [(s.seq_len, s.window) for s in p.stages] == [(1024, 128), (1024, 256), (1024, 0)]
+    assert p.to_json()["stages"][0]["window"] == 128
+    from gl_ray.schedule import format_plan
+
+    assert "window" in format_plan(p).splitlines()[0]
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["schedule.shape=linear", "schedule.start_len=128", "schedule.final_len=1000", "schedule.len_step=128"],
+     "final_len 1000 is not reachable from start_len 128 in steps of len_step=128"),
+    (["schedule.shape=linear", "schedule.start_len=128", "schedule.final_len=1024", "schedule.len_step=128"],
+     "tokens_per_step=65536 is not divisible by seq_len 384; .* multiple of 107520"),
+    (["schedule.shape=geometric", "schedule.start_len=128", "schedule.final_len=1000", "schedule.growth=2"],
+     "multiples of 8|not reachable"),
+    (["schedule.shape=geometric", "schedule.start_len=128", "schedule.final_len=1024", "schedule.growth=3"],
+     "final_len 1024 is not reachable from start_len 128 by factors of growth=3"),
+    (["schedule.shape=linear", "schedule.start_len=128", "schedule.final_len=1024"], "exactly one of"),
+    (["schedule.shape=linear", "schedule.start_len=1024", "schedule.len_step=8"], "start_len < final_len"),
+    (["schedule.mode=window", "model.position_mode=pose"], "does not compose"),
+    (["schedule.mode=window", "model.attention=flash_attention_2"], "flash_attention_2|needs model.attention"),
+    (["schedule.warmup_fraction=1.5"], r"warmup_fraction=1.5 must be in \(0, 1\)"),
+    (["schedule.warmup_fraction=0.5", "schedule.ratios=[0.25,0.25,0.25,0.25]"], "not both"),
+    (["schedule.shape=cosine"], "schedule.shape"),
+])
+def test_bad_schedules_are_one_line(sets, needle):
+    r = subprocess.run([sys.executable, "-m", "gl_ray", "plan", "--set", "schedule.budget_tokens=10000000",
+                        "--set", "model.max_position_embeddings=1024", *[a for s in sets for a in ("--set", s)]],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert re.search(needle, r.stderr), r.stderr

@@ -215,3 +215,52 @@ def test_flops_follow_palm_and_count_only_pairs_inside_documents():
     x = torch.tensor([[5, 6, EOS, 7, EOS, 8, 9, 10]])  # documents of 3, 2 and 3 tokens
     assert float(document_pairs(document_mask(x, EOS).starts)) == 9 + 4 + 9
     assert float(document_pairs(document_mask(torch.ones(2, 8, dtype=torch.long), EOS).starts)) == 2 * 64
+
+
+# ---- the sliding-window mask (schedule.mode window) ----
+
+def token_losses(model, x, docs) -> torch.Tensor:
+    """Next-token loss at each position [batch, seq_len - 1] (the target of position t is token t + 1)."""
+    logits = model(input_ids=x, position_ids=docs.positions, use_cache=False, **docs.model_kwargs).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), x[:, 1:], reduction="none")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document-masked"])
+def test_a_window_as_long_as_the_row_is_plain_attention(masked):
+    torch.manual_seed(0)
+    x = torch.cat([packed_row([7, 12, 13], seed=1)[0], packed_row([20, 12], seed=2)[0]])
+    model = build_model("tiny", 256, 64, seed=3).eval()
+    eos = EOS if masked else None
+    with torch.no_grad():
+        plain = lm_loss(model, x, document_mask(x, EOS).positions, document_mask(x, EOS)) if masked \
+            else lm_loss(model, x)
+        for window in (32, 40):
+            w = document_mask(x, eos, window=window)
+            assert lm_loss(model, x, w.positions, w).item() == pytest.approx(plain.item(), abs=1e-6)
+        narrow = document_mask(x, eos, window=4)
+        assert lm_loss(model, x, narrow.positions, narrow).item() != pytest.approx(plain.item(), abs=1e-3)
+
+
+@pytest.mark.parametrize("eos", [None, EOS], ids=["causal", "document-masked"])
+def test_with_a_window_a_token_sees_only_the_last_w_tokens(eos):
+    """One layer: the loss at position t changes when token t - w + 1 changes and not when any earlier one does
+    (through two layers the reach is 2 (w - 1) tokens, tested as well)."""
+    from transformers import GPTNeoXForCausalLM
+
+    from gl_ray.model import model_config
+
+    torch.manual_seed(0)
+    w, t = 6, 24
+    x = torch.randint(1, 256, (1, 32))
+    for layers, reach in ((1, w - 1), (2, 2 * (w - 1))):
+        cfg = model_config("tiny", 256, 64)
+        cfg.num_hidden_layers = layers
+        torch.manual_seed(layers)
+        model = GPTNeoXForCausalLM(cfg).eval()
+        with torch.no_grad():
+            base = token_losses(model, x, document_mask(x, eos, window=w))[0, t]
+            for j in range(t - reach - 3, t + 1):
+                y = x.clone()
+                y[0, j] = (x[0, j] + 1) % 255 + 1
+                changed = token_losses(model, y, document_mask(y, eos, window=w))[0, t]
+                assert (abs(changed - base) > 1e-6) == (j >= t - reach), (layers, j)

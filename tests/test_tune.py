@@ -107,3 +107,26 @@ def test_optuna_search_with_asha(tiny_data, ray_local, tmp_path):
     best = load_config(tune_dir / "best.yaml")
     assert best.schedule.ratios[0] == pytest.approx(sampled[0], rel=1e-6)  # rows are ranked: best first
     assert sum(best.schedule.ratios) == pytest.approx(1.0)
+
+
+def test_the_schedules_space_compares_shapes_and_modes_at_one_budget(tmp_path):
+    """Every trial of tune_spaces/schedules.yaml trains the same tokens; shapes and modes give the stages they
+    name; a trial's config dumped as best.yaml is runnable as is (it loads back to the same plan)."""
+    from gl_ray.config import dump_config
+
+    space = load_space(str(REPO / "tune_spaces" / "schedules.yaml"))
+    plans = {}
+    for shape in ("ladder", "linear", "geometric"):
+        for mode in ("reshape", "window"):
+            params = {"schedule.shape": shape, "schedule.mode": mode, "schedule.warmup_fraction": 0.5}
+            cfg = load_config(space.base_config, trial_overrides(space, params, name="best"))
+            plans[shape, mode] = plan = make_plan(cfg)
+            assert plan.total_tokens == space.budget_tokens
+            best = tmp_path / "best.yaml"
+            best.write_text(dump_config(cfg))
+            assert make_plan(load_config(str(best))) == plan
+    assert [s.seq_len for s in plans["ladder", "reshape"].stages] == [64, 128, 256, 512]
+    assert [s.seq_len for s in plans["linear", "reshape"].stages] == list(range(64, 513, 64))
+    assert [s.seq_len for s in plans["geometric", "reshape"].stages] == [64, 512]
+    assert [(s.seq_len, s.window) for s in plans["geometric", "window"].stages] == [(512, 64), (512, 0)]
+    assert sum(s.steps for s in plans["linear", "window"].stages[:-1]) == 20  # half of 40 steps before 512

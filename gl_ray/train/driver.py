@@ -38,7 +38,9 @@ def check_memory_budget(cfg: Config, vocab_size: int) -> None:
     share = params // max(1, cfg.ray.num_workers) if cfg.ray.strategy == "fsdp" else params
     budget = parse_size(cfg.train.memory_budget, "train.memory_budget")
     if budget < BYTES_PER_PARAM * share:
-        raise too_small(budget, cfg.schedule.lengths[0], share)
+        from gl_ray.schedule import make_plan
+
+        raise too_small(budget, make_plan(cfg).stages[0].seq_len, share)
 
 
 def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:

@@ -31,7 +31,8 @@ FINGERPRINT_KEYS = ("model.preset", "model.rope_theta", "model.init_std", "model
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
     fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
-    fp["stages"] = [{k: s[k] for k in GLOBAL_STAGE_KEYS} for s in plan.to_json()["stages"]]
+    fp["stages"] = [{k: s[k] for k in GLOBAL_STAGE_KEYS} | ({"window": s["window"]} if "window" in s else {})
+                    for s in plan.to_json()["stages"]]
     return fp
 
 

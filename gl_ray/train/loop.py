@@ -235,7 +235,7 @@ class Trainer:
         no recompile (FSDP's own gathers remain, and every worker tries the same sizes in step)."""
         inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
                               final_len=self.plan.final_len, generator=torch.Generator().manual_seed(0),
-                              eos_id=self.eos_id, attention=self.cfg.model.attention)
+                              eos_id=self.eos_id, attention=self.cfg.model.attention, window=st.window)
         try:
             with self.amp():
                 loss = lm_loss(self.model, x, **inputs)
@@ -258,9 +258,9 @@ class Trainer:
         gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro)
         inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
                               final_len=self.plan.final_len, generator=gen, eos_id=self.eos_id,
-                              attention=self.cfg.model.attention)
-        docs = inputs["docs"]  # FLOPs count the pairs attention computes: within documents when masked
-        self.step_pairs += document_pairs(docs.starts) if docs is not None else x.shape[0] * st.seq_len ** 2
+                              attention=self.cfg.model.attention, window=st.window)
+        docs = inputs["docs"]  # FLOPs count the pairs attention computes: within documents and the window
+        self.step_pairs += document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * st.seq_len ** 2
         return inputs
 
     def advance(self, st: Stage, stage_t0: float, stage_wall0: float) -> float:
@@ -289,6 +289,8 @@ class Trainer:
                    "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
         if plan.time_mode:
             metrics["budget_time_s"] = plan.budget_time_s
+        if plan.window_mode:
+            metrics["window"] = st.window or st.seq_len
         if due.eval:
             metrics["val_loss"] = self.evaluator.loss(self.model, st.seq_len, self.io, self.device, self.amp)
             metrics["val_loss_final_len"] = self.evaluator.loss(self.model, plan.final_len, self.io, self.device,

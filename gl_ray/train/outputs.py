@@ -124,7 +124,8 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
         stages.append({"seq_len": st.seq_len, "tokens": tokens, "steps": steps, "wall_s": round(wall, 3),
                        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
                        "flops": _stage_delta(metrics, st.index, "flops"), "loss": ms[-1]["loss"] if ms else None,
-                       "micro_batch": ms[-1].get("micro_batch") if ms else None})
+                       "micro_batch": ms[-1].get("micro_batch") if ms else None}
+                      | ({"window": st.window or st.seq_len} if plan.window_mode else {}))
     return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3), "flops": state.flops,
             "final_val_loss": final_val.get("val_loss"),
             "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
