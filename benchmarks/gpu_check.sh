@@ -36,6 +36,7 @@ DOC_MASKING=${DOC_MASKING:-0}                   # 1: document masking in bench (
 ACT_CKPT=${ACT_CKPT:-0}                         # 1: activation checkpointing in bench and training
 ATTENTION=${ATTENTION:-sdpa}                    # sdpa | flex | flash_attention_2
 TRAIN_MICRO_BATCH=${TRAIN_MICRO_BATCH:-auto}    # train.micro_batch_tokens of the training run (auto: per stage)
+SCHEDULE_MODE=${SCHEDULE_MODE:-reshape}         # window: rows at the final length, a growing attention window
 FSDP=${FSDP:-1}                                 # 1: FSDP2 check (one process, sharded vs unsharded, checkpoint)
 FSDP_SEQ_LEN=${FSDP_SEQ_LEN:-1024}
 FSDP_STEPS=${FSDP_STEPS:-20}
@@ -63,6 +64,7 @@ $PY -m gl_ray train --config "pipelines/configs/$PRESET-growlength.yaml" --no-ra
     --set "schedule.lengths=$TRAIN_LENGTHS" --set "schedule.ratios=[]" \
     --set "schedule.tokens_per_step=$TOKENS_PER_STEP" --set "schedule.budget_tokens=$TRAIN_TOKENS" \
     --set "schedule.budget_time_s=0" --set "train.micro_batch_tokens=$TRAIN_MICRO_BATCH" \
+    --set "schedule.mode=$SCHEDULE_MODE" \
     --set "train.device=$DEVICE" --set "train.precision=$DTYPE" --set "train.log_every_steps=10" \
     --set "train.compile=$([ "$COMPILE" = 1 ] && echo true || echo false)" --set "model.attention=$ATTENTION" \
     --set "data.document_masking=$([ "$DOC_MASKING" = 1 ] && echo true || echo false)" \

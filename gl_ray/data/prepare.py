@@ -242,6 +242,9 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
                          tokenizer_sample_bytes=tokenizer_sample_bytes)
     staging = _staging(out)
     done = _start_or_resume(staging, settings, resume, overwrite)
+    if storage.is_s3(out) and overwrite and storage.exists(storage.join(out, "manifest.json")):
+        storage.delete_file(storage.join(out, "manifest.json"))  # first: the old dataset stops being one
+        _remove(out)
     try:
         if done:
             tok = load_tokenizer(storage.join(staging, "tokenizer")) if not storage.is_s3(staging) else \
