@@ -4,7 +4,7 @@
 
 A later epoch reads the corpus in a shuffled order; `stream_segments` maps each read to slices of the
 manifest-order token array. Shuffled document by document (before blocks), every document is a slice, so short
-documents make many tiny slices; shuffled in blocks of ~16k tokens (`document_blocks`), a read is a few long
+documents make many tiny slices; shuffled in blocks of ~16k tokens (`block_pieces`), a read is a few long
 slices as in epoch 0. In memory (no shard decoding, which `prepare_scale`'s read numbers include): tokens/s of
 reading one epoch in 131,072-token reads, epoch 0 (seed 0: one slice per read) against epoch 1 both ways.
 """
@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from gl_ray.data.packing import document_blocks, stream_segments
+from gl_ray.data.packing import block_pieces, stream_segments
 
 READ = 2048 * 64  # tokens per read: a step of 64 rows of 2048
 
@@ -45,9 +45,7 @@ def main() -> None:
         total = int(lengths.sum())
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         flat = rng.integers(0, 50_000, total, dtype=np.int32)
-        firsts, per_shard = document_blocks(lengths, [len(lengths)])
-        block_offsets = offsets[firsts]
-        block_lengths = np.diff(np.append(block_offsets, total))
+        block_lengths, block_offsets, per_shard = block_pieces(lengths, offsets, [len(lengths)])
         epoch0 = epoch_speed(block_lengths, block_offsets, per_shard, flat, 0)  # as TokenStream reads it
         by_doc = epoch_speed(lengths, offsets, [len(lengths)], flat, total)
         blocks = epoch_speed(block_lengths, block_offsets, per_shard, flat, total)

@@ -73,7 +73,7 @@ def run_prepare(src: Path, out: Path, tokenizer: str, workers: int) -> dict:
 
 def read_speed(data: str, tokens: int, seq_len: int = 2048) -> dict:
     """Tokens/s reading rows of epoch 0, of epoch 1, and of epoch 1 shuffled document by document."""
-    from gl_ray.data.packing import document_blocks
+    from gl_ray.data.packing import block_pieces
     from gl_ray.data.stream import TokenStream
 
     def speed(stream: TokenStream, first: int) -> float:
@@ -86,9 +86,9 @@ def read_speed(data: str, tokens: int, seq_len: int = 2048) -> dict:
 
     s = TokenStream(data, "train")
     out = {"epoch0": speed(s, 0), "epoch1_blocks": speed(TokenStream(data, "train"), s.tokens)}
-    by_doc = TokenStream(data, "train")
-    firsts, by_doc.shard_blocks = document_blocks(by_doc.doc_lengths, by_doc.shard_docs, block_tokens=1)
-    by_doc.block_offsets, by_doc.block_lengths = by_doc.doc_offsets[firsts], by_doc.doc_lengths[firsts]
+    by_doc = TokenStream(data, "train")  # blocks of one token: every document a block of its own
+    by_doc.block_lengths, by_doc.block_offsets, by_doc.shard_blocks = block_pieces(
+        by_doc.doc_lengths, by_doc.doc_offsets, by_doc.shard_docs, block_tokens=1)
     out["epoch1_documents"] = speed(by_doc, s.tokens)
     out = {k: round(v) for k, v in out.items()}
     out["epoch1_over_epoch0"] = round(out["epoch1_blocks"] / out["epoch0"], 2)

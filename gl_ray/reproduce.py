@@ -64,9 +64,7 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
         for mode in modes:
             sets = [f"schedule.ratios={ratios}", "schedule.warmup_fraction=0", f"schedule.mode={mode}"]
             arms.append((f"{prefix}-{tag}" + ("-window" if mode == "window" else ""), sets))
-    fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape",
-             "schedule.start_len=0", "schedule.final_len=0", "schedule.len_step=0", "schedule.growth=0",
-             "schedule.num_stages=0"]
+    fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape"]
     for L in (lengths[0], lengths[-1]):
         arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", *fixed]))
     if seeds == 1:

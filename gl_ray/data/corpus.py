@@ -67,30 +67,26 @@ def _infos(src: str, path: str, fs: pafs.FileSystem, recursive: bool) -> list[pa
 
 
 def _hf_saved(src: str) -> list[SourceFile] | None:
-    """The .arrow files of a `save_to_disk` folder in their order (None if src is not one)."""
-    for _ in range(2):
-        if storage.exists(storage.join(src, "dataset_dict.json")):
-            splits = json.loads(storage.read_bytes(storage.join(src, "dataset_dict.json"))).get("splits", [])
-            if "train" not in splits:
-                raise UserError(f"source {src!r} is a DatasetDict with splits {splits} and no 'train'; pass the "
-                                "folder of the split to prepare")
-            src = storage.join(src, "train")
-            continue
-        if not storage.exists(storage.join(src, "state.json")):
-            return None
-        try:
-            names = [f["filename"] for f in json.loads(storage.read_bytes(storage.join(src, "state.json")))
-                     ["_data_files"]]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(f"source {src!r}: state.json is not a `datasets` save_to_disk state file") from None
-        fs, path = storage.resolve(src)
-        infos = fs.get_file_info([posixpath.join(path, n) if storage.is_s3(src) else str(Path(path, n))
-                                  for n in names])
-        missing = [n for n, i in zip(names, infos) if i.type != pafs.FileType.File]
-        if missing:
-            raise UserError(f"source {src!r}: data file {missing[0]!r} named in state.json is missing")
-        return [SourceFile(storage.join(src, n), i.size) for n, i in zip(names, infos)]
-    return None
+    """The .arrow files of a `save_to_disk` folder in their order (a DatasetDict's `train` split); None if src is
+    not such a folder."""
+    if storage.exists(storage.join(src, "dataset_dict.json")):
+        splits = json.loads(storage.read_bytes(storage.join(src, "dataset_dict.json"))).get("splits", [])
+        if "train" not in splits:
+            raise UserError(f"source {src!r} is a DatasetDict with splits {splits} and no 'train'; pass the "
+                            "folder of the split to prepare")
+        src = storage.join(src, "train")
+    if not storage.exists(storage.join(src, "state.json")):
+        return None
+    try:
+        names = [f["filename"] for f in json.loads(storage.read_bytes(storage.join(src, "state.json")))["_data_files"]]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"source {src!r}: state.json is not a `datasets` save_to_disk state file") from None
+    fs, _ = storage.resolve(src)
+    infos = fs.get_file_info([storage.resolve(storage.join(src, n))[1] for n in names])
+    missing = [n for n, i in zip(names, infos) if i.type != pafs.FileType.File]
+    if missing:
+        raise UserError(f"source {src!r}: data file {missing[0]!r} named in state.json is missing")
+    return [SourceFile(storage.join(src, n), i.size) for n, i in zip(names, infos)]
 
 
 def list_source(src: str) -> list[SourceFile]:
@@ -186,13 +182,16 @@ def _jsonl(uri: str, compression: str | None, text_column: str) -> Iterator[tupl
         yield f"{uri}#{i}", text or "", 0
 
 
-def _column_batches(uri: str, schema: pa.Schema, batches: Iterator[pa.RecordBatch], text_column: str):
+def _check_column(uri: str, schema: pa.Schema, text_column: str) -> None:
     if text_column not in schema.names:
         raise UserError(f"{uri!r} has no column {text_column!r} (--text-column); columns: "
                         f"{', '.join(schema.names[:12])}")
     if not (pa.types.is_string(schema.field(text_column).type) or
             pa.types.is_large_string(schema.field(text_column).type)):
         raise UserError(f"{uri!r}: column {text_column!r} is {schema.field(text_column).type}, expected a string")
+
+
+def _column_texts(uri: str, batches: Iterator[pa.RecordBatch], text_column: str):
     i = 0
     for batch in batches:
         for text in batch.column(text_column).to_pylist():
@@ -208,13 +207,13 @@ def _records(uri: str, kind: str, text_column: str) -> Iterator[tuple[str, str, 
         with f:
             if kind == ".parquet":
                 pf = pq.ParquetFile(f)
-                names = pf.schema_arrow.names
-                cols = [text_column] if text_column in names else None
-                yield from _column_batches(uri, pf.schema_arrow, pf.iter_batches(RECORD_BATCH, columns=cols),
-                                           text_column)
+                _check_column(uri, pf.schema_arrow, text_column)
+                batches = pf.iter_batches(RECORD_BATCH, columns=[text_column])
             else:
                 reader = pa.ipc.open_stream(f)
-                yield from _column_batches(uri, reader.schema, iter(reader), text_column)
+                _check_column(uri, reader.schema, text_column)
+                batches = iter(reader)
+            yield from _column_texts(uri, batches, text_column)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
         what = "Parquet" if kind == ".parquet" else "Arrow IPC stream"
         raise UserError(f"{uri!r} is not a readable {what} file ({str(e).splitlines()[0][:160]})") from None

@@ -54,6 +54,15 @@ def document_blocks(doc_lengths: np.ndarray, shard_docs: list[int],
     return (np.concatenate(firsts) if firsts else np.zeros(0, np.int64)).astype(np.int64), per_shard
 
 
+def block_pieces(doc_lengths: np.ndarray, doc_offsets: np.ndarray, shard_docs: list[int],
+                 block_tokens: int = BLOCK_TOKENS) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The blocks of `document_blocks` as pieces of the flat token array, the form `stream_segments` shuffles:
+    (lengths, offsets, blocks per shard)."""
+    firsts, per_shard = document_blocks(doc_lengths, shard_docs, block_tokens)
+    offsets = doc_offsets[firsts]
+    return np.diff(np.append(offsets, int(doc_lengths.sum()))).astype(np.int64), offsets, per_shard
+
+
 def epoch_order(shard_docs: list[int], epoch: int, seed: int) -> np.ndarray:
     """Document order of an epoch (indices in manifest order), seeded by (seed, epoch).
 

@@ -235,8 +235,11 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
         raise UserError("--text-column must not be empty")
     _check_out(out, overwrite)
     files = list_source(source)
-    if max_docs and all(f.uri.endswith(ONE_DOC_EXTS) for f in files):
-        files = files[:max_docs]
+    one_doc_files = all(f.uri.endswith(ONE_DOC_EXTS) for f in files)
+    if max_docs and one_doc_files:  # the first N files are the first N documents: no count to stop at
+        files, max_docs_per_unit = files[:max_docs], 0
+    else:
+        max_docs_per_unit = max_docs
     settings = _settings(source, files, tokenizer, text_column=text_column, val_fraction=val_fraction,
                          shard_tokens=shard_tokens, max_docs=max_docs, unit_bytes=unit_bytes,
                          tokenizer_sample_bytes=tokenizer_sample_bytes)
@@ -247,8 +250,7 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
         _remove(out)
     try:
         if done:
-            tok = load_tokenizer(storage.join(staging, "tokenizer")) if not storage.is_s3(staging) else \
-                _load_s3_tokenizer(staging)
+            tok = _load_saved_tokenizer(storage.join(staging, "tokenizer"))
         else:
             tok = _resolve_tokenizer(tokenizer, files, tokenizer_sample_bytes, text_column)
             with tempfile.TemporaryDirectory() as tmp:
@@ -258,7 +260,7 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
         units = [{"index": i, "files": u} for i, u in enumerate(units_of(files, unit_bytes))]
         kw = {"out": staging, "tokenizer_json": tok.backend_tokenizer.to_str(), "eos_id": int(tok.eos_token_id),
               "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_column": text_column}
-        stats = _run_units(units, done, kw, staging, max_docs=max_docs, address=address, no_ray=no_ray,
+        stats = _run_units(units, done, kw, staging, max_docs=max_docs_per_unit, address=address, no_ray=no_ray,
                            workers=workers)
         manifest = _finish(stats, tok, source, staging, val_fraction)
     except UserError:
@@ -276,17 +278,18 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
     return manifest
 
 
-def _load_s3_tokenizer(staging: str):
+def _load_saved_tokenizer(folder: str):
+    """The tokenizer an interrupted prepare saved (local or S3), through a local copy."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in storage.list_dir(storage.join(staging, "tokenizer")):
-            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(staging, "tokenizer", name)))
+        for name in storage.list_dir(folder):
+            Path(tmp, name).write_bytes(storage.read_bytes(storage.join(folder, name)))
         return load_tokenizer(tmp)
 
 
 def _run_units(units: list[dict], done: set[int], kw: dict, staging: str, *, max_docs: int, address: str | None,
                no_ray: bool, workers: int) -> list[dict]:
     """Statistics of every unit in order: finished ones read back, the rest written now (Ray Data tasks, or in
-    this process with no_ray or max_docs over multi-document files, which must stop at a document count)."""
+    this process with no_ray or with max_docs, a document count the units must stop at in order)."""
     stats = {i: json.loads(storage.read_bytes(storage.join(staging, UNITS_DIR, f"unit-{i:05d}.json")))
              for i in done}
     todo = [u for u in units if u["index"] not in done]
@@ -299,8 +302,7 @@ def _run_units(units: list[dict], done: set[int], kw: dict, staging: str, *, max
             tokens = sum(s["tokens"] for s in stats.values())
             print(f"[prepare] {len(stats)}/{len(units)} units, {tokens:,} tokens ({last - t0:.0f} s)", flush=True)
 
-    sequential = no_ray or (max_docs and not all(f.endswith(ONE_DOC_EXTS) for u in units for f in u["files"]))
-    if sequential:
+    if no_ray or max_docs:
         count = sum(s["documents"] for s in stats.values())
         for u in todo:
             if max_docs and count >= max_docs:
@@ -362,10 +364,13 @@ def _give_val_a_document(stats: list[dict], staging: str) -> None:
 
 def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: float) -> dict:
     docs = sum(s["documents"] for s in stats)
-    shards = {split: [sh for s in stats for sh in s["shards"][split]] for split in SPLITS}
-    if val_fraction > 0 and not shards["val"] and docs >= 2:
+
+    def shards_of(split: str) -> list[dict]:
+        return [sh for s in stats for sh in s["shards"][split]]
+
+    if val_fraction > 0 and not shards_of("val") and docs >= 2:
         _give_val_a_document(stats, staging)
-        shards = {split: [sh for s in stats for sh in s["shards"][split]] for split in SPLITS}
+    shards = {split: shards_of(split) for split in SPLITS}
     if not shards["train"]:
         raise UserError(f"source {source!r} yielded no non-empty training documents")
     if val_fraction > 0 and not shards["val"]:

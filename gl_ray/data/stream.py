@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from gl_ray.data.manifest import load_manifest, read_shard_lengths, read_shard_tokens
-from gl_ray.data.packing import RowLayout, document_blocks, pack_rows, stream_segments
+from gl_ray.data.packing import RowLayout, block_pieces, pack_rows, stream_segments
 from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
 
@@ -37,9 +37,8 @@ class TokenStream:
                    for sh in self.shards]
         self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         self.doc_offsets = np.concatenate([[0], np.cumsum(self.doc_lengths)[:-1]]).astype(np.int64)
-        firsts, self.shard_blocks = document_blocks(self.doc_lengths, self.shard_docs)  # the shuffled pieces
-        self.block_offsets = self.doc_offsets[firsts]
-        self.block_lengths = np.diff(np.append(self.block_offsets, int(self.doc_lengths.sum()))).astype(np.int64)
+        self.block_lengths, self.block_offsets, self.shard_blocks = block_pieces(  # what later epochs shuffle
+            self.doc_lengths, self.doc_offsets, self.shard_docs)
         self.shard_starts = np.concatenate([[0], np.cumsum([sh.tokens for sh in self.shards])]).astype(np.int64)
         self.tokens = int(self.shard_starts[-1])
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
