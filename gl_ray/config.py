@@ -21,8 +21,10 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from gl_ray.errors import UserError
+from gl_ray.sizes import parse_size
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
+Preset = Literal["tiny", "pythia-14m", "pythia-70m", "pythia-160m", "pythia-410m"]  # see gl_ray.model.PRESETS
 Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.model.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
@@ -53,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = _f("tiny", "architecture preset: tiny, pythia-14m, pythia-70m, pythia-160m, pythia-410m")
+    preset: Preset = _f("tiny", "architecture preset: tiny | pythia-14m | pythia-70m | pythia-160m | pythia-410m")
     max_position_embeddings: int = _f(2048, "longest length the model is meant for (RoPE has no position table, so "
                                             "any value works); must be >= the last stage length")
     position_mode: PositionMode = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
@@ -117,7 +119,7 @@ class TrainConfig:
                                       "(leave that step's update out; reads the norm back every step)")
     max_skipped_steps: int = _f(10, "with nonfinite skip: more skipped steps than this stop the run")
     loggers: list[Logger] = _f([], "experiment trackers besides metrics.jsonl: any of tensorboard, mlflow, wandb")
-    mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else a store in RUN/mlruns)")
+    mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db)")
     wandb_project: str = _f("", "W&B project (empty: WANDB_PROJECT, else gl-ray)")
     wandb_entity: str = _f("", "W&B entity (empty: WANDB_ENTITY, else your default)")
     tracker_group: str = _f("", "MLflow experiment and W&B group (empty: the run name; a Tune search: its name)")
@@ -147,14 +149,12 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
     def validate(self) -> Config:
-        """Check everything that can be checked without data or Ray; raises UserError."""
-        from gl_ray.model import check_preset  # late import: model pulls in torch
-
+        """Check the config as a schema: each value and the rules between values, with nothing imported beyond
+        it (no torch, data or Ray). What needs the schedule's arithmetic or this machine (kernels, devices,
+        trackers) is checked by the driver before anything is written: gl_ray.train.preflight. Raises UserError."""
         s = self.schedule
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
-        check_preset(self.model.preset, "model.preset")
-        self._check_attention()
         if self.train.micro_batch_tokens != "auto" and self.train.micro_batch_tokens <= 0:
             raise UserError(f"train.micro_batch_tokens must be positive or auto, got {self.train.micro_batch_tokens}")
         if self.train.memory_budget:
@@ -169,12 +169,11 @@ class Config:
                     "ray.max_failures"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
-        from gl_ray.train.tracking import check_loggers
-
-        check_loggers(self.train.loggers)
         if self.ray.strategy == "fsdp" and self.ray.num_workers == 0:
             raise UserError("ray.strategy=fsdp shards the model over Ray workers; set ray.num_workers >= 1 "
                             "(ray.num_workers=0 trains in one process without Ray)")
+        if self.train.device == "cuda" and self.ray.num_workers > 0 and not self.ray.use_gpu:
+            raise UserError("train.device=cuda with Ray workers needs ray.use_gpu=true (one GPU per worker)")
         for key in ("optim.beta1", "optim.beta2"):
             if not 0 <= self.get(key) < 1:
                 raise UserError(f"{key} must be in [0, 1), got {self.get(key)}")
@@ -183,16 +182,8 @@ class Config:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
         if self.data.seed < 0:
             raise UserError(f"data.seed must be >= 0, got {self.data.seed}")
-        self._check_device()
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
-        from gl_ray.schedule import make_plan, stage_lengths
-
-        lengths, _ = stage_lengths(s)
-        if lengths[-1] > self.model.max_position_embeddings:
-            raise UserError(
-                f"last stage length {lengths[-1]} exceeds model.max_position_embeddings="
-                f"{self.model.max_position_embeddings}; raise it or shorten the schedule")
         if s.mode == "window":
             if self.model.position_mode != "extrapolate":
                 raise UserError(f"schedule.mode=window keeps every row at the final length, so positions already "
@@ -200,34 +191,7 @@ class Config:
                                 "(use extrapolate)")
             if self.model.attention == "flash_attention_2":
                 raise UserError("schedule.mode=window needs model.attention sdpa or flex (the window is a mask)")
-        make_plan(self)  # a plan can be made (lengths, ratios, budget, divisibility); the driver builds the real one
         return self
-
-    def _check_device(self) -> None:
-        """train.device=cuda needs a GPU where training runs: here without Ray, on the workers with Ray."""
-        if self.train.device != "cuda":
-            return
-        if self.ray.num_workers > 0 and not self.ray.use_gpu:
-            raise UserError("train.device=cuda with Ray workers needs ray.use_gpu=true (one GPU per worker)")
-        if self.ray.num_workers == 0:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise UserError("train.device=cuda: no CUDA device is available here; use auto or cpu")
-
-    def _check_attention(self) -> None:
-        """The backend exists in this install, and flex trains only where it has a backward pass (CUDA)."""
-        from gl_ray.model import check_attention
-
-        check_attention(self.model.attention)
-        if self.model.attention == "flex":
-            import torch
-
-            gpu = self.train.device == "cuda" or self.ray.use_gpu or (
-                self.ray.num_workers == 0 and self.train.device == "auto" and torch.cuda.is_available())
-            if not gpu:
-                raise UserError("model.attention=flex trains on CUDA only (torch's flex attention has no CPU "
-                                "backward): set ray.use_gpu=true or train.device=cuda, or use sdpa")
 
     def get(self, dotted: str) -> Any:
         obj: Any = self
@@ -296,22 +260,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if not ok(value):
         raise UserError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     return float(value) if typ is float else value
-
-
-def parse_size(text: str, what: str = "--memory-budget") -> int:
-    """'24GiB', '512MiB', '1.5e9' -> bytes (`what`: the option or key, for the error)."""
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    t = text.strip().upper()
-    for u, mult in units.items():
-        if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(float(t))
-    except ValueError:
-        raise UserError(f"{what} {text!r}: expected bytes or a size like 8GiB") from None
 
 
 def config_from_dict(raw: dict) -> Config:

@@ -16,10 +16,15 @@ import torch
 from gl_ray.errors import UserError
 
 
+def check_device(name: str, what: str = "device") -> None:
+    """cuda needs a CUDA device in this process (UserError naming `what`, the key or flag, otherwise)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"{what}=cuda: no CUDA device is available here; use auto or cpu")
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """auto: the current CUDA device if there is one, else cpu; cuda without a GPU is a UserError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device cuda: no CUDA device is available here")
+    check_device(name)
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return torch.device("cpu")

@@ -68,10 +68,14 @@ def check_preset(preset: str, what: str = "model.preset") -> Preset:
     return PRESETS[preset]
 
 
-def check_attention(attention: str, what: str = "model.attention") -> str:
-    """transformers' name of an attention backend; UserError if it is unknown or cannot run here."""
+def check_attention(attention: str, what: str = "model.attention", on_gpu: bool | None = None) -> str:
+    """transformers' name of an attention backend; UserError if it is unknown or cannot run here. `on_gpu`: whether
+    it will train on a GPU (flex has no CPU backward); None: it only runs forward (eval, bench forward)."""
     if attention not in ATTENTION:
         raise UserError(f"{what}={attention!r} is not one of {' | '.join(ATTENTION)}")
+    if attention == "flex" and on_gpu is False:
+        raise UserError(f"{what}=flex trains on CUDA only (torch's flex attention has no CPU backward): set "
+                        "ray.use_gpu=true or train.device=cuda, or use sdpa")
     if attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
         raise UserError(f"{what}=flex needs torch.nn.attention.flex_attention (torch >= 2.5); this torch "
                         f"{torch.__version__} has none: upgrade torch or use sdpa")

@@ -38,6 +38,7 @@ import yaml
 from gl_ray import storage
 from gl_ray.config import unknown_key, all_keys, dump_config, load_config
 from gl_ray.errors import UserError, find_user_error
+from gl_ray.train.preflight import preflight
 
 SPECIAL = ("ladder", "first_ratio", "ratios")
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -155,7 +156,7 @@ def _validate_combinations(space: Space) -> None:
     for values in combos:
         overrides = trial_overrides(space, dict(zip(space.params, values)))
         try:
-            load_config(space.base_config, overrides)
+            preflight(load_config(space.base_config, overrides))
         except UserError as e:
             shown = ", ".join(f"{k}={v}" for k, v in zip(space.params, values))
             raise UserError(f"search space {space.name!r}: trial ({shown}) is invalid: {e}") from None

@@ -2,8 +2,9 @@
 continues the same tracker runs with every step logged once."""
 
 import importlib.util
-import re
 import json
+import os
+import re
 
 import pytest
 from conftest import metrics, run_tiny
@@ -11,6 +12,7 @@ from conftest import metrics, run_tiny
 from gl_ray.config import load_config
 from gl_ray.errors import UserError
 from gl_ray.train.faults import InjectedFault
+from gl_ray.train.preflight import preflight
 
 LOGGERS = {"train.loggers": "[tensorboard,mlflow,wandb]"}
 
@@ -56,6 +58,10 @@ def test_mlflow_continues_the_same_run_with_params_and_artifacts(tracked):
     run, before = tracked
     ids = json.loads((run / "trackers.json").read_text())
     assert ids["mlflow_run_id"] == before["mlflow_run_id"]  # the resumed run is the same MLflow run
+    # the default store is SQLite inside the run folder (no file store, which MLflow 3 refuses to open unless
+    # MLFLOW_ALLOW_FILE_STORE is set), and the artifacts are in the run folder too
+    assert ids["mlflow_tracking_uri"] == f"sqlite:///{(run / 'mlflow.db').resolve()}"
+    assert "MLFLOW_ALLOW_FILE_STORE" not in os.environ and not (run / "mlruns").exists()
     client = MlflowClient(tracking_uri=ids["mlflow_tracking_uri"])
     history = client.get_metric_history(ids["mlflow_run_id"], "loss")
     assert sorted(h.step for h in history) == [m["step"] for m in metrics(run)]
@@ -63,7 +69,8 @@ def test_mlflow_continues_the_same_run_with_params_and_artifacts(tracked):
     assert info.data.params["schedule.lengths"] == "[32, 64]" and info.data.params["name"] == "tracked"
     assert info.info.status == "FINISHED"
     arts = {a.path for a in client.list_artifacts(ids["mlflow_run_id"])}
-    assert {"summary.json", "plan.json"} <= arts and any(a.endswith(".png") for a in arts)
+    assert {"summary.json", "plan.json", "loss_vs_time.png", "val_loss_vs_time.png"} <= arts
+    assert (run / "mlartifacts").is_dir() and any((run / "mlartifacts").rglob("summary.json"))
 
 
 def wandb_records(path):
@@ -110,6 +117,6 @@ def test_a_tracker_that_is_not_installed_is_one_line(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
     with pytest.raises(UserError, match=r"wandb is not installed; pip install 'gl-ray\[wandb\]'"):
-        load_config("pipelines/configs/tiny-growlength.yaml", ["train.loggers=[wandb]"])
+        preflight(load_config("pipelines/configs/tiny-growlength.yaml", ["train.loggers=[wandb]"]))
     with pytest.raises(UserError, match=re.escape("tensorboard | mlflow | wandb")):
         load_config("pipelines/configs/tiny-growlength.yaml", ["train.loggers=[comet]"])

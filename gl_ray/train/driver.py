@@ -19,6 +19,7 @@ from gl_ray.schedule import format_plan, make_plan
 from gl_ray.train import preempt
 from gl_ray.train.lock import run_lock
 from gl_ray.train.outputs import format_summary
+from gl_ray.train.preflight import preflight
 
 
 def run_uri_of(cfg: Config) -> str:
@@ -30,7 +31,7 @@ def check_memory_budget(cfg: Config, vocab_size: int) -> None:
     """train.memory_budget must at least hold the weights, gradients and AdamW state of this worker's share."""
     if cfg.train.micro_batch_tokens != "auto" or not cfg.train.memory_budget:
         return
-    from gl_ray.config import parse_size
+    from gl_ray.sizes import parse_size
     from gl_ray.model import param_count
     from gl_ray.train.micro_batch import BYTES_PER_PARAM, too_small
 
@@ -47,6 +48,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
     resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one)."""
     say = (lambda *_: None) if quiet else print
+    preflight(cfg)  # the schedule plans and this machine has what the config asks for
     if not storage.is_s3(cfg.data.path):  # workers do not share the driver's working directory
         cfg.data.path = os.path.abspath(cfg.data.path)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard

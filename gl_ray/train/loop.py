@@ -15,11 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-from gl_ray.config import Config, parse_size
+from gl_ray.config import Config
 from gl_ray.errors import TrainingDiverged
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
 from gl_ray.schedule import Plan, Stage, lr_at
+from gl_ray.sizes import parse_size
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail, maybe_poison
 from gl_ray.train.io import RunHooks, WorkerIO

@@ -11,7 +11,7 @@
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
     trackers.json   with train.loggers: tracker run ids and the last step logged (gl_ray.train.tracking), beside
-                    tensorboard/, mlruns/ (MLflow's default local store) and wandb/
+                    tensorboard/, mlflow.db + mlartifacts/ (MLflow's default local store) and wandb/
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from gl_ray import storage
+from gl_ray.plots import plot_curves
 from gl_ray.schedule import Plan
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.io import RunHooks
@@ -114,6 +115,18 @@ def export_final(run_uri: str, model: torch.nn.Module, weights: dict, tokenizer_
     return final
 
 
+def run_artifacts(run_uri: str, metrics: list[dict], folder: str) -> dict[str, str]:
+    """What trackers upload at the end of a run, as local files in `folder`: summary.json, plan.json and the run's
+    curves (training loss vs time, tokens and FLOPs; validation loss at the final length vs time)."""
+    out = {}
+    for name in ("summary.json", "plan.json"):
+        uri = storage.join(run_uri, name)
+        if storage.exists(uri):
+            out[name] = str(Path(folder, name))
+            Path(out[name]).write_bytes(storage.read_bytes(uri))
+    return out | plot_curves({Path(run_uri.rstrip("/")).name: metrics}, folder)
+
+
 def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val: dict) -> dict:
     stages = []
     for st in plan.stages:
@@ -194,4 +207,5 @@ class RunOutputs(RunHooks):
         storage.write_bytes(storage.join(self.run_uri, "summary.json"),
                             json.dumps(finite(summary), indent=1, allow_nan=False).encode())
         if self.trackers is not None:
-            self.trackers.finish(summary)
+            with tempfile.TemporaryDirectory(prefix="gl-ray-artifacts-") as tmp:
+                self.trackers.finish(summary, run_artifacts(self.run_uri, metrics, tmp))

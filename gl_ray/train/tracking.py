@@ -2,9 +2,10 @@
 with the step as x-axis, besides RUN/metrics.jsonl.
 
     tensorboard  event files in RUN/tensorboard/ (an s3:// run: written locally, uploaded after each report)
-    mlflow       train.mlflow_tracking_uri, else MLFLOW_TRACKING_URI, else a file store in RUN/mlruns (a local
-                 run; an s3:// run needs a tracking URI); experiment train.tracker_group (default: the run
-                 name); the flattened config as params; summary.json, plan.json and the report's plots as
+    mlflow       train.mlflow_tracking_uri, else MLFLOW_TRACKING_URI, else a SQLite store RUN/mlflow.db with
+                 artifacts in RUN/mlartifacts (a local run; `mlflow ui --backend-store-uri sqlite:///RUN/mlflow.db`
+                 opens it; an s3:// run needs a tracking URI); experiment train.tracker_group (default: the run
+                 name); the flattened config as params; summary.json, plan.json and the run's loss curves as
                  artifacts at the end
     wandb        project train.wandb_project (else WANDB_PROJECT, else "gl-ray"), entity train.wandb_entity (else
                  WANDB_ENTITY), group train.tracker_group; WANDB_MODE=offline works without a network
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from gl_ray import storage
 from gl_ray.errors import UserError
+from gl_ray.train.identity import flat
 
 MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # logger -> module it needs
 
@@ -42,8 +44,6 @@ def check_loggers(loggers: list[str]) -> None:
 
 def flatten(d: dict) -> dict[str, str]:
     """{"train": {"seed": 0}} -> {"train.seed": "0"}: gl_ray.train.identity.flat, values as text."""
-    from gl_ray.train.identity import flat
-
     return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in flat(d).items()}
 
 
@@ -83,17 +83,19 @@ class MLflow:
         from mlflow.tracking import MlflowClient
 
         uri = cfg.train.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        artifacts = None  # a tracking server's or the given store's own artifact root
         if not uri:
             if storage.is_s3(run_uri):
                 raise UserError("train.loggers: mlflow with an s3:// run needs train.mlflow_tracking_uri or "
                                 "MLFLOW_TRACKING_URI (a tracking server)")
-            uri = Path(run_uri, "mlruns").resolve().as_uri()
-        if uri.startswith("file:") or "://" not in uri:  # MLflow 3 keeps its file store behind this switch
+            uri = f"sqlite:///{Path(run_uri, 'mlflow.db').resolve()}"  # the store MLflow 3 recommends
+            artifacts = Path(run_uri, "mlartifacts").resolve().as_uri()  # else ./mlartifacts of the cwd
+        if uri.startswith("file:") or "://" not in uri:  # a file store the user asked for: MLflow 3 wants this
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = MlflowClient(tracking_uri=uri)
         group = cfg.train.tracker_group or cfg.name
         exp = self.client.get_experiment_by_name(group)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(group)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(group, artifact_location=artifacts)
         self.run_id = ids.get("mlflow_run_id")
         if self.run_id is None:
             self.run_id = self.client.create_run(exp_id, run_name=cfg.name).info.run_id
@@ -179,20 +181,8 @@ class Trackers:
             except Exception as e:  # closing must not hide why the run stopped
                 print(f"gl-ray: could not close a tracker: {e}")
 
-    def finish(self, summary: dict) -> None:
-        """Artifacts: summary.json, plan.json and the report's plots of this run."""
-        with tempfile.TemporaryDirectory(prefix="gl-ray-artifacts-") as tmp:
-            artifacts = {}
-            for name in ("summary.json", "plan.json"):
-                uri = storage.join(self.run_uri, name)
-                if storage.exists(uri):
-                    artifacts[name] = str(Path(tmp, name))
-                    Path(artifacts[name]).write_bytes(storage.read_bytes(uri))
-            if any(name == "mlflow" for name in self.loggers):
-                from gl_ray.report import build_report
-
-                build_report([self.run_uri], str(Path(tmp, "report")))
-                for p in sorted(Path(tmp, "report").glob("*.png")):
-                    artifacts[p.name] = str(p)
-            for tracker in self.open:
-                tracker.finish(artifacts, summary)
+    def finish(self, summary: dict, artifacts: dict[str, str]) -> None:
+        """Close every tracker with the run's summary and `artifacts` (name -> local file), which the run's owner
+        made (gl_ray.train.outputs: summary.json, plan.json, the run's plots)."""
+        for tracker in self.open:
+            tracker.finish(artifacts, summary)

@@ -1,0 +1,35 @@
+"""What a run needs beyond its config's schema, checked before anything of the run is written: the schedule makes
+a plan (lengths, ratios, budget, divisibility, positions), and this machine (or the Ray workers) has what the config
+asks for: the attention kernel, a CUDA device, the trackers. Each check lives with what it checks; this module only
+calls them, for the driver (`launch_run`) and for the commands that validate many runs up front (reproduce, tune).
+
+    plan = preflight(load_config("pipelines/configs/tiny-growlength.yaml"))
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gl_ray.config import Config
+from gl_ray.devices import check_device
+from gl_ray.model import check_attention
+from gl_ray.schedule import Plan, make_plan
+from gl_ray.train.tracking import check_loggers
+
+
+def trains_on_gpu(cfg: Config) -> bool:
+    """Whether the training processes get a GPU: Ray workers with ray.use_gpu, or this process with a CUDA device."""
+    if cfg.ray.num_workers > 0:
+        return cfg.ray.use_gpu or cfg.train.device == "cuda"
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
+def preflight(cfg: Config) -> Plan:
+    """Raise UserError on the first thing that cannot run; returns the plan without a corpus cap (the driver
+    builds the real one with the corpus size)."""
+    plan = make_plan(cfg)
+    if cfg.ray.num_workers == 0:  # Ray workers are checked where they run (ray.use_gpu reserves their GPU)
+        check_device(cfg.train.device, "train.device")
+    check_attention(cfg.model.attention, on_gpu=trains_on_gpu(cfg))
+    check_loggers(cfg.train.loggers)
+    return plan
