@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 FILE_BYTES = 32 << 20
-NEOX = Path(__file__).resolve().parents[2] / "shared" / "data" / "tokenizers" / "gpt-neox-20b"
+NEOX = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / "gpt-neox-20b"
 
 
 def generate(folder: Path, gb: float) -> int:

@@ -16,8 +16,8 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-NEOX_TOKENIZER = SHARED / "data" / "tokenizers" / "gpt-neox-20b"
+# The real GPT-NeoX-20B (Pythia) tokenizer, checked in with its licence (see the README.md beside it).
+NEOX_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "gpt-neox-20b"
 
 
 @pytest.fixture(scope="session")
