@@ -8,6 +8,7 @@ import pytest
 from gl_ray.config import apply_overrides, config_from_dict, describe_keys, load_config
 from gl_ray.errors import UserError
 from gl_ray.schedule import make_plan
+from gl_ray.train.preflight import preflight
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "pipelines" / "configs").glob("*.yaml"))
 
@@ -42,7 +43,7 @@ def test_overrides_are_parsed_as_yaml():
     (["schedule.lengths=64"], "expects list"),
     (["model.max_position_embeddings=256"], "exceeds model.max_position_embeddings"),
     (["model.position_mode=rope"], "extrapolate | interpolate | pose"),
-    (["model.preset=gpt5"], "unknown"),
+    (["model.preset=gpt5"], "is not one of tiny | pythia-14m"),
     (["train.micro_batch_tokens=0"], "must be positive"),
     (["train.micro_batch_tokens=most"], "expects int or 'auto'"),
     (["train.micro_batch_tokens=auto", "train.memory_budget=plenty"], "train.memory_budget 'plenty'"),
@@ -59,7 +60,7 @@ def test_overrides_are_parsed_as_yaml():
 ])
 def test_bad_values_are_one_line_user_errors(overrides, needle):
     with pytest.raises(UserError, match=needle) as e:
-        load_config(CONFIGS[0], overrides)
+        preflight(load_config(CONFIGS[0], overrides))
     assert "\n" not in str(e.value)
 
 
@@ -112,20 +113,25 @@ def test_config_choices_match_the_code_that_uses_them():
     """The config's Literal types are the one list of choices; the model's runtime checks agree with them."""
     from typing import get_args
 
-    from gl_ray.config import Attention, PositionMode
-    from gl_ray.model import ATTENTION, POSITION_MODES
+    from gl_ray.config import Attention, PositionMode, Preset
+    from gl_ray.model import ATTENTION, POSITION_MODES, PRESETS
 
     assert get_args(PositionMode) == POSITION_MODES
     assert get_args(Attention) == tuple(ATTENTION)
+    assert get_args(Preset) == tuple(PRESETS)
 
 
-def test_cuda_without_a_gpu_is_refused_up_front():
+def test_cuda_without_a_gpu_is_refused_up_front(monkeypatch):
+    """On any machine: where torch finds no CUDA device, train.device=cuda without Ray is refused before the run;
+    where it finds one, the same config passes."""
     import torch
 
-    if torch.cuda.is_available():
-        return  # this check is about machines without one
+    sets = ["train.device=cuda", "ray.num_workers=0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(UserError, match="no CUDA device is available here"):
-        load_config(CONFIGS[0], ["train.device=cuda", "ray.num_workers=0"])
+        preflight(load_config(CONFIGS[0], sets))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    preflight(load_config(CONFIGS[0], sets))
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -26,9 +26,23 @@ def test_find_micro_batch_takes_the_largest_divisor_that_fits(rows, limit, want)
 
 
 def test_cpu_fit_is_judged_by_the_peak_memory_of_the_try():
+    """The budget is set 128 MiB above this process's resident memory: a try that touches 16 MiB fits, one that
+    touches 512 MiB does not, and the next small try fits again (the peak is reset before each try)."""
+    from gl_ray.train.micro_batch import peak_rss_bytes, reset_peak_rss
+
     cpu = torch.device("cpu")
-    assert try_fits(lambda: torch.ones(1 << 20).sum(), 1, cpu, budget_bytes=0)  # no budget: anything that runs
-    assert not try_fits(lambda: torch.ones(1 << 20).sum(), 1, cpu, budget_bytes=1 << 20)  # the process is larger
+
+    def touch(mib: int):
+        return lambda: torch.ones(mib << 20 >> 2).sum()  # float32: mib MiB, written, so resident
+
+    touch(16)()  # warm up whatever a first torch.ones allocates once
+    reset_peak_rss()
+    baseline = peak_rss_bytes()
+    budget = baseline + (128 << 20)
+    assert try_fits(touch(16), 1, cpu, budget_bytes=budget)
+    assert not try_fits(touch(512), 1, cpu, budget_bytes=budget)
+    assert try_fits(touch(16), 1, cpu, budget_bytes=budget)  # the 512 MiB peak of the try before does not count
+    assert try_fits(touch(512), 1, cpu, budget_bytes=0)  # no budget: anything that runs
 
     def oom():
         raise torch.OutOfMemoryError("no room")

@@ -198,14 +198,18 @@ def test_rope_has_no_position_table():
         assert torch.isfinite(lm_loss(model, x, torch.arange(48).unsqueeze(0) + 1000))
 
 
-def test_attention_backend_errors():
+def test_attention_backend_errors(monkeypatch):
+    """flash_attention_2 is refused, with the install line, exactly where transformers finds no flash-attn
+    (availability faked both ways, so the test means the same with and without flash-attn installed)."""
+    import transformers.utils
+
     with pytest.raises(UserError, match="not one of"):
         check_attention("xformers")
-    from transformers.utils import is_flash_attn_2_available
-
-    if not is_flash_attn_2_available():
-        with pytest.raises(UserError, match="pip install flash-attn"):
-            check_attention("flash_attention_2")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)
+    with pytest.raises(UserError, match="pip install flash-attn"):
+        check_attention("flash_attention_2")
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert check_attention("flash_attention_2") == "flash_attention_2"
 
 
 def test_flops_follow_palm_and_count_only_pairs_inside_documents():

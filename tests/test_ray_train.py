@@ -40,15 +40,36 @@ def test_two_workers_two_stages_follow_the_plan(ray_run):
     assert (run / "checkpoint_step-0000016" / "model.safetensors").exists()
 
 
-def test_ray_final_model_loads_and_generates(ray_run):
+def test_ray_final_model_loads_and_generates(ray_run, tiny_data):
+    """The export of a two-worker run is the trained model: it loads with the last checkpoint's weights, scores
+    the val split as the run did at its end, and generates greedily from its own next-token predictions."""
+    import contextlib
+
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _, _, run = ray_run
-    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    from gl_ray.data.stream import get_stream
+    from gl_ray.train.io import WorkerIO
+    from gl_ray.train.validation import Evaluator
+
+    cfg, summary, run = ray_run
+    model = AutoModelForCausalLM.from_pretrained(run / "final").eval()
     tok = AutoTokenizer.from_pretrained(run / "final")
-    out = model.generate(**tok("import os", return_tensors="pt"), max_new_tokens=4, do_sample=False,
-                         pad_token_id=tok.eos_token_id)
-    assert out.shape[1] > 4
+    last = load_file(run / "checkpoint_step-0000016" / "model.safetensors")  # the state after the last step
+    loaded = model.state_dict()
+    assert last and all(torch.equal(loaded[k], v) for k, v in last.items())
+    val = Evaluator(get_stream(tiny_data, "val"), cfg.data.eval_tokens, 512)
+    val_loss = val.loss(model, 64, WorkerIO(), torch.device("cpu"), contextlib.nullcontext)
+    assert val_loss == pytest.approx(summary["final_val_loss_final_len"], abs=1e-4)
+    x = tok("import os", return_tensors="pt")
+    n = x["input_ids"].shape[1]
+    out = model.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=tok.eos_token_id)
+    new = out[0, n:]  # 4 new tokens, or fewer ending in EOS
+    assert torch.equal(out[0, :n], x["input_ids"][0])
+    assert len(new) == 4 or (0 < len(new) < 4 and new[-1] == tok.eos_token_id)
+    with torch.no_grad():
+        for i in range(n, out.shape[1]):  # each new token is the argmax after the tokens before it
+            assert out[0, i] == model(input_ids=out[:, :i]).logits[0, -1].argmax()
 
 
 def test_ddp_on_two_workers_matches_one_process(ray_run, tiny_data, tmp_path):
@@ -131,8 +152,12 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_resumes_exactly(ray_run, tiny
     r = subprocess.run([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, capture_output=True, text=True,
                        env={k: v for k, v in env.items() if k != "GL_RAY_SLOW_STEP_S"}, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    for noise in ("Token authentication is enabled", "PreemptionWatcher", "exclude_resources"):  # a quiet console
-        assert noise not in r.stdout + r.stderr, noise
+    for noise in ("Token authentication is enabled", "PreemptionWatcher", "exclude_resources",  # a quiet console:
+                  "Started a local Ray instance", "INFO streaming_executor", "Attempting to start training worker"):
+        assert noise not in r.stdout + r.stderr, noise  # Ray's INFO lines are off without --verbose
+    progress = [line for line in r.stdout.splitlines() if "[gl-ray] stage" in line]
+    assert len(progress) == 16 - stopped, r.stdout[-3000:]  # every step's line, printed by the driver before it ends
+    assert all(line.startswith("[gl-ray] stage") for line in progress), progress  # no "(... pid=...)", no colour
     got, want = metrics(tmp_path / "term"), metrics(base)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want):

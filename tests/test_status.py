@@ -29,12 +29,15 @@ def test_status_of_a_run_cut_mid_way(baseline, tmp_path):
     shutil.copytree(run, cut)
     (cut / "summary.json").unlink()
     lines = (cut / "metrics.jsonl").read_text().splitlines()[:6]
-    (cut / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    last = json.loads(lines[-1]) | {"tokens_per_s": 102.4}  # a rate that makes the ETA a round number
+    (cut / "metrics.jsonl").write_text("\n".join(lines[:-1] + [json.dumps(last)]) + "\n")
     s = run_status(str(cut))
     assert not s["finished"] and s["step"] == 6 and s["stage"] == 0
-    m = json.loads(lines[-1])
-    assert s["eta_s"] == pytest.approx((s["total_tokens"] - m["tokens"]) / m["tokens_per_s"])
-    assert "not finished" in format_status(s) and "ETA" in format_status(s)
+    # by hand: 16384 planned tokens, 6 steps of 1024 done, 10240 left at 102.4 tokens/s
+    assert (s["tokens"], s["total_tokens"]) == (6144, 16384)
+    assert s["eta_s"] == pytest.approx(100.0)
+    text = format_status(s)
+    assert "not finished" in text and "ETA 0:01:40" in text
 
 
 def test_watch_stops_when_the_run_has_finished(baseline):

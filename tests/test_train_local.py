@@ -1,6 +1,7 @@
 """The training loop without Ray (ray.num_workers: 0): plan adherence, exact resume, outputs, bad input."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -29,10 +30,13 @@ def test_run_follows_the_plan(baseline):
     assert [s["tokens"] for s in summary["stages"]] == [s.tokens for s in plan.stages]
     assert ms[-1]["loss"] < ms[0]["loss"]  # it learns
     from gl_ray.data.manifest import load_manifest
-    from gl_ray.model import flops_per_token
 
-    vocab = load_manifest(cfg.data.path).vocab_size  # FLOPs by PaLM's accounting, every token of every stage
-    want = [st.tokens * flops_per_token("tiny", vocab, st.seq_len) for st in plan.stages]
+    # FLOPs by PaLM's accounting, worked out by hand: 6 N per token, N the matmul parameters, plus 12 * layers *
+    # hidden * L for attention. tiny: 2 layers of width 64, the embedding padded to 1024 rows, so
+    # N = 2 * 12 * 64**2 + 1024 * 64 = 163_840; each stage trains 8 steps of 1024 tokens
+    assert 896 < load_manifest(cfg.data.path).vocab_size <= 1024  # padded to a multiple of 128: 1024 rows
+    assert [(st.seq_len, st.tokens) for st in plan.stages] == [(32, 8192), (64, 8192)]
+    want = [8192 * (6 * 163_840 + 12 * 2 * 64 * 32), 8192 * (6 * 163_840 + 12 * 2 * 64 * 64)]
     assert ms[-1]["flops"] == pytest.approx(sum(want), rel=1e-9) == summary["flops"]
     assert [s["flops"] for s in summary["stages"]] == pytest.approx(want, rel=1e-9)
     assert all(b["flops"] > a["flops"] for a, b in zip(ms, ms[1:]))
@@ -130,11 +134,40 @@ def test_masked_compiled_run_compiles_once_per_stage_length(tiny_data, tmp_path,
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
-def test_position_modes_train(tiny_data, tmp_path):
-    for mode in ("interpolate", "pose"):
+def test_position_modes_give_the_model_their_position_ids(tiny_data, tmp_path, monkeypatch):
+    """model.position_mode reaches the model: in the L=32 stage (final length 64) extrapolate passes no ids (the
+    model counts 0..31), interpolate 0, 2, ..., 62, and pose 0..cut-1 then a jump of up to 32, within 0..63; the
+    L=64 stage and validation see ordinary positions in every mode."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXModel
+
+    real_forward, seen = GPTNeoXModel.forward, []
+
+    def spy(self, *args, **kw):  # the transformer under the LM head: what every loss and logit goes through
+        input_ids = args[0] if args else kw["input_ids"]
+        seen.append((self.training, input_ids.shape[1], kw.get("position_ids")))
+        return real_forward(self, *args, **kw)
+
+    monkeypatch.setattr(GPTNeoXModel, "forward", spy)
+    short = {}  # mode -> position ids of the training forwards at L=32
+    for mode in ("extrapolate", "interpolate", "pose"):
+        seen.clear()
         _, summary = run_tiny(tiny_data, tmp_path, f"pm-{mode}", **{"model.position_mode": mode,
                                                                       "schedule.budget_tokens": 4096})
-        assert summary["final_val_loss_final_len"] > 0
+        assert math.isfinite(summary["final_val_loss_final_len"])
+        train = [(L, pos) for training, L, pos in seen if training]
+        assert [L for L, _ in train] == [32] * 4 + [64] * 4  # 2 steps per stage, 2 micro batches of 16 rows each
+        assert all(pos is None for L, pos in train if L == 64)  # the final length: ordinary positions
+        assert all(pos is None for training, _, pos in seen if not training)  # validation too
+        short[mode] = [pos for L, pos in train if L == 32]
+    assert all(pos is None for pos in short["extrapolate"])
+    stretched = torch.arange(0, 64, 2).expand(16, 32)
+    assert all(torch.equal(pos, stretched) for pos in short["interpolate"])
+    pose = torch.cat(short["pose"])  # [64 rows, 32]
+    steps = pose[:, 1:] - pose[:, :-1]
+    assert (pose[:, 0] == 0).all() and (pose <= 63).all()
+    assert ((steps == 1).sum(dim=1) >= 30).all()  # one jump at most per row; every other step is +1
+    assert (steps >= 1).all() and (steps <= 33).all()  # the jump skips 0..32 positions
+    assert (pose[:, -1] > 31).any() and len({tuple(r) for r in pose.tolist()}) > 1  # drawn, not fixed
 
 
 def test_time_budget_mode_switches_stages(tiny_data, tmp_path):
