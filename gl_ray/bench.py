@@ -211,11 +211,11 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
     dev = pick_device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)
+    peak_tflops = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)  # given: any device
     res = {"preset": model.preset, "device": dev.type, "device_name": name, "dtype": resolved_precision(dev, dtype),
            "tokens_per_step": tokens_per_step, "micro_batch_tokens": micro_batch_tokens,
            "memory_micro_batch_seqs": memory_micro_batch_seqs, "memory_budget_bytes": memory_budget,
-           "peak_tflops": peak or None, "vocab_size": model.vocab, "compile": use_compile,
+           "peak_tflops": peak_tflops or None, "vocab_size": model.vocab, "compile": use_compile,
            "attention": model.attention, "activation_checkpointing": model.activation_checkpointing,
            "document_masking": model.document_masking, "data": model.data or None,
            "mean_doc_len": model.mean_doc_len or None, "lengths": []}
@@ -238,10 +238,9 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
         row["cost_vs_first"] = res["lengths"][0]["tokens_per_s"] / row["tokens_per_s"] if res["lengths"] else 1.0
         row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L, row["keys_per_token"])
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
-        row["mfu"] = row["achieved_tflops"] / peak if peak and dev.type == "cuda" else None
-        row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)
-        peak = row["peak_memory_bytes"]
-        text = f"Table 2 peak {peak / 2**20:,.0f} MiB" if peak else "Table 2 out of memory"
+        row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
+        peak_bytes = row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)
+        text = f"Table 2 peak {peak_bytes / 2**20:,.0f} MiB" if peak_bytes else "Table 2 out of memory"
         if memory_budget:
             seqs, probes = max_micro_batch(model, L, dev, dtype, memory_budget)
             row["max_micro_batch_seqs"], row["max_micro_batch_tokens"] = seqs, seqs * L

@@ -25,8 +25,10 @@ from dataclasses import dataclass
 import torch
 from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gl_ray.errors import UserError
+from gl_ray.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -112,9 +114,24 @@ def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rop
     )
 
 
+class GrowLengthLM(GPTNeoXForCausalLM):
+    """GPT-NeoX whose forward with `labels` returns only the loss, computed by gl_ray.loss.linear_cross_entropy
+    from the last hidden states: the [tokens, vocab] logits never exist whole (no fp32 copy of them either).
+    Without labels it is the stock forward (logits for eval and generation). The same modules and state dict as
+    GPTNeoXForCausalLM; a run's final/ folder is saved as the stock class."""
+
+    def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+        if labels is None:
+            return super().forward(input_ids=input_ids, **kwargs)
+        hidden = self.gpt_neox(input_ids, **kwargs).last_hidden_state  # [batch, seq_len, hidden]
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts the label at t + 1 (HF's shift)
+        loss = linear_cross_entropy(h, self.get_output_embeddings().weight, labels[:, 1:].reshape(-1))
+        return CausalLMOutputWithPast(loss=loss)
+
+
 def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
                 init_std: float = 0.02, eos_token_id: int = 0, seed: int = 0, *, attention: str = "sdpa",
-                activation_checkpointing: bool = False) -> GPTNeoXForCausalLM:
+                activation_checkpointing: bool = False) -> GrowLengthLM:
     """A freshly initialised model; the same seed gives the same weights (whatever the attention backend).
 
     activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
@@ -122,7 +139,7 @@ def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope
     cfg = model_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id, attention)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GPTNeoXForCausalLM(cfg)
+        model = GrowLengthLM(cfg)
     if activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
         if enable is not None:

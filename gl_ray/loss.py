@@ -1,0 +1,76 @@
+"""Next-token cross-entropy straight from the last hidden states, chunk by chunk over tokens, so that the
+[tokens, vocab] logits never exist whole, in fp32 or at all.
+
+The stock Hugging Face path computes every logit in the compute dtype, then upcasts the whole tensor to fp32 for
+the loss: at 65,536 tokens per micro batch and Pythia's vocab of 50,304 that is 13 GB for the fp32 copy alone,
+before its gradient. Here each chunk of `chunk_tokens` tokens makes its logits, its fp32 log-sum-exp, its loss
+and, during the forward pass, its gradients with respect to the hidden states and the unembedding; backward only
+scales them by the incoming gradient (the scheme of Liger's fused linear cross-entropy). Peak extra memory: one
+chunk of fp32 logits plus the [tokens, hidden] and [vocab, hidden] gradients the backward needs anyway.
+
+    loss = linear_cross_entropy(hidden, lm_head.weight, targets)   # hidden [N, H], targets [N] (-100: no loss)
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE = -100  # a target that has no loss (Hugging Face's ignore_index)
+CHUNK_LOGIT_BYTES = 256 * 2**20  # fp32 logits of one chunk
+
+
+def chunk_tokens_for(vocab: int) -> int:
+    """Tokens per chunk: about CHUNK_LOGIT_BYTES of fp32 logits, at least 256."""
+    return max(256, CHUNK_LOGIT_BYTES // (4 * vocab))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(hidden @ weight.T) against targets; gradients made in the forward pass."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+        dtype = hidden.dtype  # the compute dtype (bf16 under autocast on GPU); logits' softmax in fp32
+        w = weight.to(dtype)
+        valid = targets != IGNORE  # [N]
+        count = valid.sum().clamp_min(1).float()  # a tensor: no host sync
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            h = hidden[start:start + chunk_tokens]  # [c, H]
+            t, keep = targets[start:start + chunk_tokens], valid[start:start + chunk_tokens]
+            logits = (h @ w.t()).float()  # [c, V] fp32, this chunk only
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            picked = logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1)  # [c]
+            loss_sum += ((lse - picked) * keep).sum()
+            if grad_hidden is None and grad_weight is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad.scatter_add_(1, t.clamp_min(0)[:, None], -keep.float()[:, None])  # minus the one-hot target
+            grad.mul_(keep.float()[:, None])  # [c, V]: d(sum of losses)/d(logits)
+            grad = grad.to(dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + chunk_tokens] = grad @ w
+            if grad_weight is not None:
+                grad_weight += grad.t() @ h
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None), count)
+        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        *grads, count = ctx.saved_tensors
+        scale, made = grad_out / count, iter(grads)  # d(mean)/d(sum) times the incoming gradient
+        grad_hidden = (next(made) * scale).to(ctx.hidden_dtype) if ctx.has[0] else None
+        grad_weight = (next(made) * scale).to(ctx.weight_dtype) if ctx.has[1] else None
+        return grad_hidden, grad_weight, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_tokens: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE (0-d fp32). hidden [N, H] in any float dtype,
+    weight [V, H] (the unembedding), targets long [N]; equal to cross_entropy(hidden @ weight.T, targets)."""
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens or chunk_tokens_for(weight.shape[0]))

@@ -1,0 +1,85 @@
+"""gl_ray.loss: the chunked linear cross-entropy equals the stock Hugging Face loss (1e-5) and its gradients (1e-4),
+through the model as training calls it, with and without document masks; the exported model is the stock class."""
+
+import pytest
+import torch
+from transformers import GPTNeoXForCausalLM
+
+from gl_ray.loss import IGNORE, linear_cross_entropy
+from gl_ray.model import GrowLengthLM, batch_inputs, build_model, lm_loss
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_equals_cross_entropy_of_the_full_logits(chunk):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 32, generator=g, requires_grad=True)
+    weight = (0.1 * torch.randn(500, 32, generator=g)).requires_grad_()
+    targets = torch.randint(0, 500, (300,), generator=g)
+    targets[::5] = IGNORE
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=chunk)
+    grads = torch.autograd.grad(3.0 * loss, (hidden, weight))  # an incoming gradient other than 1
+    ref = torch.nn.functional.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE)
+    ref_grads = torch.autograd.grad(3.0 * ref, (hidden, weight))
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_all_targets_ignored_is_zero_not_nan():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    loss = linear_cross_entropy(hidden, torch.randn(16, 8), torch.full((4,), IGNORE))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(hidden.grad == 0)
+
+
+def stock_copy(model: GrowLengthLM) -> GPTNeoXForCausalLM:
+    stock = GPTNeoXForCausalLM(model.config)
+    stock.load_state_dict(model.state_dict())
+    return stock
+
+
+@pytest.mark.parametrize("eos_id", [None, 3], ids=["packed", "document-masked"])
+def test_model_loss_and_gradients_equal_the_stock_model(eos_id):
+    model = build_model("tiny", vocab_size=64, max_position_embeddings=64, seed=1)
+    stock = stock_copy(model)
+    x = torch.randint(0, 64, (3, 32), generator=torch.Generator().manual_seed(2))
+    inputs = batch_inputs(x, position_mode="interpolate", seq_len=32, final_len=64, eos_id=eos_id)
+    losses = []
+    for m in (model, stock):
+        loss = lm_loss(m, x, **inputs)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    grads = dict(stock.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name].grad, atol=1e-4), name
+
+
+def test_bf16_autocast_stays_close_and_keeps_the_weights_dtype():
+    model = build_model("tiny", vocab_size=64, max_position_embeddings=64, seed=1)
+    x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(3))
+    fp32 = lm_loss(model, x).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = lm_loss(model, x)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(fp32, rel=2e-2)
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_without_labels_the_forward_gives_logits():
+    model = build_model("tiny", vocab_size=64, max_position_embeddings=64, seed=1).eval()
+    x = torch.randint(0, 64, (2, 16))
+    assert torch.equal(model(input_ids=x).logits, stock_copy(model).eval()(input_ids=x).logits)
+
+
+def test_the_exported_model_is_the_stock_class(tmp_path):
+    import json
+
+    from gl_ray.train.outputs import export_final
+
+    model = build_model("tiny", vocab_size=64, max_position_embeddings=64, seed=1)
+    (tmp_path / "tok").mkdir()
+    final = export_final(str(tmp_path / "run"), model, model.state_dict(), str(tmp_path / "tok"))
+    assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["architectures"] == \
+        ["GPTNeoXForCausalLM"]
+    assert final.endswith("final")
