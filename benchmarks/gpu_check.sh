@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One short GPU check that needs no Ray (the GPU machine has none): `gl-ray bench` (the paper's Tables 1-3), a
 # few hundred optimizer steps of the Ray-free GrowLength loop with the micro batch chosen per stage
-# (train.micro_batch_tokens: auto), and FSDP2 in one process against the unsharded model (benchmarks/fsdp_check.py),
-# folded into $OUT/gpu_check.{json,md}.
+# (train.micro_batch_tokens: auto), FSDP2 in one process against the unsharded model (benchmarks/fsdp_check.py),
+# and the peak memory of a micro batch with the stock vs the chunked loss (benchmarks/loss_memory.py), folded into
+# $OUT/gpu_check.{json,md}.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
 #
@@ -10,8 +11,8 @@
 # measure the long-context path, e.g. with LENGTHS=512,...,8192 TRAIN_LENGTHS=[512,...,8192] MAX_POSITIONS=8192. tests/test_gpu_check.py runs this script on CPU
 # with a tiny preset and Ray made unimportable. Data and runs go to $WORK; $OUT gets at most 8 small files:
 # env.txt bench.log bench.json train.log train_summary.json metrics.jsonl gpu_check.json gpu_check.md.
-# TOKENIZER: the default trains a BPE on the stdlib corpus; for Pythia's own vocab copy
-# shared/data/tokenizers/gpt-neox-20b into the repo (git-ignored), carry it, and pass its path.
+# TOKENIZER: the default trains a BPE on the stdlib corpus; for Pythia's own vocab pass
+# TOKENIZER=tests/fixtures/tokenizers/gpt-neox-20b (checked in).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to an output folder}
@@ -40,6 +41,9 @@ SCHEDULE_MODE=${SCHEDULE_MODE:-reshape}         # window: rows at the final leng
 FSDP=${FSDP:-1}                                 # 1: FSDP2 check (one process, sharded vs unsharded, checkpoint)
 FSDP_SEQ_LEN=${FSDP_SEQ_LEN:-1024}
 FSDP_STEPS=${FSDP_STEPS:-20}
+LOSS_CHECK=${LOSS_CHECK:-1}                     # 1: stock vs chunked loss, peak memory of one micro batch
+LOSS_SEQ_LEN=${LOSS_SEQ_LEN:-2048}
+LOSS_SEQS=${LOSS_SEQS:-8,32}                    # micro batches (sequences) measured, at vocab 50,304
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
@@ -81,5 +85,11 @@ if [ "$FSDP" = 1 ]; then
         --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/fsdp.json" 2>&1 | tee -a "$OUT/train.log"
     fsdp_flags=(--fsdp "$WORK/fsdp.json")
 fi
+loss_flags=()
+if [ "$LOSS_CHECK" = 1 ]; then
+    $PY -m benchmarks.loss_memory --preset "$PRESET" --seq-len "$LOSS_SEQ_LEN" --seqs "$LOSS_SEQS" --budget "" \
+        --device "$DEVICE" --precision "$DTYPE" --out "$WORK/loss_memory.json" 2>&1 | tee -a "$OUT/bench.log"
+    loss_flags=(--loss "$WORK/loss_memory.json")
+fi
 $PY -m benchmarks.gpu_check_summary --bench "$OUT/bench.json" --train "$OUT/train_summary.json" --data "$DATA" \
-    "${fsdp_flags[@]}" --out "$OUT/gpu_check"
+    "${fsdp_flags[@]}" "${loss_flags[@]}" --out "$OUT/gpu_check"

@@ -1,7 +1,7 @@
 """Fold the GPU check's outputs into one JSON and one Markdown table for docs/BENCHMARKS.md.
 
     python -m benchmarks.gpu_check_summary --bench OUT/bench.json --train OUT/train_summary.json \
-        --data DATA [--fsdp WORK/fsdp.json] --out OUT/gpu_check
+        --data DATA [--fsdp WORK/fsdp.json] [--loss WORK/loss_memory.json] --out OUT/gpu_check
 
 Reads the `gl-ray bench` JSON (Tables 1-3 at fixed tokens per step) and the Ray-free training run's summary.json,
 and adds for each training stage: seconds per optimizer step, tokens/s, achieved TFLOP/s and model FLOPs
@@ -60,6 +60,11 @@ def to_markdown(doc: dict) -> str:
                   f"{f['dtype']}: {f['tokens_per_s_fsdp']:,.0f} tokens/s sharded vs {f['tokens_per_s_unsharded']:,.0f} "
                   f"unsharded; largest loss difference {f['max_loss_diff']:.2e}; sharded checkpoint "
                   f"({', '.join(f['checkpoint_files'])}) restored {restored}."]
+    if doc.get("loss"):
+        from benchmarks.loss_memory import format_table
+
+        lines += ["", f"Peak memory of one forward+backward, stock vs chunked loss (`benchmarks/loss_memory.py`), "
+                  f"vocab {doc['loss']['vocab']:,}:", "", format_table(doc["loss"], "")]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +82,7 @@ def main() -> None:
     ap.add_argument("--train", required=True, help="the training run's summary.json")
     ap.add_argument("--data", required=True, help="the dataset the run trained on (its manifest gives the vocab)")
     ap.add_argument("--fsdp", default="", help="benchmarks/fsdp_check.py's JSON (optional)")
+    ap.add_argument("--loss", default="", help="benchmarks/loss_memory.py's JSON (optional)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args()
     from gl_ray.data.manifest import load_manifest
@@ -85,6 +91,8 @@ def main() -> None:
                     load_manifest(a.data).vocab_size)
     if a.fsdp:
         doc["fsdp"] = json.loads(Path(a.fsdp).read_text())
+    if a.loss:
+        doc["loss"] = json.loads(Path(a.loss).read_text())
     Path(f"{a.out}.json").write_text(json.dumps(doc, indent=1))
     md = to_markdown(doc)
     Path(f"{a.out}.md").write_text(md)

@@ -30,7 +30,7 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
            "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "TRAIN_LENGTHS": "[32,64]",
            "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data,
            "DOC_MASKING": "1", "ACT_CKPT": "1",  # the long-context path
-           "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2"}
+           "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2", "LOSS_SEQ_LEN": "64", "LOSS_SEQS": "2"}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -55,5 +55,8 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
     fsdp = doc["fsdp"]
     assert fsdp["restored_equal"] and fsdp["max_loss_diff"] < 1e-5  # fp32: sharding changes nothing
     assert {"__0_0.distcp", ".metadata", "state.json"} <= set(fsdp["checkpoint_files"])
+    loss = doc["loss"]["arms"]  # stock vs chunked loss at vocab 50,304: the chunked one never holds all logits
+    assert loss["chunked (gl_ray.loss)"]["peak_bytes"]["2"] < loss["stock HF loss"]["peak_bytes"]["2"]
     md = (out / "gpu_check.md").read_text()
     assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md and "FSDP2 in one process" in md
+    assert "stock vs chunked loss" in md
