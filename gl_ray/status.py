@@ -16,6 +16,7 @@ import time
 from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.train.checkpoint import list_checkpoints
+from gl_ray.train.outputs import read_metrics
 
 
 def run_status(run_uri: str) -> dict:
@@ -24,13 +25,7 @@ def run_status(run_uri: str) -> dict:
     if not storage.exists(plan_uri):
         raise UserError(f"{run_uri!r} is not a gl-ray run folder (no plan.json); give RUN = storage_path/name")
     plan = json.loads(storage.read_bytes(plan_uri))
-    lines = []
-    if storage.exists(storage.join(run_uri, "metrics.jsonl")):
-        for ln in storage.read_bytes(storage.join(run_uri, "metrics.jsonl")).decode().splitlines():
-            try:
-                lines.append(json.loads(ln))
-            except json.JSONDecodeError:
-                continue  # a line being written
+    lines = read_metrics(run_uri)  # a line being written, or garbage, is skipped
     last = lines[-1] if lines else {}
     val = next((m for m in reversed(lines) if "val_loss_final_len" in m), {})
     ckpts = list_checkpoints(run_uri)

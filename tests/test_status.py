@@ -52,3 +52,25 @@ def test_status_of_a_folder_that_is_not_a_run(tmp_path):
     r = subprocess.run([sys.executable, "-m", "gl_ray", "status", str(tmp_path)], cwd=REPO, capture_output=True,
                        text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
+
+
+def test_garbage_lines_in_metrics_are_skipped_the_same_by_every_reader(baseline, tmp_path, capsys):
+    """Bytes that are not UTF-8, JSON that is not a report and a torn line, in the middle of metrics.jsonl: status
+    and report read the reports around them, and a resume drops them (one rule: outputs.parse_metrics)."""
+    from gl_ray.report import build_report
+    from gl_ray.train.outputs import MetricsLog, read_metrics
+
+    _, _, run = baseline
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    good = (bad / "metrics.jsonl").read_bytes().splitlines()
+    junk = [b"\xff\xfe not utf-8", b"[1, 2]", b'{"step": "7"}', b'{"step": 3, "stage": 0, "seq_', b"null"]
+    (bad / "metrics.jsonl").write_bytes(b"\n".join(good[:3] + junk + good[3:]) + b"\n")
+    want = [json.loads(x) for x in good]
+    assert read_metrics(str(bad)) == want
+    assert run_status(str(bad))["step"] == want[-1]["step"]
+    assert [r["run"] for r in build_report([str(bad)], str(tmp_path / "rep"))["runs"]] == ["bad"]
+    log = MetricsLog(str(bad), resume_step=want[4]["step"])
+    assert [json.loads(x) for x in log.lines] == want[:5]
+    assert (bad / "metrics.jsonl").read_text().splitlines() == log.lines
+    assert capsys.readouterr().out.count("dropping a line") == len(junk)

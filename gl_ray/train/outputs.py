@@ -48,14 +48,11 @@ class MetricsLog:
 
     def __init__(self, run_uri: str, resume_step: int):
         self.uri = storage.join(run_uri, "metrics.jsonl")
-        self.lines: list[str] = []
-        if storage.exists(self.uri):
-            for line in storage.read_bytes(self.uri).decode(errors="replace").splitlines():
-                try:
-                    if json.loads(line)["step"] <= resume_step:
-                        self.lines.append(line)
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    print(f"gl-ray: dropping a torn line of {self.uri} (a writer died mid-line): {line[:60]!r}")
+        good, bad = parse_metrics(storage.read_bytes(self.uri)) if storage.exists(self.uri) else ([], [])
+        self.lines: list[str] = [line for line, m in good if m["step"] <= resume_step]
+        for line in bad:
+            print(f"gl-ray: dropping a line of {self.uri} that is not a report (torn by a writer that died, or "
+                  f"garbage): {line[:60]!r}")
         storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
 
     def append(self, metrics: dict) -> None:
@@ -68,17 +65,31 @@ class MetricsLog:
                 f.write(line + "\n")
 
 
-def read_metrics(run_uri: str) -> list[dict]:
-    uri = storage.join(run_uri, "metrics.jsonl")
-    if not storage.exists(uri):
-        return []
-    out = []
-    for ln in storage.read_bytes(uri).decode(errors="replace").splitlines():
+REPORT_KEYS = ("step", "stage", "seq_len", "tokens", "elapsed_s")  # numbers every report line has
+
+
+def parse_metrics(raw: bytes) -> tuple[list[tuple[str, dict]], list[str]]:
+    """The reports of a metrics.jsonl as (line, record) pairs, and its other non-empty lines: torn by a writer
+    that died mid-line, garbage, not UTF-8, or JSON that is not a report (REPORT_KEYS as numbers). The one rule
+    for every reader: the resume (which drops them), status, report and the trackers (which skip them)."""
+    good, bad = [], []
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            continue  # a torn last line of a writer that died (dropped on the run's next start too)
-    return out
+            rec = json.loads(line)
+        except ValueError:  # JSONDecodeError, and numbers too large to read
+            rec = None
+        if isinstance(rec, dict) and all(isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)
+                                         for k in REPORT_KEYS):
+            good.append((line, rec))
+        elif line.strip():
+            bad.append(line)
+    return good, bad
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The reports of RUN/metrics.jsonl (none if it does not exist), bad lines skipped (see parse_metrics)."""
+    uri = storage.join(run_uri, "metrics.jsonl")
+    return [m for _, m in parse_metrics(storage.read_bytes(uri))[0]] if storage.exists(uri) else []
 
 
 def progress_line(m: dict) -> str:
