@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 from gl_ray.errors import UserError
 
@@ -216,6 +217,14 @@ def micro_batch_for(seqs_per_worker: int, seq_len: int, micro_batch_tokens: int)
     return max(d for d in divisors if d <= limit)
 
 
+class _Shape(NamedTuple):
+    """One stage's batch shape, before steps are shared out."""
+    seq_len: int
+    seqs: int  # sequences per optimizer step, all workers together
+    micro_batch: int  # sequences per forward pass per worker
+    grad_accum: int  # micro batches per optimizer step per worker
+
+
 def plan_stages(
     *,
     lengths: list[int],
@@ -237,19 +246,44 @@ def plan_stages(
     mode window: every stage's rows are lengths[-1] long and stage k attends within a window of lengths[k].
     """
     check_lengths(lengths)
-    windows = [0] * len(lengths)
-    if mode == "window":
-        windows = lengths[:-1] + [0]
-        lengths = [lengths[-1]] * len(lengths)
+    lengths, windows = _rows_and_windows(lengths, mode)
     ratios = normalise_ratios(lengths, ratios)
+    _check_budget(budget_tokens, budget_time_s)
+    world = max(1, num_workers)
+    auto = micro_batch_tokens == "auto"
+    shapes = _stage_shapes(lengths, tokens_per_step=tokens_per_step, world=world,
+                           micro_batch_tokens=tokens_per_step if auto else micro_batch_tokens)
+    steps = _stage_steps(ratios, tokens_per_step=tokens_per_step, budget_tokens=budget_tokens,
+                         budget_time_s=budget_time_s, cap_tokens=cap_tokens)
+    stages = _lay_out(shapes, steps, ratios=ratios, windows=windows, tokens_per_step=tokens_per_step,
+                      budget_time_s=budget_time_s)
+    total_steps = sum(steps)
+    total_tokens = total_steps * tokens_per_step
+    time_mode = budget_time_s > 0
+    return Plan(stages=stages, tokens_per_step=tokens_per_step, world_size=world, total_tokens=total_tokens,
+                total_steps=total_steps, budget_tokens=budget_tokens, budget_time_s=budget_time_s,
+                unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0,
+                auto_micro_batch=auto)
+
+
+def _rows_and_windows(lengths: list[int], mode: str) -> tuple[list[int], list[int]]:
+    """(row length, attention window) per stage. reshape: rows of each length, no window. window: rows at the
+    final length, stage k attends within lengths[k], the last stage fully (window 0)."""
+    if mode == "window":
+        return [lengths[-1]] * len(lengths), lengths[:-1] + [0]
+    return lengths, [0] * len(lengths)
+
+
+def _check_budget(budget_tokens: int, budget_time_s: float) -> None:
     if budget_tokens < 0 or budget_time_s < 0:
         raise UserError("schedule.budget_tokens and schedule.budget_time_s must be >= 0")
     if budget_tokens == 0 and budget_time_s == 0:
         raise UserError("set a budget: schedule.budget_tokens or schedule.budget_time_s")
-    world = max(1, num_workers)
-    auto = micro_batch_tokens == "auto"
-    if auto:
-        micro_batch_tokens = tokens_per_step
+
+
+def _stage_shapes(lengths: list[int], *, tokens_per_step: int, world: int, micro_batch_tokens: int) -> list[_Shape]:
+    """Sequences per step, micro batch and accumulation of every stage; a UserError names the first stage whose
+    length does not fit the step, the workers or the micro batch."""
     shapes = []
     for k, L in enumerate(lengths):
         if tokens_per_step % L:
@@ -263,30 +297,39 @@ def plan_stages(
             raise UserError(f"stage {k}: train.micro_batch_tokens={micro_batch_tokens} is smaller than one "
                             f"sequence of {L} tokens")
         mb = micro_batch_for(seqs // world, L, micro_batch_tokens)
-        shapes.append((L, seqs, mb, seqs // world // mb))
+        shapes.append(_Shape(seq_len=L, seqs=seqs, micro_batch=mb, grad_accum=seqs // world // mb))
+    return shapes
 
+
+def _stage_steps(ratios: list[float], *, tokens_per_step: int, budget_tokens: int, budget_time_s: float,
+                 cap_tokens: int) -> list[int]:
+    """Optimizer steps per stage. Token mode: the budget's whole steps shared by the ratios, every stage at least
+    one. Time mode: upper bounds from budget_tokens, else cap_tokens, else all 0 (unknown until the run)."""
     time_mode = budget_time_s > 0
     token_budget = budget_tokens if budget_tokens > 0 else (cap_tokens if time_mode else 0)
     total_steps = token_budget // tokens_per_step
-    if not time_mode and total_steps < len(lengths):
+    if not time_mode and total_steps < len(ratios):
         raise UserError(f"schedule.budget_tokens={budget_tokens} is smaller than one optimizer step "
-                        f"({tokens_per_step} tokens) per stage for {len(lengths)} stages")
-    steps = split_steps(total_steps, ratios) if total_steps else [0] * len(lengths)
+                        f"({tokens_per_step} tokens) per stage for {len(ratios)} stages")
+    steps = split_steps(total_steps, ratios) if total_steps else [0] * len(ratios)
     if not time_mode and min(steps) == 0:
         k = steps.index(0)
         raise UserError(f"stage {k} gets no optimizer step: schedule.ratios[{k}]={ratios[k]} of "
                         f"{total_steps} steps; raise the budget or that ratio")
+    return steps
+
+
+def _lay_out(shapes: list[_Shape], steps: list[int], *, ratios: list[float], windows: list[int],
+             tokens_per_step: int, budget_time_s: float) -> tuple[Stage, ...]:
+    """The stages end to end: each starts (in steps and tokens) where the one before it ends."""
     stages, step0 = [], 0
-    for k, ((L, seqs, mb, ga), n) in enumerate(zip(shapes, steps)):
-        stages.append(Stage(index=k, seq_len=L, sequences_per_step=seqs, micro_batch=mb, grad_accum=ga, steps=n,
+    for k, (shape, n) in enumerate(zip(shapes, steps)):
+        stages.append(Stage(index=k, seq_len=shape.seq_len, sequences_per_step=shape.seqs,
+                            micro_batch=shape.micro_batch, grad_accum=shape.grad_accum, steps=n,
                             tokens=n * tokens_per_step, start_step=step0, start_token=step0 * tokens_per_step,
                             time_s=ratios[k] * budget_time_s, window=windows[k]))
         step0 += n
-    total_tokens = step0 * tokens_per_step
-    return Plan(stages=tuple(stages), tokens_per_step=tokens_per_step, world_size=world, total_tokens=total_tokens,
-                total_steps=step0, budget_tokens=budget_tokens, budget_time_s=budget_time_s,
-                unplanned_tokens=(budget_tokens - total_tokens) if budget_tokens and not time_mode else 0,
-                auto_micro_batch=auto)
+    return tuple(stages)
 
 
 def make_plan(cfg, cap_tokens: int = 0) -> Plan:
@@ -294,6 +337,10 @@ def make_plan(cfg, cap_tokens: int = 0) -> Plan:
     and ships it to the workers as `Plan.to_dict()`."""
     s = cfg.schedule
     lengths, ratios = stage_lengths(s)
+    if lengths[-1] > cfg.model.max_position_embeddings:
+        raise UserError(
+            f"last stage length {lengths[-1]} exceeds model.max_position_embeddings="
+            f"{cfg.model.max_position_embeddings}; raise it or shorten the schedule")
     return plan_stages(lengths=lengths, ratios=ratios, tokens_per_step=s.tokens_per_step,
                        micro_batch_tokens=cfg.train.micro_batch_tokens, num_workers=cfg.ray.num_workers,
                        budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens,
