@@ -23,6 +23,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                    help="override a config key, value parsed as YAML (repeatable), e.g. schedule.lengths=[128,512]")
 
 
+def _verbose_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's own INFO lines too (by default only gl-ray's lines and Ray's warnings and errors)")
+
+
 def _config_epilog() -> str:
     from gl_ray.config import describe_keys
 
@@ -40,17 +45,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from gl_ray.config import parse_size
+    from gl_ray.sizes import parse_size
     from gl_ray.data.prepare import prepare
+    from gl_ray.data.recall import parse_recall_spec
 
     sample = parse_size(args.tokenizer_sample_bytes, "--tokenizer-sample-bytes")
+    recall = parse_recall_spec(args.recall) if args.recall is not None else None
     manifest = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                        shard_tokens=args.shard_tokens, max_docs=args.max_docs, address=args.address,
                        overwrite=args.overwrite, resume=args.resume, no_ray=args.no_ray, workers=args.workers,
-                       text_column=args.text_column, tokenizer_sample_bytes=sample)
+                       text_column=args.text_column, tokenizer_sample_bytes=sample, recall=recall,
+                       verbose=args.verbose)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     print(f"wrote {args.out}: vocab {manifest['vocab_size']}, train {tr['documents']} docs / {tr['tokens']:,} "
           f"tokens in {len(tr['shards'])} shards, val {va['documents']} docs / {va['tokens']:,} tokens")
+    if recall:
+        rc = manifest["recall"]["splits"]
+        print("recall items: " + ", ".join(f"{s} {c['pairs']:,} pairs / {c['target_tokens']:,} targets "
+                                           f"({c['target_tokens'] / max(manifest['splits'][s]['tokens'], 1):.1%})"
+                                           for s, c in rc.items()))
     return 0
 
 
@@ -59,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gl_ray.train.driver import launch_run
 
     overrides = [*args.overrides, "ray.num_workers=0"] if args.no_ray else args.overrides
-    launch_run(load_config(args.config, overrides), address=args.address)
+    launch_run(load_config(args.config, overrides), address=args.address, verbose=args.verbose)
     return 0
 
 
@@ -85,23 +98,33 @@ def writable_dir(path: str | Path, what: str) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from gl_ray.evaluate import evaluate_models, format_eval
-    from gl_ray.plots import plot_eval
+    from gl_ray.plots import plot_context, plot_eval
 
-    writable_dir(Path(args.out or "eval.json").parent, "--out")
-    res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), args.max_tokens,
-                          device=args.device, document_masking=args.document_masking)
-    out = args.out or "eval.json"
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(res, indent=1))
-    png = plot_eval(res, str(Path(out).with_suffix(".png")))
+    out = Path(args.out or "eval.json")
+    writable_dir(out.parent, "--out")
+    res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), max_tokens=args.max_tokens,
+                          device=args.device, document_masking=args.document_masking, context=_context_settings(args))
+    out.write_text(json.dumps(res, indent=1))
+    pngs = [plot_eval(res, str(out.with_suffix(".png"))), *plot_context(res, str(out.with_suffix("")))]
     print(format_eval(res))
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out} and {', '.join(pngs)}")
     return 0
+
+
+def _context_settings(args: argparse.Namespace):
+    """The eval's context-metric flags as ContextSettings (checked against the lengths by evaluate_models)."""
+    from gl_ray.evaluate import ContextSettings, parse_metrics
+
+    depths = tuple(_floats(args.passkey_depths, "--passkey-depths"))
+    return ContextSettings(metrics=parse_metrics(args.metrics), passkey_depths=depths,
+                           passkey_trials=args.passkey_trials, passkey_tokens=args.passkey_tokens,
+                           cue_tokens=args.cue_tokens, distractors=args.distractors, copy_trials=args.copy_trials,
+                           copy_lengths=tuple(_ints(args.copy_lengths, "--copy-lengths")), seed=args.context_seed)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from gl_ray.bench import bench_model, format_bench, run_bench
-    from gl_ray.config import parse_size
+    from gl_ray.sizes import parse_size
     from gl_ray.plots import plot_bench
 
     cpu = args.device == "cpu"  # defaults sized for a GPU would take a CPU tens of minutes and gigabytes
@@ -134,10 +157,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from gl_ray.evaluate import read_eval
     from gl_ray.report import build_report, format_report
 
+    ev = read_eval(args.eval) if args.eval else None
     writable_dir(args.out, "--out")
-    rep = build_report(args.runs, args.out, smooth=args.smooth, baseline=args.baseline)
+    rep = build_report(args.runs, args.out, smooth=args.smooth, baseline=args.baseline, eval_res=ev)
     print(format_report(rep))
     print(f"wrote {args.out}/report.md, report.json and PNGs")
     return 0
@@ -154,13 +179,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    from gl_ray.evaluate import ContextSettings, parse_metrics
     from gl_ray.reproduce import reproduce
 
     reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
               budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, modes=args.modes,
               workers=args.workers,
               eval_lengths=_ints(args.eval_lengths, "--eval-lengths") or None, eval_tokens=args.eval_tokens,
-              extra=args.overrides,
+              eval_context=ContextSettings(metrics=parse_metrics(args.eval_metrics)), extra=args.overrides,
               address=args.address)
     return 0
 
@@ -170,6 +196,13 @@ def _ints(text: str, flag: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise UserError(f"{flag} {text!r}: expected comma-separated integers, e.g. 128,256,512") from None
+
+
+def _floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"{flag} {text!r}: expected comma-separated numbers, e.g. 0.1,0.5,0.9") from None
 
 
 def _add_plan(sub) -> None:
@@ -201,6 +234,11 @@ def _add_prepare(sub) -> None:
     p.add_argument("--workers", type=int, default=0, help="tokenize tasks at once (0: one per CPU of the cluster)")
     p.add_argument("--no-ray", action="store_true", help="tokenize in this process (no Ray needed)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
+    p.add_argument("--recall", nargs="?", const="", default=None, metavar="KEY=VALUE,...",
+                   help="insert key-value recall items into every document (alone: the defaults), e.g. "
+                        "target_fraction=0.03,items=64,key_len=1,value_len=2,min_distance=16,max_distance=4096,"
+                        "seed=0 (see gl_ray.data.recall)")
+    _verbose_arg(p)
     p.set_defaults(func=cmd_prepare)
 
 
@@ -210,11 +248,13 @@ def _add_train(sub) -> None:
     _config_args(p)
     p.add_argument("--no-ray", action="store_true", help="run in one process without Ray (same as ray.num_workers=0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
+    _verbose_arg(p)
     p.set_defaults(func=cmd_train)
 
 
 def _add_eval(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of trained models at each context length (no Ray)")
+    p = sub.add_parser("eval", help="perplexity and context use (by position, recall, passkey, copy) of trained "
+                       "models at each context length (no Ray)")
     p.add_argument("--model", action="append", required=True, help="HF model folder, e.g. RUN/final (repeatable)")
     p.add_argument("--data", required=True, help="prepared dataset (its val split is used)")
     p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated context lengths")
@@ -222,8 +262,27 @@ def _add_eval(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--document-masking", action="store_true",
                    help="attention within documents, positions restarting per document (as data.document_masking)")
-    p.add_argument("--out", default=None, help="JSON output (a PNG is written beside it); default eval.json")
+    _context_args(p)
+    p.add_argument("--out", default=None,
+                   help="JSON output (PNGs beside it: NAME.png, NAME_position.png, ...); default eval.json")
     p.set_defaults(func=cmd_eval)
+
+
+def _context_args(p: argparse.ArgumentParser) -> None:
+    """The context-metric flags of eval (defaults: ContextSettings's)."""
+    p.add_argument("--metrics", default="position,recall,passkey,copy",
+                   help="context-use metrics beside loss and perplexity: a subset of position,recall,passkey,copy, "
+                        "or none")
+    p.add_argument("--passkey-depths", default="0.1,0.5,0.9", help="where the key goes, fractions of the window")
+    p.add_argument("--passkey-trials", type=int, default=4, help="windows per depth and length")
+    p.add_argument("--passkey-tokens", type=int, default=4, help="random tokens in a key")
+    p.add_argument("--cue-tokens", type=int, default=4, help="random tokens in the fixed cue before each key")
+    p.add_argument("--distractors", type=int, default=7, help="random keys the true key is ranked against")
+    p.add_argument("--copy-trials", type=int, default=2, help="windows per copy length and length")
+    p.add_argument("--copy-lengths", default="",
+                   help="comma-separated copy lengths d (default: 2, 4, ..., L/2 at each length L)")
+    p.add_argument("--context-seed", type=int, default=0,
+                   help="seed of keys, cue and copy tokens (the same for every model)")
 
 
 def _add_bench(sub) -> None:
@@ -274,6 +333,8 @@ def _add_report(sub) -> None:
     p.add_argument("--smooth", type=int, default=5, help="reports in the running mean of the training loss")
     p.add_argument("--baseline", default=None,
                    help="run whose final val loss is the target (default: the fixed run at the longest length)")
+    p.add_argument("--eval", default=None, metavar="EVAL.json",
+                   help="a `gl-ray eval` result of the runs' final models: their context-use numbers join the tables")
     p.set_defaults(func=cmd_report)
 
 
@@ -292,6 +353,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")
     p.add_argument("--eval-lengths", default="", help="comma-separated lengths for eval (default: derived)")
     p.add_argument("--eval-tokens", type=int, default=0, help="val tokens per eval length (0: 64 longest windows)")
+    p.add_argument("--eval-metrics", default="position,recall,passkey,copy",
+                   help="context-use metrics of the eval (as gl-ray eval --metrics; none: loss and perplexity only)")
     p.add_argument("--out", default="results", help="output folder")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -12,11 +12,12 @@ import warnings
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
-def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool = True) -> None:
     """Join `address` (or RAY_ADDRESS); without either, start a local instance.
 
     A local instance gets at least 4 logical CPUs: with only as many as train workers, Ray Data's read tasks
     never get a CPU and the run hangs (Ray 2.60 on a 2-core machine).
+    verbose=False: Ray's INFO lines in this process are off (`quiet_ray_info`), ray.init's banner included.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address and "ray" not in sys.modules:
@@ -25,6 +26,8 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
+    if not verbose:
+        quiet_ray_info()
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
@@ -39,14 +42,24 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0) -> None:
     # blocks until the one before it was taken: with reports closer than that, training stalls. 0.5 s is cheap.
     env = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")}
+    level = {} if verbose else {"logging_level": logging.WARNING}  # ray.init sets the `ray` logger's level again
     if address:
         # inside `ray job submit`, Ray refuses env vars that the job's runtime env sets too: leave those to it
         env = {k: v for k, v in env.items() if k not in _job_env_vars()}
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None, **level)
         return
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
-    ray.init(num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True,
+    ray.init(num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True, **level,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "gl_ray.ray_utils.quiet_local_worker"})
+
+
+def quiet_ray_info() -> None:
+    """Ray's INFO lines off in this process, its warnings and errors kept: the `ray` logger's, and Ray Data's
+    (which sets its own level: an execution plan and a finish line per dataset run here)."""
+    import ray.data  # noqa: F401  # it sets its logger's level on import: import first, then override
+
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def quiet_local_worker() -> None:

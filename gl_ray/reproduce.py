@@ -1,7 +1,8 @@
 """The paper's comparison in one call: GrowLength vs fixed-shortest (LLM128) vs fixed-longest (LLM1024) on the same
 data and budget, then `report` and `eval`; optionally a ratio ablation (the paper's Figure 5).
 
-Runs go one after another into OUT/runs/; the comparison into OUT/report/ and OUT/eval.json (+ .png).
+Runs go one after another into OUT/runs/; the comparison into OUT/eval.json (+ eval.png and eval_*.png: the
+context-use metrics) and OUT/report/ (with the eval's headline numbers and, with --seeds 2+, Welch's t-tests).
 
     gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --data data/stdlib --budget-time-s 90 \
         --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--modes reshape,window] [--workers 0]
@@ -17,11 +18,12 @@ from pathlib import Path
 
 from gl_ray.config import load_config
 from gl_ray.errors import UserError
-from gl_ray.evaluate import evaluate_models, format_eval
-from gl_ray.plots import plot_eval
+from gl_ray.evaluate import DEFAULT_CONTEXT, ContextSettings, evaluate_models, format_eval
+from gl_ray.plots import plot_context, plot_eval
 from gl_ray.report import build_report, format_report
 from gl_ray.schedule import normalise_ratios, stage_lengths
 from gl_ray.train.driver import launch_run
+from gl_ray.train.preflight import preflight
 
 MODES = ("reshape", "window")
 
@@ -76,9 +78,10 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
 def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, budget_time_s: float = 0.0,
               ratios: str = "", seeds: int = 1, modes: str = "reshape", workers: int | None = None,
               eval_lengths: list[int] | None = None,
-              eval_tokens: int = 0, extra: list[str] | None = None, address: str | None = None) -> dict:
-    """Train every arm (and seed) one after another, then report and eval. eval_tokens: val tokens per length in
-    the context-extension eval (0: 64 windows of the longest eval length)."""
+              eval_tokens: int = 0, eval_context: ContextSettings = DEFAULT_CONTEXT, extra: list[str] | None = None,
+              address: str | None = None) -> dict:
+    """Train every arm (and seed) one after another, then eval (loss and the `eval_context` metrics) and report.
+    eval_tokens: val tokens per length in the context-extension eval (0: 64 windows of the longest eval length)."""
     if not budget_tokens and not budget_time_s:
         raise UserError("give a budget: --budget-tokens or --budget-time-s (the same for every run)")
     runs_dir = str(Path(out, "runs").resolve())
@@ -89,7 +92,13 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     stages = len(stage_lengths(load_config(base_config, overrides).schedule)[0])
     variants = run_variants(base_config, overrides, parse_ratio_sets(ratios, stages) if ratios else [], seeds,
                             tuple(parse_modes(modes)))
-    configs = [load_config(base_config, v) for v in variants]  # validate every run before the first starts
+    configs = [load_config(base_config, v) for v in variants]
+    for cfg in configs:  # every run checked before the first starts
+        preflight(cfg)
+    spans = [stage_lengths(c.schedule)[0] for c in configs]
+    longest = max(max(s) for s in spans)
+    eval_lens = eval_lengths or sorted({min(s) for s in spans} | {longest // 2, longest, 2 * longest, 4 * longest})
+    eval_context.check(eval_lens)  # a bad eval setting fails now, not after the training
     names = []
     for k, cfg in enumerate(configs):
         lengths, ratios = stage_lengths(cfg.schedule)
@@ -98,14 +107,13 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
         launch_run(cfg, address=address)
         names.append(cfg.name)
     run_uris = [str(Path(runs_dir, n)) for n in names]
-    rep = build_report(run_uris, str(Path(out, "report")))
-    print(format_report(rep))
-    spans = [stage_lengths(c.schedule)[0] for c in configs]
-    longest = max(max(s) for s in spans)
-    lengths = eval_lengths or sorted({min(s) for s in spans} | {longest // 2, longest, 2 * longest, 4 * longest})
-    ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, lengths,
-                         max_tokens=eval_tokens or max(lengths) * 64, document_masking=configs[0].data.document_masking)
+    ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, eval_lens,
+                         max_tokens=eval_tokens or max(eval_lens) * 64,
+                         document_masking=configs[0].data.document_masking, context=eval_context)
     Path(out, "eval.json").write_text(json.dumps(ev, indent=1))
     plot_eval(ev, str(Path(out, "eval.png")))
+    plot_context(ev, str(Path(out, "eval")))
     print(format_eval(ev))
+    rep = build_report(run_uris, str(Path(out, "report")), eval_res=ev)
+    print(format_report(rep))
     return {"runs": run_uris, "report": rep, "eval": ev}

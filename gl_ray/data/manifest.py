@@ -15,6 +15,8 @@ Each shard holds one row per document, in the order training reads them:
     input_ids:  list<int32>   the document's token ids, ending with eos_token_id
     num_tokens: int32         len(input_ids), so the stream index is built without reading the tokens
 `tokens` counts every token, EOS included; split totals equal the sums over their shards.
+A dataset prepared with `--recall` adds two list<int32> columns (recall_targets, recall_distances) and a
+"recall" entry to manifest.json: see gl_ray.data.recall.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Nothing is half-written: the dataset is complete only when manifest.json exists,
 DEST is built in DEST.partial and renamed into place; on S3 the manifest goes last. Each finished unit leaves
 `_units/unit-UUUUU.json`, so an interrupted prepare continues with `resume` (the same settings) or starts over
 with `overwrite`; bad input (a UserError) deletes what was written.
+
+With `recall` (`--recall SPEC`), each document gets key-value recall items inserted after tokenization, and the
+shards and manifest record them: see gl_ray.data.recall.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import pyarrow.parquet as pq
 from gl_ray import storage
 from gl_ray.data.corpus import SourceFile, list_source, read_documents, stable_hash
 from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
+from gl_ray.data.recall import (RECALL_COLUMNS, Inserted, RecallItems, RecallSpec, count_document, document_rng,
+                                insert_recall, merge_counts, new_counts, resolve_items)
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from gl_ray.errors import UserError, unwrap_user_errors
 
@@ -47,13 +52,16 @@ class ShardWriter:
     def __init__(self, out_dir: str, split: str, prefix: str, shard_tokens: int):
         self.out_dir, self.split, self.prefix, self.shard_tokens = out_dir, split, prefix, shard_tokens
         self.docs: list[np.ndarray] = []
+        self.recall: dict[str, list[np.ndarray]] = {}  # recall column -> one array per document (recall datasets)
         self.pending_tokens = 0
         self.shards: list[dict] = []
 
-    def add(self, ids: np.ndarray) -> tuple[int, int]:
-        """Queue a document; returns its (shard number, row) within this writer."""
+    def add(self, ids: np.ndarray, recall: dict[str, np.ndarray] | None = None) -> tuple[int, int]:
+        """Queue a document (and its recall columns); returns its (shard number, row) within this writer."""
         where = (len(self.shards), len(self.docs))
         self.docs.append(ids)
+        for name, arr in (recall or {}).items():
+            self.recall.setdefault(name, []).append(arr)
         self.pending_tokens += len(ids)
         if self.pending_tokens >= self.shard_tokens:
             self.flush()
@@ -63,14 +71,17 @@ class ShardWriter:
         if not self.docs:
             return
         rel = f"{self.split}/{self.prefix}-{len(self.shards):04d}.parquet"
-        write_shard(storage.join(self.out_dir, rel), self.docs)
+        write_shard(storage.join(self.out_dir, rel), self.docs, self.recall)
         self.shards.append({"path": rel, "rows": len(self.docs), "tokens": self.pending_tokens})
-        self.docs, self.pending_tokens = [], 0
+        self.docs, self.recall, self.pending_tokens = [], {}, 0
 
 
-def write_shard(uri: str, docs: list[np.ndarray]) -> None:
+def write_shard(uri: str, docs: list[np.ndarray], extra: dict[str, list] | None = None) -> None:
+    """One shard; `extra`: more list<int32> columns, one entry per document (the recall columns)."""
     table = pa.table({"input_ids": pa.array(docs, pa.list_(pa.int32())),
                       "num_tokens": pa.array([len(d) for d in docs], pa.int32())}, schema=SHARD_SCHEMA)
+    for name, col in (extra or {}).items():
+        table = table.append_column(name, pa.array(col, pa.list_(pa.int32())))
     fs, path = storage.resolve(uri)
     if not storage.is_s3(uri):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +103,7 @@ def units_of(files: list[SourceFile], unit_bytes: int) -> list[list[str]]:
 
 
 def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fraction: float, shard_tokens: int,
-               text_column: str, max_docs: int = 0) -> dict:
+               text_column: str, max_docs: int = 0, recall: RecallItems | None = None) -> dict:
     """Tokenize one unit's files and write its shards; returns (and stores under _units/) its statistics.
 
     A Ray Data task on a cluster, or a plain call. Documents keep source order within each split; the train
@@ -100,13 +111,20 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
     index = unit["index"]
     writers = {s: ShardWriter(out, s, f"shard-{index:05d}", shard_tokens) for s in SPLITS}
     st = {"index": index, "documents": 0, "tokens": 0, "replaced_chars": 0, "skipped_empty": 0, "min_train": None}
+    if recall:
+        st["recall"] = {s: new_counts() for s in SPLITS}
     batch: list[tuple[str, str]] = []
 
     def encode() -> None:
         for (key, _), ids in zip(batch, encode_documents([t for _, t in batch], tokenizer_json, eos_id)):
             h = stable_hash("split:" + key)
             split = "val" if h < val_fraction else "train"
-            shard, row = writers[split].add(ids)
+            columns = None
+            if recall:  # the per-document transform: seeded by (seed, key), so units stay independent
+                ins = insert_recall(ids, document_rng(recall.spec.seed, key), recall)
+                count_document(st["recall"][split], ins, recall.spec)
+                ids, columns = ins.tokens, dict(zip(RECALL_COLUMNS, (ins.targets, ins.distances)))
+            shard, row = writers[split].add(ids, columns)
             if split == "train" and (st["min_train"] is None or h < st["min_train"][0]):
                 st["min_train"] = [h, shard, row]
             st["documents"] += 1
@@ -224,8 +242,11 @@ def _remove(staging: str) -> None:
 def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fraction: float = 0.01,
             shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
             overwrite: bool = False, resume: bool = False, no_ray: bool = False, text_column: str = "text",
-            tokenizer_sample_bytes: int = SAMPLE_BYTES, unit_bytes: int = UNIT_BYTES, workers: int = 0) -> dict:
-    """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input."""
+            tokenizer_sample_bytes: int = SAMPLE_BYTES, unit_bytes: int = UNIT_BYTES, workers: int = 0,
+            recall: RecallSpec | None = None, verbose: bool = False) -> dict:
+    """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input.
+    verbose: Ray's INFO lines too (Ray Data's per-dataset lines; off by default, its warnings and errors stay).
+    `recall`: insert key-value recall items into every document (gl_ray.data.recall)."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens <= 0 or max_docs < 0 or tokenizer_sample_bytes <= 0 or unit_bytes <= 0 or workers < 0:
@@ -242,7 +263,8 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
         max_docs_per_unit = max_docs
     settings = _settings(source, files, tokenizer, text_column=text_column, val_fraction=val_fraction,
                          shard_tokens=shard_tokens, max_docs=max_docs, unit_bytes=unit_bytes,
-                         tokenizer_sample_bytes=tokenizer_sample_bytes)
+                         tokenizer_sample_bytes=tokenizer_sample_bytes,
+                         **({"recall": recall.to_json()} if recall else {}))
     staging = _staging(out)
     done = _start_or_resume(staging, settings, resume, overwrite)
     if storage.is_s3(out) and overwrite and storage.exists(storage.join(out, "manifest.json")):
@@ -259,10 +281,11 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
             storage.write_bytes(storage.join(staging, UNITS_DIR, "prepare.json"), json.dumps(settings).encode())
         units = [{"index": i, "files": u} for i, u in enumerate(units_of(files, unit_bytes))]
         kw = {"out": staging, "tokenizer_json": tok.backend_tokenizer.to_str(), "eos_id": int(tok.eos_token_id),
-              "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_column": text_column}
+              "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_column": text_column,
+              "recall": resolve_items(recall, len(tok), tok.all_special_ids) if recall else None}
         stats = _run_units(units, done, kw, staging, max_docs=max_docs_per_unit, address=address, no_ray=no_ray,
-                           workers=workers)
-        manifest = _finish(stats, tok, source, staging, val_fraction)
+                           workers=workers, verbose=verbose)
+        manifest = _finish(stats, tok, source, staging, val_fraction, kw["recall"])
     except UserError:
         _remove(staging)  # bad input: nothing half-written
         raise
@@ -287,7 +310,7 @@ def _load_saved_tokenizer(folder: str):
 
 
 def _run_units(units: list[dict], done: set[int], kw: dict, staging: str, *, max_docs: int, address: str | None,
-               no_ray: bool, workers: int) -> list[dict]:
+               no_ray: bool, workers: int, verbose: bool) -> list[dict]:
     """Statistics of every unit in order: finished ones read back, the rest written now (Ray Data tasks, or in
     this process with no_ray or with max_docs, a document count the units must stop at in order)."""
     stats = {i: json.loads(storage.read_bytes(storage.join(staging, UNITS_DIR, f"unit-{i:05d}.json")))
@@ -315,7 +338,7 @@ def _run_units(units: list[dict], done: set[int], kw: dict, staging: str, *, max
 
         from gl_ray.ray_utils import ensure_ray
 
-        ensure_ray(address)
+        ensure_ray(address, verbose=verbose)
         ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo], override_num_blocks=len(todo))
         ds = ds.map(_unit_task, fn_kwargs=kw, num_cpus=1, concurrency=workers or None)
         with unwrap_user_errors():
@@ -341,7 +364,7 @@ def _unit_task(row: dict, **kw) -> dict:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
-def _give_val_a_document(stats: list[dict], staging: str) -> None:
+def _give_val_a_document(stats: list[dict], staging: str, recall: RecallItems | None) -> None:
     """A corpus so small that the hash sent no document to val: move the train document with the smallest split
     hash there (so any corpus of two or more documents has a val split, the same on every rerun)."""
     best = min((s for s in stats if s["min_train"]), key=lambda s: s["min_train"][0])
@@ -349,27 +372,36 @@ def _give_val_a_document(stats: list[dict], staging: str) -> None:
     entry = next(sh for sh in best["shards"]["train"] if sh["path"] == rel)
     fs, path = storage.resolve(storage.join(staging, rel))
     with storage.errors_at(path):
-        table = pq.read_table(path, filesystem=fs).column("input_ids").to_pylist()
+        cols = pq.read_table(path, filesystem=fs).to_pydict()
+    cols.pop("num_tokens")
+    table = cols.pop("input_ids")
     doc = np.asarray(table.pop(row), np.int32)
+    moved = {name: [col.pop(row)] for name, col in cols.items()}  # recall columns go with their document
     val_rel = f"val/shard-{best['index']:05d}-0000.parquet"
-    write_shard(storage.join(staging, val_rel), [doc])
+    write_shard(storage.join(staging, val_rel), [doc], moved)
     best["shards"]["val"] = [{"path": val_rel, "rows": 1, "tokens": len(doc)}]
+    if recall:  # its recall counts move to val as well (no unit has val documents)
+        one = new_counts()
+        count_document(one, Inserted(doc, *(np.asarray(moved[c][0], np.int32) for c in RECALL_COLUMNS)),
+                       recall.spec)
+        best["recall"] = {"val": one, "train": merge_counts([best["recall"]["train"], one], sign=[1, -1])}
     if table:
-        write_shard(storage.join(staging, rel), [np.asarray(d, np.int32) for d in table])
+        write_shard(storage.join(staging, rel), [np.asarray(d, np.int32) for d in table], cols)
         entry.update(rows=entry["rows"] - 1, tokens=entry["tokens"] - len(doc))
     else:
         storage.delete_file(storage.join(staging, rel))
         best["shards"]["train"].remove(entry)
 
 
-def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: float) -> dict:
+def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: float,
+            recall: RecallItems | None = None) -> dict:
     docs = sum(s["documents"] for s in stats)
 
     def shards_of(split: str) -> list[dict]:
         return [sh for s in stats for sh in s["shards"][split]]
 
     if val_fraction > 0 and not shards_of("val") and docs >= 2:
-        _give_val_a_document(stats, staging)
+        _give_val_a_document(stats, staging, recall)
     shards = {split: shards_of(split) for split in SPLITS}
     if not shards["train"]:
         raise UserError(f"source {source!r} yielded no non-empty training documents")
@@ -383,5 +415,8 @@ def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: flo
                            "tokens": sum(sh["tokens"] for sh in shards[split]), "shards": shards[split]}
                    for split in SPLITS},
     }
+    if recall:
+        manifest["recall"] = {**recall.to_json(),
+                              "splits": {s: merge_counts([st["recall"][s] for st in stats]) for s in SPLITS}}
     storage.write_bytes(storage.join(staging, "manifest.json"), json.dumps(manifest, indent=1).encode())
     return manifest

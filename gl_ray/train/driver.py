@@ -44,9 +44,11 @@ def check_memory_budget(cfg: Config, vocab_size: int) -> None:
         raise too_small(budget, make_plan(cfg).stages[0].seq_len, share)
 
 
-def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None) -> dict:
+def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None,
+               verbose: bool = False) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
-    resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one)."""
+    resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one). quiet: print nothing;
+    verbose: Ray's own INFO lines too (off by default: gl-ray's lines only, and Ray's warnings and errors)."""
     say = (lambda *_: None) if quiet else print
     preflight(cfg)  # the schedule plans and this machine has what the config asks for
     if not storage.is_s3(cfg.data.path):  # workers do not share the driver's working directory
@@ -67,11 +69,12 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     run_uri = run_uri_of(cfg)
     storage.check_writable(run_uri)
     with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
-        return _train(cfg, plan, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet)
+        return _train(cfg, plan, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
+                      verbose=verbose)
 
 
 def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
-           quiet: bool) -> dict:
+           quiet: bool, verbose: bool) -> dict:
     """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
     from gl_ray.train.checkpoint import remove_leftovers
     from gl_ray.train.identity import check_resumable, record_run
@@ -87,7 +90,7 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
     say(format_plan(plan))
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
-    _fit(cfg, plan, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet)
+    _fit(cfg, plan, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
     summary_uri = storage.join(run_uri, "summary.json")
     if preempt.was_requested(run_uri) and not storage.exists(summary_uri):
         raise preempt.Preempted(preempt.stopped_message(run_uri))
@@ -98,7 +101,7 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
 
 
 def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, callbacks: list | None,
-         quiet: bool) -> None:
+         quiet: bool, verbose: bool) -> None:
     """Train in this process (ray.num_workers: 0) or on Ray Train, with SIGTERM turned into a stop request (set
     after ray.init, whose own handler would exit at once)."""
     if cfg.ray.num_workers == 0:
@@ -116,9 +119,9 @@ def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, 
     from gl_ray.train.ray_train import fit_trainer
 
     local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
-    ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus)
+    ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus, verbose=verbose)
     previous = preempt.install(run_uri)
     try:
-        fit_trainer(cfg, plan, run_uri, callbacks=callbacks)
+        fit_trainer(cfg, plan, run_uri, callbacks=callbacks, progress=not quiet, verbose=verbose)
     finally:
         preempt.restore(previous)

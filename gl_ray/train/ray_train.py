@@ -25,7 +25,7 @@ from gl_ray.config import Config, config_from_dict
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, stage_dataset
 from gl_ray.devices import resolved_precision
-from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER
+from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER, quiet_ray_info
 from gl_ray.schedule import Plan, Stage
 from gl_ray.train.checkpoint import (
     TrainState,
@@ -103,13 +103,16 @@ class StageWarmer:
             yield from box["it"]
 
 
-def quiet_ray_logs() -> None:
-    """Per-report and per-dataset INFO lines from the workers drown the progress lines."""
+def quiet_ray_logs(verbose: bool) -> None:
+    """Per-report and per-dataset INFO lines from the workers drown the progress lines: off unless verbose."""
     from ray.train.v2._internal.execution import context as train_context
 
-    for name in ("ray.data", "ray.train", train_context.__file__):  # that module logs under its file path
-        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)
+    if verbose:
+        return
+    quiet_ray_info()
+    for name in ("ray.train", train_context.__file__):  # that module logs under its file path
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 class RayWorkerIO(WorkerIO):
@@ -214,25 +217,24 @@ def ray_worker_loop(config: dict) -> None:
     from gl_ray.train.worker import run_worker
 
     os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
-    quiet_ray_logs()
+    quiet_ray_logs(config.get("verbose", False))
     cfg, plan = config_from_dict(config["cfg"]), Plan.from_dict(config["plan"])
     io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
     run_worker(cfg, plan, config["run_uri"], io, print_progress=False)
 
 
-def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = None) -> None:
-    """Driver function: build and fit the TorchTrainer (the caller has connected to Ray)."""
+def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = None, *, progress: bool = True,
+                verbose: bool = False) -> None:
+    """Driver function: build and fit the TorchTrainer (the caller has connected to Ray). progress: print rank 0's
+    progress lines here (gl_ray.train.relay); verbose: Ray Train's and Ray Data's INFO lines too."""
+    import contextlib
+
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from gl_ray.errors import unwrap_user_errors
-    from gl_ray.train.outputs import progress_line
-
-    class Progress(ray.train.UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            if metrics and metrics[0]:
-                print(progress_line(metrics[0]), flush=True)
+    from gl_ray.train.relay import ProgressRelay
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     if storage.is_s3(run_uri):
@@ -241,18 +243,21 @@ def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = 
     else:
         storage_kwargs = {"storage_path": str(storage.resolve(run_uri)[1]).rsplit("/", 1)[0]}
     datasets = stage_datasets(cfg, plan, run_uri)
-    trainer = TorchTrainer(
-        ray_worker_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
-                           "dataset_names": sorted(datasets), "fault_env": fault_env()},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                               resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg.name, **storage_kwargs, callbacks=[Progress(), *(callbacks or [])],
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets=datasets,
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
-    )
-    with unwrap_user_errors():
+    with (ProgressRelay() if progress else contextlib.nullcontext()) as progress_callback, unwrap_user_errors():
+        run_callbacks = [progress_callback] if progress else []
+        trainer = TorchTrainer(
+            ray_worker_loop,
+            train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
+                               "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+                                                   resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=cfg.name, **storage_kwargs, callbacks=[*run_callbacks, *(callbacks or [])],
+                # Ray Train's own lines (controller and workers); its log files keep every level
+                logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+            datasets=datasets,
+            dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        )
         trainer.fit()
