@@ -37,7 +37,7 @@ from gl_ray.model import (
     lm_loss,
 )
 from gl_ray.schedule import micro_batch_for
-from gl_ray.train.micro_batch import peak_rss_bytes
+from gl_ray.train.micro_batch import largest_fitting, peak_rss_bytes
 from gl_ray.train.step import make_optimizer, train_step
 
 # dense bf16 peak TFLOP/s by device name fragment, for MFU
@@ -190,15 +190,7 @@ def max_micro_batch(model: BenchModel, seq_len: int, device: torch.device, dtype
         probes.append({"seqs": n, "peak_bytes": peak, "fits": peak is not None})
         return peak is not None
 
-    if not fits(1):
-        return 0, probes
-    lo, hi = 1, 2
-    while hi <= limit_seqs and fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo, probes
+    return largest_fitting(range(1, limit_seqs + 1), fits), probes
 
 
 def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, micro_batch_tokens: int,

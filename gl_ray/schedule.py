@@ -209,12 +209,16 @@ def split_steps(total_steps: int, ratios: list[float]) -> list[int]:
     return steps
 
 
+def divisors(n: int) -> list[int]:
+    """The divisors of n >= 1, ascending, in O(sqrt n) (n may be 2**40 / seq_len)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if n // d != d]
+
+
 def micro_batch_for(seqs_per_worker: int, seq_len: int, micro_batch_tokens: int) -> int:
     """Largest divisor of seqs_per_worker whose tokens fit micro_batch_tokens (so grad_accum is whole)."""
     limit = micro_batch_tokens // seq_len
-    small = [d for d in range(1, math.isqrt(seqs_per_worker) + 1) if seqs_per_worker % d == 0]
-    divisors = small + [seqs_per_worker // d for d in small]  # in O(sqrt n): n may be 2**40 / seq_len
-    return max(d for d in divisors if d <= limit)
+    return max(d for d in divisors(seqs_per_worker) if d <= limit)
 
 
 class _Shape(NamedTuple):

@@ -8,7 +8,8 @@ import torch
 from conftest import metrics, run_tiny
 
 from gl_ray.errors import UserError
-from gl_ray.train.micro_batch import divisors, find_micro_batch, try_fits
+from gl_ray.schedule import divisors
+from gl_ray.train.micro_batch import find_micro_batch, largest_fitting, try_fits
 
 
 @pytest.mark.parametrize("rows, limit, want", [(32, 5, 4), (32, 32, 32), (32, 1, 1), (24, 13, 12), (24, 0, 0),
@@ -23,6 +24,24 @@ def test_find_micro_batch_takes_the_largest_divisor_that_fits(rows, limit, want)
     assert find_micro_batch(rows, fits) == want
     assert all(rows % n == 0 for n in tried)
     assert len(tried) <= 2 * len(divisors(rows)).bit_length() + 1  # doubling then bisection, not a linear scan
+
+
+@pytest.mark.parametrize("n", [1, 2, 12, 36, 97, 1024, 3 * 5 * 7 * 11 * 13])
+def test_divisors_are_every_divisor_ascending(n):
+    assert divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+
+
+@pytest.mark.parametrize("limit", [0, 1, 5, 64, 100, 4096])
+def test_largest_fitting_over_every_size_as_bench_searches(limit):
+    """gl-ray bench's Table 3 searches every size up to a cap with the same function as the training loop."""
+    tried = []
+
+    def fits(n):
+        tried.append(n)
+        return n <= limit
+
+    assert largest_fitting(range(1, 4097), fits) == limit
+    assert len(tried) <= 2 * (4096).bit_length() + 1
 
 
 def test_cpu_fit_is_judged_by_the_peak_memory_of_the_try():

@@ -1,8 +1,8 @@
 """train.micro_batch_tokens: auto. At the start of each stage every worker finds the largest micro batch (a divisor
 of its sequences per step, so gradient accumulation stays whole) whose forward+backward fits: on GPU by trying it
 and catching torch.OutOfMemoryError, on CPU by the process's peak resident memory against train.memory_budget.
-Doubling, then bisection over the divisors, as `gl-ray bench` Table 3 does. All workers take the smallest
-choice. The data layout does not depend on the micro batch (a worker reads one step's rows at a time), so a
+Doubling, then bisection over the divisors (`largest_fitting`, which `gl-ray bench` Table 3 uses too). All
+workers take the smallest choice. The data layout does not depend on the micro batch (a worker reads one step's rows at a time), so a
 resume stays exact whatever size a restarted worker picks.
 
     mb = find_micro_batch(rows_per_step=16, fits=lambda n: try_it(n))   # -> e.g. 8
@@ -12,39 +12,41 @@ Test-only fault hook: GL_RAY_OOM_ABOVE_SEQS=N makes every try above N sequences 
 
 from __future__ import annotations
 
+import bisect
 import os
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from gl_ray.errors import UserError
+from gl_ray.schedule import divisors
 
 BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments: the floor under any micro batch
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def find_micro_batch(rows_per_step: int, fits: Callable[[int], bool]) -> int:
-    """The largest divisor of rows_per_step for which fits() holds (0 if not even 1 fits): double through the
-    divisors while they fit, then bisect between the last that fit and the first that did not."""
-    ds = divisors(rows_per_step)
-    if not fits(ds[0]):
+def largest_fitting(candidates: Sequence[int], fits: Callable[[int], bool]) -> int:
+    """The largest of `candidates` (ascending) for which fits() holds, 0 if not even the first does: double
+    through them while they fit, then bisect between the last that fit and the first that did not (fits() is
+    taken to be monotone). The one search of the training loop's micro batch and of `gl-ray bench`'s Table 3."""
+    if not candidates or not fits(candidates[0]):
         return 0
-    lo, hi = 0, None  # indices into ds: lo fits, hi (if any) does not
-    while hi is None and lo < len(ds) - 1:
-        nxt = max(i for i, d in enumerate(ds) if d <= 2 * ds[lo])
-        nxt = max(nxt, lo + 1)
-        if fits(ds[nxt]):
+    lo, hi = 0, None  # indices into candidates: lo fits, hi (if any) does not
+    while hi is None and lo < len(candidates) - 1:
+        nxt = max(bisect.bisect_right(candidates, 2 * candidates[lo]) - 1, lo + 1)
+        if fits(candidates[nxt]):
             lo = nxt
         else:
             hi = nxt
     while hi is not None and hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(ds[mid]) else (lo, mid)
-    return ds[lo]
+        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
+    return candidates[lo]
+
+
+def find_micro_batch(rows_per_step: int, fits: Callable[[int], bool]) -> int:
+    """The largest divisor of rows_per_step for which fits() holds (0 if not even 1 fits)."""
+    return largest_fitting(divisors(rows_per_step), fits)
 
 
 def reset_peak_rss() -> None:
