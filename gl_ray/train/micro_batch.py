@@ -2,8 +2,8 @@
 of its sequences per step, so gradient accumulation stays whole) whose forward+backward fits: on GPU by trying it
 and catching torch.OutOfMemoryError, on CPU by the process's peak resident memory against train.memory_budget.
 Doubling, then bisection over the divisors (`largest_fitting`, which `gl-ray bench` Table 3 uses too). All
-workers take the smallest choice. The data layout does not depend on the micro batch (a worker reads one step's rows at a time), so a
-resume stays exact whatever size a restarted worker picks.
+workers take the smallest choice. The data layout does not depend on the micro batch (a worker reads one step's
+rows at a time), so a resume stays exact whatever size a restarted worker picks.
 
     mb = find_micro_batch(rows_per_step=16, fits=lambda n: try_it(n))   # -> e.g. 8
 
