@@ -233,6 +233,27 @@ def test_empty_corpus(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("out")]
 
 
+def test_a_stale_ray_address_file_is_never_joined(tmp_path):
+    """A Ray head that died leaves Ray's address file behind: gl-ray's local Ray starts its own instance instead of
+    reading it (it used to fail with "When connecting to an existing cluster, num_cpus ... must not be provided",
+    after writing a .partial that then demanded --resume)."""
+    (tmp_path / "src").mkdir()
+    for i in range(3):
+        (tmp_path / "src" / f"{i}.txt").write_text(f"document {i} " * 50)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="glr-"))  # short: Ray's socket paths live under it
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(ray_tmp)}
+        r = subprocess.run([sys.executable, "-m", "gl_ray", "prepare", "--source", str(tmp_path / "src"), "--out",
+                            str(tmp_path / "out"), "--tokenizer", str(NEOX_TOKENIZER), "--workers", "1"],
+                           capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["documents"] >= 1
+
+
 def test_unwritable_storage(tiny_data, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the runs folder should be")

@@ -52,9 +52,10 @@ class WorkerIO:
         """Whether the run was asked to stop (SIGTERM to the driver): then it checkpoints at this step and ends."""
         return False
 
-    def all_reduce_host_sum(self, value: float) -> float:
-        """Sum of a host number over workers, without touching a device stream (no GPU sync)."""
-        return value
+    def all_reduce_host_sum(self, values: list[float]) -> list[float]:
+        """Sums of host numbers over workers, element by element, without touching a device stream (no GPU
+        sync)."""
+        return list(values)
 
     def all_gather_object(self, obj: object) -> list:
         """Every worker's obj, in rank order (picklable objects)."""

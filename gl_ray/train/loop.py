@@ -179,9 +179,10 @@ class Trainer:
             if out.skipped:
                 self.count_skipped()
             meter.add(state.step, self.plan.tokens_per_step, out.loss, out.grad_norm, flops, out.wait_s, out.skipped)
-            due = decide(self.cfg, state.step, tokens_before, state.tokens, self.stage_done(st),
+            stop, late = self.meet(st)
+            due = decide(self.cfg, state.step, tokens_before, state.tokens, state.stage_step >= st.steps or late,
                          last_stage=st.index == len(self.plan.stages) - 1)
-            if self.io.all_reduce_host_sum(float(self.io.stop_requested())) > 0:  # every worker stops at this step
+            if stop:  # every worker stops at this step
                 self.stopped = True
                 due = Due(log=True, eval=due.eval, checkpoint=True, stage_done=due.stage_done)
             if due.log:
@@ -272,12 +273,18 @@ class Trainer:
         s.stage_wall_s[st.index] = stage_wall0 + now - stage_t0
         return now
 
-    def stage_done(self, st: Stage) -> bool:
-        done = self.state.stage_step >= st.steps
-        if self.plan.time_mode:  # every rank must switch at the same step: agree on the clock of the slowest,
-            late = float(self.state.elapsed_s >= self.plan.time_end_s(st.index))  # over the host, not the device
-            done = done or self.io.all_reduce_host_sum(late) > 0
-        return done
+    def meet(self, st: Stage) -> tuple[bool, bool]:
+        """(stop, late): whether any worker was asked to stop, and in time mode whether the slowest worker's clock
+        has passed the stage's share. The workers agree on both in one host all-reduce (gloo: no device sync),
+        held only at steps every worker knows to be meeting points: report steps (every train.log_every_steps)
+        and the stage's last planned step. So a SIGTERM is honoured, and a timed stage ends, within
+        train.log_every_steps steps; between meetings no rank waits for another outside the gradient sync."""
+        s = self.state
+        if s.step % self.cfg.train.log_every_steps and s.stage_step < st.steps:
+            return False, False
+        late = self.plan.time_mode and s.elapsed_s >= self.plan.time_end_s(st.index)
+        stop, late_any = self.io.all_reduce_host_sum([float(self.io.stop_requested()), float(late)])
+        return stop > 0, late_any > 0
 
     def report(self, st: Stage, due: Due, window: dict) -> None:
         s, plan = self.state, self.plan

@@ -191,16 +191,16 @@ class RayWorkerIO(WorkerIO):
     def stop_requested(self) -> bool:
         return self.stop_watch.requested()
 
-    def all_reduce_host_sum(self, value: float) -> float:
+    def all_reduce_host_sum(self, values: list[float]) -> list[float]:
         import torch.distributed as dist
 
         if self.world_size == 1 or not dist.is_initialized():
-            return value
+            return list(values)
         if self.host_group is None:  # gloo: a CPU tensor's all-reduce never waits for the GPU's queue
             self.host_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(t, group=self.host_group)
-        return float(t[0])
+        return t.tolist()
 
     def all_gather_object(self, obj: object) -> list:
         import torch.distributed as dist
