@@ -103,6 +103,28 @@ def test_refuses_to_overwrite(tiny_data):
         prepare("stdlib", tiny_data)
 
 
+def test_overwrite_never_deletes_what_is_not_a_dataset(tmp_path):
+    """--overwrite removes only a gl-ray dataset: not the source, not a folder holding it or inside it, not an
+    unrelated folder, not a foreign DEST.partial; each is one line and every file stays."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    (src / "a.txt").write_text("a document " * 20)
+    (tmp_path / "notes.txt").write_text("a file beside the corpus")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    foreign = tmp_path / "ds.partial"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not a staging folder")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    for out, needle in [(src, "holds --source"), (tmp_path, "holds --source"), (src / "ds", "is inside --source"),
+                        (mine, "is not a gl-ray dataset"), (tmp_path / "ds", "not a gl-ray prepare's staging")]:
+        with pytest.raises(UserError, match=needle) as e:
+            prepare(str(src), str(out), overwrite=True, no_ray=True, tokenizer=str(NEOX_TOKENIZER))
+        assert "\n" not in str(e.value)
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
 def _copy(tiny_data, tmp_path) -> Path:
     import shutil
 

@@ -189,16 +189,29 @@ def _upload_dir(local: str, dest: str) -> None:
             storage.write_bytes(storage.join(dest, str(p.relative_to(local))), p.read_bytes())
 
 
-def _check_out(out: str, overwrite: bool) -> None:
+def _check_out(out: str, source: str, overwrite: bool) -> None:
+    """--out may be replaced only when it is a gl-ray dataset (--overwrite) or empty, and never when it holds or is
+    inside --source: --overwrite deletes it whole. Its staging folder (DEST.partial) is checked the same way."""
     if storage.exists(storage.join(out, "manifest.json")) and not overwrite:
         raise UserError(f"{out!r} already holds a dataset; pass --overwrite or choose another --out")
     if storage.is_s3(out):
         storage.check_writable(out)
         return
-    if Path(out).exists() and any(Path(out).iterdir()) and not overwrite:
-        raise UserError(f"{out!r} exists and is not empty; choose another --out")
-    if any(p.exists() and not p.is_dir() for p in [Path(out).resolve(), *Path(out).resolve().parents]):
+    dest = Path(out).expanduser().resolve()
+    if source != "stdlib" and "://" not in source and not any(c in source for c in "*?["):
+        src = Path(source).expanduser().resolve()
+        if dest == src or dest in src.parents or src in dest.parents:
+            raise UserError(f"--out {out!r} {'holds' if dest in src.parents or dest == src else 'is inside'} "
+                            f"--source {source!r}; choose an --out outside the source")
+    if any(p.exists() and not p.is_dir() for p in [dest, *dest.parents]):
         raise UserError(f"--out {out!r}: a file is in the way of that folder")
+    if dest.exists() and any(dest.iterdir()) and not (dest / "manifest.json").is_file():
+        raise UserError(f"{out!r} exists, is not empty and is not a gl-ray dataset (no manifest.json); "
+                        "choose another --out" + (" (--overwrite replaces only a dataset)" if overwrite else ""))
+    staging = Path(_staging(out))
+    if staging.exists() and any(staging.iterdir()) and not (staging / UNITS_DIR / "prepare.json").is_file():
+        raise UserError(f"{str(staging)!r} exists and is not a gl-ray prepare's staging folder (no "
+                        f"{UNITS_DIR}/prepare.json); move it away or choose another --out")
 
 
 def _settings(source: str, files: list[SourceFile], tokenizer: str, **kw) -> dict:
@@ -254,7 +267,7 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
                         ">= 0")
     if not text_column:
         raise UserError("--text-column must not be empty")
-    _check_out(out, overwrite)
+    _check_out(out, source, overwrite)
     files = list_source(source)
     one_doc_files = all(f.uri.endswith(ONE_DOC_EXTS) for f in files)
     if max_docs and one_doc_files:  # the first N files are the first N documents: no count to stop at
