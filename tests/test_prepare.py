@@ -185,6 +185,27 @@ def test_manifest_mismatches(tiny_data, tmp_path):
         load_manifest(str(tmp_path / "nothing"))
 
 
+def test_token_ids_are_checked_as_rows_are_read_whatever_the_statistics(tiny_data, tmp_path):
+    """A shard written without column statistics holding an id beyond the vocab is refused when its tokens are
+    read (it used to train 15 steps, then crash with IndexError); a manifest's vocab_size is bounded before it sizes
+    anything."""
+    ds = _copy(tiny_data, tmp_path)
+    m = _manifest(ds)
+    shard = ds / m["splits"]["train"]["shards"][0]["path"]
+    t = pq.read_table(shard)
+    ids = t["input_ids"].to_pylist()
+    ids[0][3] = m["vocab_size"] + 4000
+    pq.write_table(pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "num_tokens": t["num_tokens"]}),
+                   shard, write_statistics=False)
+    stream = TokenStream(str(ds), "train")  # the statistics cannot tell
+    with pytest.raises(UserError, match=f"token id {m['vocab_size'] + 4000} .*outside the vocab"):
+        stream.read(0, stream.tokens)
+    for bad in (1e8, 0, -3):
+        _save(ds, m | {"vocab_size": bad})
+        with pytest.raises(UserError, match="vocab_size .* must be in"):
+            load_manifest(str(ds))
+
+
 def test_wrong_column_type(tiny_data, tmp_path):
     ds = _copy(tiny_data, tmp_path)
     m = _manifest(ds)

@@ -25,6 +25,7 @@ import json
 import posixpath
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -34,6 +35,7 @@ from gl_ray.errors import UserError
 
 FORMAT = "gl-ray-shards/1"
 SPLITS = ("train", "val")
+MAX_VOCAB = 1 << 22  # 4M ids: above any tokenizer in use; a bigger vocab_size is a corrupt manifest
 SHARD_SCHEMA = pa.schema([("input_ids", pa.list_(pa.int32())), ("num_tokens", pa.int32())])
 
 
@@ -92,8 +94,11 @@ def load_manifest(root: str) -> Manifest:
                                 int(sh["tokens"])) for sh in s["shards"]]
             splits[split] = {"documents": int(s["documents"]), "tokens": int(s["tokens"]), "shards": shards}
         tok = _safe_relpath(root, raw["tokenizer"], "tokenizer")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise UserError(f"manifest {uri!r} is missing or has a bad field: {e}") from None
+    if not (1 <= vocab <= MAX_VOCAB and 0 <= eos < vocab):  # bounded before it sizes an embedding table
+        raise UserError(f"manifest {uri!r}: vocab_size {raw['vocab_size']!r} must be in [1, {MAX_VOCAB:,}] and "
+                        f"eos_token_id {raw['eos_token_id']!r} in [0, vocab_size)")
     for split, s in splits.items():
         if sum(sh.tokens for sh in s["shards"]) != s["tokens"]:
             raise UserError(f"manifest {uri!r}: {split} tokens {s['tokens']} differ from the sum over its shards")
@@ -154,4 +159,18 @@ def read_shard_tokens(shard: ShardInfo, vocab_size: int) -> pa.Array:
     flat = col.flatten()
     if len(flat) != shard.tokens:
         raise UserError(f"shard {shard.uri!r} holds {len(flat)} tokens but the manifest says {shard.tokens}")
+    check_token_ids(flat, vocab_size, shard.uri)
     return flat
+
+
+def check_token_ids(ids: pa.Array, vocab_size: int, where: str) -> None:
+    """Every id in [0, vocab_size), checked on the tokens themselves as they are read (the column statistics
+    read_shard_lengths trusts may be missing); UserError naming `where` and the first bad id otherwise."""
+    if len(ids) == 0:
+        return
+    lo, hi = pc.min_max(ids).values()
+    if lo.as_py() < 0 or hi.as_py() >= vocab_size:
+        bad = ids.to_numpy(zero_copy_only=False)
+        first = int(np.flatnonzero((bad < 0) | (bad >= vocab_size))[0])
+        raise UserError(f"shard {where!r} has token id {int(bad[first])} (at token {first}) outside the vocab "
+                        f"[0, {vocab_size}); it was written with another tokenizer or is corrupt: prepare it again")
