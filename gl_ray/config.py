@@ -36,6 +36,9 @@ Shape = Literal["ladder", "linear", "geometric"]  # see gl_ray.schedule.stage_le
 Mode = Literal["reshape", "window"]
 
 
+MAX_TOKENS = 2**50  # a token count beyond this is a typo (1e300), not a budget
+
+
 def _f(default: Any, doc: str) -> Any:
     """A dataclass field with a one-line doc."""
     if isinstance(default, (list, dict)):
@@ -153,8 +156,9 @@ class Config:
         it (no torch, data or Ray). What needs the schedule's arithmetic or this machine (kernels, devices,
         trackers) is checked by the driver before anything is written: gl_ray.train.preflight. Raises UserError."""
         s = self.schedule
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise UserError(f"name {self.name!r} must be a plain folder name (no '/', not starting with '.')")
+        if not self.name or "/" in self.name or self.name.startswith(".") or any(ord(c) < 32 for c in self.name):
+            raise UserError(f"name {self.name!r} must be a plain folder name (no '/', no control characters, not "
+                            "starting with '.')")
         if self.train.micro_batch_tokens != "auto" and self.train.micro_batch_tokens <= 0:
             raise UserError(f"train.micro_batch_tokens must be positive or auto, got {self.train.micro_batch_tokens}")
         if self.train.memory_budget:
@@ -165,10 +169,14 @@ class Config:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
         for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
                     "train.eval_every_tokens", "train.checkpoint_every_tokens", "train.max_skipped_steps",
-                    "ray.num_workers",
-                    "ray.max_failures"):
+                    "ray.num_workers", "ray.max_failures", "ray.local_num_cpus", "data.prefetch_batches"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.ray.cpus_per_worker <= 0:
+            raise UserError(f"ray.cpus_per_worker must be positive, got {self.ray.cpus_per_worker}")
+        for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
+            if self.get(key) > MAX_TOKENS:
+                raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
         if self.ray.strategy == "fsdp" and self.ray.num_workers == 0:
             raise UserError("ray.strategy=fsdp shards the model over Ray workers; set ray.num_workers >= 1 "
                             "(ray.num_workers=0 trains in one process without Ray)")
@@ -253,10 +261,11 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         value = str(value)
     if typ in (int, float) and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
         try:
-            num = float(value)
-            value = int(num) if typ is int and num.is_integer() else num
+            value = float(value)
         except ValueError:
             pass
+    if typ is int and isinstance(value, float) and value.is_integer():  # 1.5e+4 (YAML's float) as 1.5e4
+        value = int(value)
     if not ok(value):
         raise UserError(f"config key {key!r} expects {typ.__name__}, got {value!r}")
     return float(value) if typ is float else value
@@ -295,7 +304,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise UserError(f"--set {item!r} must look like section.key=value")
         dotted, text = item.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = yaml.load(text, Loader=StrictLoader) if text != "" else ""
         except yaml.YAMLError:
             raise UserError(f"--set {dotted}: value {text!r} is not valid YAML") from None
         parts = dotted.strip().split(".")
@@ -310,21 +319,58 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+MAX_YAML_DEPTH = 32  # nesting levels; a config has three
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as gl-ray reads its configs and spaces: a key given twice in one mapping is refused (the last one
+    used to win silently: a second `schedule:` replaced the first), and so are aliases (a few lines of them expand
+    to gigabytes) and nesting deeper than MAX_YAML_DEPTH (a RecursionError otherwise)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.MarkedYAMLError(problem="YAML aliases (*name) are not accepted here",
+                                       problem_mark=self.peek_event().start_mark)
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise yaml.MarkedYAMLError(problem=f"nested deeper than {MAX_YAML_DEPTH} levels",
+                                           problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.MarkedYAMLError(problem=f"key {key!r} is given twice", problem_mark=key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | Path, what: str) -> Any:
+    """A YAML file through StrictLoader; UserError naming `what` (e.g. "config file 'x.yaml'") and the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found")
+    try:
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=StrictLoader)
+    except UnicodeDecodeError:
+        raise UserError(f"{what} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        reason = f": {e.problem}" if getattr(e, "problem", None) else ""
+        raise UserError(f"{what} is not valid YAML{where}{reason}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
     """YAML file (optional), then overrides, then validation. Raises UserError on any problem."""
     raw: dict = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise UserError(f"config file {str(p)!r} is not UTF-8 text") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file {str(p)!r} is not valid YAML{where}") from None
+        raw = read_yaml(path, f"config file {str(path)!r}") or {}
     cfg = config_from_dict(apply_overrides(raw, overrides or []))
     return cfg.validate() if validate else cfg
 

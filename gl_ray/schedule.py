@@ -144,6 +144,22 @@ def _check_generated(lengths: list[int], what: str) -> None:
                             "stages all are")
 
 
+MAX_STAGES = 1024  # a generated schedule longer than this is a typo (and would be built in memory first)
+
+
+def _stages_by_step(shape: str, a: int, b: int, step: float) -> float:
+    """How many stages len_step (linear) or growth (geometric) makes from a to b, counted before they are made."""
+    if shape == "linear":
+        return (b - a) / step + 1 if step > 0 else 0
+    return math.log(b / a) / math.log(step) + 1 if step > 1 else 0
+
+
+def _check_stage_count(count: float, shape: str) -> None:
+    if count > MAX_STAGES:
+        raise UserError(f"shape {shape}: the schedule would have {count:,.0f} stages, more than {MAX_STAGES}; "
+                        "use a larger len_step or growth, or fewer num_stages")
+
+
 def stage_lengths(s) -> tuple[list[int], list[float]]:
     """(lengths, ratios) of a ScheduleConfig. ladder: its lengths and ratios. linear: start_len, + len_step, ...,
     final_len; geometric: start_len, * growth, ..., final_len (or num_stages evenly spaced / spaced by a constant
@@ -151,6 +167,9 @@ def stage_lengths(s) -> tuple[list[int], list[float]]:
     The keys of the other shapes may stay set (one config switches shape with one key, as a Tune space does).
     ratios: as given, else warmup_fraction split equally over the stages before the final one and the rest at
     final_len, else equal shares."""
+    if not s.lengths and (s.shape == "ladder" or not (s.start_len and s.final_len)):
+        raise UserError(f"schedule.lengths is empty: give at least one length (shape {s.shape}"
+                        + (")" if s.shape == "ladder" else ", or both start_len and final_len)"))
     if s.shape == "ladder":
         lengths = list(s.lengths)
     else:
@@ -164,6 +183,7 @@ def stage_lengths(s) -> tuple[list[int], list[float]]:
             raise UserError(f"shape {s.shape}: give exactly one of schedule.{name} and schedule.num_stages")
         if n < 0:
             raise UserError(f"schedule.num_stages={n} must be positive")
+        _check_stage_count(n or _stages_by_step(s.shape, a, b, step), s.shape)
         if s.shape == "linear":
             if n:
                 lengths = [round((a + (b - a) * k / n) / 8) * 8 for k in range(n)] + [b]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from gl_ray.errors import UserError
 
 UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
@@ -10,13 +12,15 @@ UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB
 def parse_size(text: str, what: str = "--memory-budget") -> int:
     """'24GiB', '512MiB', '1.5e9' -> bytes (`what`: the option or key, for the error)."""
     t = text.strip().upper()
-    for u, mult in UNITS.items():
+    number, mult = t, 1
+    for u, m in UNITS.items():
         if t.endswith(u):
-            try:
-                return int(float(t[: -len(u)]) * mult)
-            except ValueError:
-                break
+            number, mult = t[: -len(u)], m
+            break
     try:
-        return int(float(t))
+        size = float(number) * mult
     except ValueError:
-        raise UserError(f"{what} {text!r}: expected bytes or a size like 8GiB") from None
+        size = math.nan
+    if not math.isfinite(size) or size < 0:  # inf, nan, -1GiB
+        raise UserError(f"{what} {text!r}: expected bytes or a size like 8GiB")
+    return int(size)

@@ -33,10 +33,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from gl_ray import storage
-from gl_ray.config import unknown_key, all_keys, dump_config, load_config
+from gl_ray.config import all_keys, dump_config, load_config, read_yaml, unknown_key
 from gl_ray.errors import UserError, find_user_error
 from gl_ray.train.preflight import preflight
 
@@ -81,12 +79,7 @@ def parse_weights(text: str, stages: int) -> list[float]:
 
 def load_space(path: str, extra_overrides: list[str] | None = None, num_samples: int | None = None) -> Space:
     """Read and fully validate a space: every categorical combination is planned before any trial starts."""
-    if not Path(path).is_file():
-        raise UserError(f"search space {path!r} not found")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError:
-        raise UserError(f"search space {path!r} is not valid YAML") from None
+    raw = read_yaml(path, f"search space {path!r}") or {}
     known = {"name", "base_config", "params", "overrides", "budget", "evals", "search", "num_samples",
              "max_concurrent_trials", "scheduler"}
     for k in raw:

@@ -218,3 +218,42 @@ def test_bad_schedules_are_one_line(sets, needle):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert re.search(needle, r.stderr), r.stderr
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("name: x\nschedule:\n  lengths: [64]\nschedule:\n  ratios: [1.0]\n", "line 4: key 'schedule' is given twice"),
+    ("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "line 3: key 'lr' is given twice"),
+    ("a: &a [1, 1, 1, 1, 1, 1, 1, 1]\nb: [*a, *a, *a, *a, *a, *a, *a, *a]\n", "aliases"),
+    ("x: " + "[" * 3000 + "]" * 3000 + "\n", "nested deeper than 32"),
+], ids=["duplicate-section", "duplicate-key", "alias-bomb", "deep-nesting"])
+def test_yaml_that_would_be_misread_or_blow_up_is_one_line(tmp_path, text, needle):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=needle) as e:
+        load_config(p)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["schedule.lengths=[]"], "schedule.lengths is empty"),
+    (["train.micro_batch_tokens=auto", "train.memory_budget=inf"], "train.memory_budget 'inf'"),
+    (["schedule.shape=linear", "schedule.num_stages=300000000"], "300,000,000 stages, more than 1024"),
+    (["schedule.shape=geometric", "schedule.growth=1.000000001"], "more than 1024"),
+    (["ray.cpus_per_worker=-1"], "ray.cpus_per_worker must be positive"),
+    (["ray.local_num_cpus=-1"], "ray.local_num_cpus must be >= 0"),
+    (["data.prefetch_batches=-1"], "data.prefetch_batches must be >= 0"),
+    (["schedule.budget_tokens=1e300"], "beyond any corpus"),
+    (['name="a\\x00b"'], "no control characters"),
+])
+def test_inputs_that_used_to_crash_or_hang_are_one_line(sets, needle):
+    ladder = next(p for p in CONFIGS if p.stem == "tiny-growlength")
+    with pytest.raises(UserError, match=needle) as e:
+        preflight(load_config(ladder, sets))
+    assert "\n" not in str(e.value)
+
+
+def test_integers_in_any_yaml_float_spelling():
+    for text in ("1.5e4", "1.5e+4", "15000.0"):
+        assert load_config(CONFIGS[0], [f"schedule.budget_tokens={text}"]).schedule.budget_tokens == 15000
+    with pytest.raises(UserError, match="expects int"):
+        load_config(CONFIGS[0], ["schedule.budget_tokens=1.5"])
