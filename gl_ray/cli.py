@@ -102,6 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = Path(args.out or "eval.json")
     writable_dir(out.parent, "--out")
+    if out.is_dir():
+        raise UserError(f"--out {str(out)!r} is a folder; give the JSON file to write (PNGs go beside it)")
     res = evaluate_models(args.model, args.data, _ints(args.lengths, "--lengths"), max_tokens=args.max_tokens,
                           device=args.device, document_masking=args.document_masking, context=_context_settings(args))
     out.write_text(json.dumps(res, indent=1))

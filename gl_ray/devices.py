@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import get_args
 
 import torch
 
+from gl_ray.config import Device
 from gl_ray.errors import UserError
 
 
 def check_device(name: str, what: str = "device") -> None:
-    """cuda needs a CUDA device in this process (UserError naming `what`, the key or flag, otherwise)."""
+    """A device name gl-ray knows, and cuda only with a CUDA device in this process (UserError naming `what`, the
+    key or flag, otherwise)."""
+    if name not in get_args(Device):
+        raise UserError(f"{what}={name!r} is not one of {' | '.join(get_args(Device))}")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError(f"{what}=cuda: no CUDA device is available here; use auto or cpu")
 
 
 def pick_device(name: str = "auto") -> torch.device:
     """auto: the current CUDA device if there is one, else cpu; cuda without a GPU is a UserError."""
-    check_device(name)
+    check_device(name, "--device")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return torch.device("cpu")

@@ -258,7 +258,7 @@ def build_report(runs: list[str], out_dir: str, smooth: int = 5, baseline: str |
         t = reached[0] if reached else None
         first_time = t if first_time is None else first_time
         summary_uri = storage.join(runs[list(data).index(name)], "summary.json")
-        summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else {}
+        summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else {}
         vals = [m for m in ms if "val_loss_final_len" in m]
         hit = val_crossing(ms, val_target) if val_target is not None else None
         rows.append({

@@ -10,7 +10,6 @@ validation loss at the final length, tokens/s, ETA, the last checkpoint and whet
 from __future__ import annotations
 
 import datetime
-import json
 import time
 
 from gl_ray import storage
@@ -24,7 +23,7 @@ def run_status(run_uri: str) -> dict:
     plan_uri = storage.join(run_uri, "plan.json")
     if not storage.exists(plan_uri):
         raise UserError(f"{run_uri!r} is not a gl-ray run folder (no plan.json); give RUN = storage_path/name")
-    plan = json.loads(storage.read_bytes(plan_uri))
+    plan = storage.read_json(plan_uri)
     lines = read_metrics(run_uri)  # a line being written, or garbage, is skipped
     last = lines[-1] if lines else {}
     val = next((m for m in reversed(lines) if "val_loss_final_len" in m), {})
@@ -34,7 +33,7 @@ def run_status(run_uri: str) -> dict:
         step, folder = ckpts[-1]
         ckpt = {"step": step, "folder": folder}
     summary_uri = storage.join(run_uri, "summary.json")
-    summary = json.loads(storage.read_bytes(summary_uri)) if storage.exists(summary_uri) else None
+    summary = storage.read_json(summary_uri) if storage.exists(summary_uri) else None
     finished = summary is not None and summary.get("steps") == last.get("step")
     total = plan["total_tokens"]
     eta = None

@@ -10,6 +10,7 @@ role); `AWS_ENDPOINT_URL` points it at another endpoint (MinIO, moto). Credentia
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
 import uuid
@@ -92,6 +93,16 @@ def read_bytes(uri: str) -> bytes:
     fs, path = resolve(uri)
     with errors_at(uri), fs.open_input_stream(path, compression=None) as f:
         return f.read()
+
+
+def read_json(uri: str) -> object:
+    """A JSON file of gl-ray's (plan.json, summary.json, ...); UserError naming it if it is torn, not UTF-8 or
+    not JSON (a disk that filled, a hand edit), instead of a traceback in whatever reads it."""
+    try:
+        return json.loads(read_bytes(uri))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise UserError(f"{uri!r} is torn or not JSON ({str(e).splitlines()[0][:80]}); restore it or remove it "
+                        "(a run rewrites plan.json when it starts and summary.json when it ends)") from None
 
 
 def write_bytes(uri: str, data: bytes) -> None:

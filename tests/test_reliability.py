@@ -184,6 +184,13 @@ def test_outputs_under_a_regular_file_and_bad_eval_sizes(baseline, tiny_data, tm
     r = cli_inprocess(capsys, monkeypatch, "eval", "--model", str(cut), "--data", tiny_data, "--lengths", "32",
                       "--out", str(tmp_path / "e.json"))
     assert_user_error(r, "cannot load model")
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", final, "--data", tiny_data, "--lengths", "32",
+                      "--device", "tpu", "--out", str(tmp_path / "e.json"))
+    assert_user_error(r, "--device='tpu' is not one of auto | cpu | cuda")
+    r = cli_inprocess(capsys, monkeypatch, "eval", "--model", final, "--data", tiny_data, "--lengths", "32",
+                      "--out", str(tmp_path))  # a folder: refused before the eval, not after it
+    assert_user_error(r, "is a folder; give the JSON file")
+    assert not (tmp_path / "e.json").exists()
 
 
 def test_document_masking_needs_eos_boundaries(tiny_data, tmp_path, capsys, monkeypatch):

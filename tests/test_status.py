@@ -74,3 +74,20 @@ def test_garbage_lines_in_metrics_are_skipped_the_same_by_every_reader(baseline,
     assert [json.loads(x) for x in log.lines] == want[:5]
     assert (bad / "metrics.jsonl").read_text().splitlines() == log.lines
     assert capsys.readouterr().out.count("dropping a line") == len(junk)
+
+
+@pytest.mark.parametrize("name", ["plan.json", "summary.json"])
+def test_a_torn_run_file_is_one_line(baseline, tmp_path, name):
+    """status (and report, which reads summary.json) name a torn run file in one line, not a JSONDecodeError."""
+    from gl_ray.report import build_report
+
+    run = tmp_path / "torn"
+    shutil.copytree(baseline[2], run)
+    (run / name).write_bytes((run / name).read_bytes()[:20])
+    readers = [lambda: run_status(str(run))]
+    if name == "summary.json":
+        readers.append(lambda: build_report([str(run)], str(tmp_path / "rep")))
+    for read in readers:
+        with pytest.raises(UserError, match=f"{name}' is torn or not JSON") as e:
+            read()
+        assert "\n" not in str(e.value)

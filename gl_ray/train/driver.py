@@ -94,7 +94,7 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
     summary_uri = storage.join(run_uri, "summary.json")
     if preempt.was_requested(run_uri) and not storage.exists(summary_uri):
         raise preempt.Preempted(preempt.stopped_message(run_uri))
-    summary = json.loads(storage.read_bytes(summary_uri))
+    summary = storage.read_json(summary_uri)
     say(format_summary(summary))
     say(f"final model: {storage.join(run_uri, 'final')}")
     return summary

@@ -43,7 +43,7 @@ def check_resumable(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> N
 
     fp_uri = storage.join(run_uri, "fingerprint.json")
     if storage.exists(fp_uri):
-        old, new = json.loads(storage.read_bytes(fp_uri)), fingerprint(cfg, plan, manifest_bytes)
+        old, new = storage.read_json(fp_uri), fingerprint(cfg, plan, manifest_bytes)
         for key, value in new.items():
             if key in old and old[key] != value:
                 what = "the stage plan" if key == "stages" else f"{key}={old[key]!r}"
@@ -52,7 +52,7 @@ def check_resumable(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> N
                                 "it (see gl_ray/train/identity.py for what may change); resume with the run's own "
                                 "config.yaml or choose a new name")
     elif storage.exists(storage.join(run_uri, "plan.json")):  # a run from before fingerprints: its stages
-        old_plan = json.loads(storage.read_bytes(storage.join(run_uri, "plan.json")))
+        old_plan = storage.read_json(storage.join(run_uri, "plan.json"))
         if [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} for s in old_plan["stages"]] != \
                 fingerprint(cfg, plan, manifest_bytes)["stages"]:
             raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "

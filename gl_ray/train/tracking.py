@@ -156,7 +156,7 @@ class Trackers:
     def __init__(self, run_uri: str, cfg):
         self.run_uri, self.loggers = run_uri, list(cfg.train.loggers)
         self.state_uri = storage.join(run_uri, "trackers.json")
-        self.ids = json.loads(storage.read_bytes(self.state_uri)) if storage.exists(self.state_uri) else {}
+        self.ids = storage.read_json(self.state_uri) if storage.exists(self.state_uri) else {}
         self.logged_step = int(self.ids.get("logged_step", 0))
         self.open = [KINDS[name](run_uri, cfg, self.ids) for name in self.loggers]
         self.save()
