@@ -44,6 +44,12 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
 
+def absolute(uri: str) -> str:
+    """An s3:// URI as it is; a local path with `~` expanded, made absolute (workers do not share the driver's
+    working directory, and a literal `~` folder is never what a user meant)."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     return posixpath.join(base.rstrip("/"), *parts) if is_s3(base) else str(Path(base, *parts))
 

@@ -290,10 +290,10 @@ def run_tune(config_path: str | None, space_path: str, overrides: list[str], num
         _validate_combinations(space)
     base = load_config(space.base_config, trial_overrides(space, {}), validate=False)  # params complete it
     if not storage.is_s3(base.data.path):  # trials run in other working directories
-        space.overrides.append(f"data.path={os.path.abspath(base.data.path)}")
+        space.overrides.append(f"data.path={storage.absolute(base.data.path)}")
     if storage.is_s3(base.ray.storage_path):
         raise UserError("gl-ray tune keeps its results on local disk: set ray.storage_path to a local folder")
-    tune_dir = os.path.abspath(os.path.join(base.ray.storage_path, space.name))
+    tune_dir = os.path.join(storage.absolute(base.ray.storage_path), space.name)
     Path(tune_dir, "trials").mkdir(parents=True, exist_ok=True)
     from ray import tune
 

@@ -278,3 +278,14 @@ def test_workers_meet_only_at_report_steps_and_stage_ends(tiny_data, tmp_path, m
     # by hand: 16 steps in two stages of 8; reports every 3 steps (3, 6, 9, 12, 15), stage ends at 8 and 16
     assert summary["steps"] == 16 and len(calls) == 7
     assert calls[0] == [0.0, 0.0]  # no stop asked, not in time mode
+
+
+def test_a_tilde_in_storage_and_data_paths_means_home(tiny_data, tmp_path, monkeypatch):
+    """`~/runs` is the home folder's runs, not a literal `~` folder in the working directory."""
+    import shutil
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_data, tmp_path / "ds")
+    run_tiny("~/ds", "~/runs", "tilde", **{"schedule.budget_tokens": 2048})
+    assert (tmp_path / "runs" / "tilde" / "summary.json").is_file() and not (tmp_path / "~").exists()

@@ -9,7 +9,6 @@ name resumes from the newest good checkpoint.
 from __future__ import annotations
 
 import json
-import os
 
 from gl_ray import storage
 from gl_ray.config import Config
@@ -23,8 +22,7 @@ from gl_ray.train.preflight import preflight
 
 
 def run_uri_of(cfg: Config) -> str:
-    base = cfg.ray.storage_path if storage.is_s3(cfg.ray.storage_path) else os.path.abspath(cfg.ray.storage_path)
-    return storage.join(base, cfg.name)
+    return storage.join(storage.absolute(cfg.ray.storage_path), cfg.name)
 
 
 def check_memory_budget(cfg: Config, vocab_size: int) -> None:
@@ -51,8 +49,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     verbose: Ray's own INFO lines too (off by default: gl-ray's lines only, and Ray's warnings and errors)."""
     say = (lambda *_: None) if quiet else print
     preflight(cfg)  # the schedule plans and this machine has what the config asks for
-    if not storage.is_s3(cfg.data.path):  # workers do not share the driver's working directory
-        cfg.data.path = os.path.abspath(cfg.data.path)
+    cfg.data.path = storage.absolute(cfg.data.path)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
     val = get_stream(cfg.data.path, "val")
     if cfg.data.document_masking:
