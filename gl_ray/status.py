@@ -1,7 +1,7 @@
 """`gl-ray status RUN [--watch]`: where a run stands, from its folder alone (local or s3://), without Ray.
 
     gl-ray status runs/tiny-growlength            # one look
-    gl-ray status s3://bucket/runs/x --watch 30   # again every 30 s until the run finishes (Ctrl-C stops)
+    gl-ray status s3://bucket/runs/x --watch 30   # again every 30 s while a trainer holds it (Ctrl-C stops)
 
 It reads plan.json, metrics.jsonl, the checkpoint folders' state.json and summary.json: stage, tokens, loss,
 validation loss at the final length, tokens/s, ETA, the last checkpoint and whether the run has finished.
@@ -15,6 +15,7 @@ import time
 from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.train.checkpoint import list_checkpoints
+from gl_ray.train.lock import is_held
 from gl_ray.train.outputs import read_metrics
 
 
@@ -43,7 +44,8 @@ def run_status(run_uri: str) -> dict:
         elif last.get("tokens_per_s"):
             eta = (total - last["tokens"]) / last["tokens_per_s"]
     updated = storage.modified(storage.join(run_uri, "metrics.jsonl"))
-    return {"run": run_uri, "finished": finished, "started": bool(lines), "step": last.get("step", 0),
+    return {"run": run_uri, "finished": finished, "training": not finished and is_held(run_uri),
+            "started": bool(lines), "step": last.get("step", 0),
             "budget_time_s": plan.get("budget_time_s"), "updated_s_ago": time.time() - updated if updated else None,
             "stage": last.get("stage"), "num_stages": len(plan["stages"]), "seq_len": last.get("seq_len"),
             "tokens": last.get("tokens", 0), "total_tokens": total, "loss": last.get("loss"),
@@ -58,8 +60,11 @@ def format_status(s: dict) -> str:
 
     if s["finished"]:
         state = "finished"
+    elif s["training"]:
+        state = f"training; last report {dur(s['updated_s_ago'])} ago" if s["started"] else "training; no report yet"
     elif s["started"]:
-        state = f"not finished; last report {dur(s['updated_s_ago'])} ago (running, or stopped: rerun to resume)"
+        state = f"not finished and stopped (no trainer holds it); last report {dur(s['updated_s_ago'])} ago: " \
+                "rerun the same command to resume"
     else:
         state = "not started"
     out = [f"run {s['run']}: {state}"]
@@ -87,10 +92,11 @@ def format_status(s: dict) -> str:
 
 
 def watch(run_uri: str, every_s: float, print_fn=print) -> dict:
-    """Print the status every `every_s` seconds until the run has finished; returns the last status."""
+    """Print the status every `every_s` seconds while a trainer holds the run; returns the last status (finished,
+    or stopped: a run that no trainer holds will not move, so watching it would never end)."""
     while True:
         s = run_status(run_uri)
         print_fn(format_status(s), flush=True)
-        if s["finished"] or every_s <= 0:
+        if not s["training"] or every_s <= 0:
             return s
         time.sleep(every_s)

@@ -37,7 +37,7 @@ def test_status_of_a_run_cut_mid_way(baseline, tmp_path):
     assert (s["tokens"], s["total_tokens"]) == (6144, 16384)
     assert s["eta_s"] == pytest.approx(100.0)
     text = format_status(s)
-    assert "not finished" in text and "ETA 0:01:40" in text
+    assert "not finished and stopped" in text and "ETA 0:01:40" in text
 
 
 def test_watch_stops_when_the_run_has_finished(baseline):
@@ -91,3 +91,19 @@ def test_a_torn_run_file_is_one_line(baseline, tmp_path, name):
         with pytest.raises(UserError, match=f"{name}' is torn or not JSON") as e:
             read()
         assert "\n" not in str(e.value)
+
+
+def test_status_tells_a_training_run_from_a_stopped_one_and_watch_ends_on_either(baseline, tmp_path):
+    """A cut run that no trainer holds is stopped: --watch prints it once and ends (it used to watch forever);
+    while a trainer holds the run's lock it is training and --watch goes on."""
+    from gl_ray.train.lock import run_lock
+
+    cut = tmp_path / "cut"
+    shutil.copytree(baseline[2], cut)
+    (cut / "summary.json").unlink()
+    printed = []
+    s = watch(str(cut), every_s=3600, print_fn=lambda text, **_: printed.append(text))
+    assert not s["finished"] and not s["training"] and len(printed) == 1
+    with run_lock(str(cut)):
+        assert run_status(str(cut))["training"] and "training" in format_status(run_status(str(cut)))
+    assert not run_status(str(cut))["training"]

@@ -40,6 +40,31 @@ def busy(run_uri: str, who: dict) -> UserError:
                      f"{who.get('host')} since {who.get('since')}); wait for it to end or stop it, or use another name")
 
 
+def is_held(run_uri: str) -> bool:
+    """Whether a trainer holds the run now (what `gl-ray status` tells a running run from a stopped one by): the
+    local flock taken by someone (tried without waiting, released at once), or an s3 lease not yet expired."""
+    if storage.is_s3(run_uri):
+        uri = storage.join(run_uri, LEASE_NAME)
+        try:
+            return storage.exists(uri) and json.loads(storage.read_bytes(uri)).get("expires", 0) > time.time()
+        except ValueError:  # a lease being written: someone holds it
+            return True
+    import fcntl
+
+    path = Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1])
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the flock if this call took it
+
+
 @contextlib.contextmanager
 def run_lock(run_uri: str) -> Iterator[None]:
     if storage.is_s3(run_uri):
