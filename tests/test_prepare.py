@@ -377,3 +377,20 @@ def test_an_interrupted_prepare_is_not_a_dataset_and_resumes(tmp_path, monkeypat
     assert prepare(str(src), str(out), **kw, resume=True) == clean
     assert sorted(calls) == [2, 3, 4, 5]  # the two finished units were not redone
     assert _files(out) == _files(tmp_path / "clean") and not Path(f"{out}.partial").exists()
+
+
+def test_tokenizer_sample_cuts_long_documents_into_pieces_within_the_file_share(tmp_path):
+    """A 2 MB document without whitespace reaches the BPE trainer as pieces of at most SAMPLE_PIECE characters and
+    no more than the file's 1/64 share of the sample (it used to go whole, and the trainer stalled for minutes)."""
+    from gl_ray.data.prepare import SAMPLE_PIECE, tokenizer_sample
+    from gl_ray.data.tokenizer import train_bpe
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "blob.txt").write_text("ab" * (1 << 20))
+    (tmp_path / "src" / "small.txt").write_text("a small document with words")
+    lines = []
+    pieces = list(tokenizer_sample(list_source(str(tmp_path / "src")), 1 << 22, "text", progress=lines.append))
+    assert all(len(p) <= SAMPLE_PIECE for p in pieces)
+    assert sum(len(p) for p in pieces if set(p) <= {"a", "b"}) <= (1 << 22) // 64  # the file's share
+    assert any("small document" in p for p in pieces)  # the next file still contributes
+    assert 258 <= len(train_bpe(iter(pieces), 300)) <= 300  # trained (few merges exist in this text)

@@ -41,6 +41,7 @@ from gl_ray.errors import UserError, unwrap_user_errors
 UNIT_BYTES = 16 << 20  # source bytes per task (a unit ends at a file boundary)
 ENCODE_BYTES = 4 << 20  # text handed to the tokenizer at once
 SAMPLE_BYTES = 32 << 20  # default corpus text the BPE trainer sees (--tokenizer-sample-bytes)
+SAMPLE_PIECE = 4096  # characters per piece of sample text handed to the BPE trainer
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines
 UNITS_DIR = "_units"  # per-unit statistics of finished units (removed when the dataset is complete)
 ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py")
@@ -156,17 +157,24 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
     return st
 
 
-def _tokenizer_sample(files: list[SourceFile], sample_bytes: int, text_column: str):
+def tokenizer_sample(files: list[SourceFile], sample_bytes: int, text_column: str, progress=print):
     """Deterministic training text for the BPE: files in listing order (already shuffled by path hash), at most a
-    1/64 share of the sample from each, so at least 64 files contribute when the corpus has them."""
+    1/64 share of the sample from each (a long document is cut at that share), so at least 64 files contribute
+    when the corpus has them; yielded in pieces of at most SAMPLE_PIECE characters, because the trainer would
+    take a document without whitespace as one word and stall on it. `progress(line)` every 8 MiB."""
     per_file = max(sample_bytes // 64, 1 << 16)
-    seen = 0
+    seen, reported = 0, 0
     for f in files:
         taken = 0
         for _, text, _ in read_documents(f.uri, text_column):
-            yield text
+            text = text[: min(per_file - taken, sample_bytes - seen)]
+            for i in range(0, len(text), SAMPLE_PIECE):
+                yield text[i:i + SAMPLE_PIECE]
             taken += len(text)
             seen += len(text)
+            if seen - reported >= 8 << 20:
+                reported = seen
+                progress(f"[prepare] tokenizer sample: {seen / 2**20:.0f} of at most {sample_bytes / 2**20:.0f} MiB")
             if seen >= sample_bytes:
                 return
             if taken >= per_file:
@@ -179,7 +187,8 @@ def _resolve_tokenizer(spec: str, files: list[SourceFile], sample_bytes: int, te
             vocab = int(spec.split(":", 1)[1])
         except ValueError:
             raise UserError(f"--tokenizer {spec!r}: expected train:VOCAB with an integer VOCAB") from None
-        return train_bpe(_tokenizer_sample(files, sample_bytes, text_column), vocab)
+        print(f"[prepare] training a BPE tokenizer of {vocab:,} ids on a sample of the corpus", flush=True)
+        return train_bpe(tokenizer_sample(files, sample_bytes, text_column), vocab)
     return load_tokenizer(spec)
 
 
