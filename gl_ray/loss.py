@@ -24,39 +24,48 @@ def chunk_tokens_for(vocab: int) -> int:
     return max(256, CHUNK_LOGIT_BYTES // (4 * vocab))
 
 
+def chunked_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, *,
+                 grad_hidden: bool, grad_weight: bool):
+    """(sum of the losses, number of targets counted, d(sum)/d(hidden) or None, d(sum)/d(weight) or None), one
+    chunk of tokens at a time. The gradients are made while each chunk's logits exist, so backward needs none."""
+    dtype = hidden.dtype  # the compute dtype (bf16 under autocast on GPU); logits' softmax in fp32
+    w = weight.to(dtype)
+    valid = targets != IGNORE  # [N]
+    count = valid.sum().clamp_min(1).float()  # a tensor: no host sync
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.empty_like(hidden) if grad_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_weight else None
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        h = hidden[start:start + chunk_tokens]  # [c, H]
+        t, keep = targets[start:start + chunk_tokens], valid[start:start + chunk_tokens]
+        logits = (h @ w.t()).float()  # [c, V] fp32, this chunk only
+        lse = torch.logsumexp(logits, dim=-1)  # [c]
+        picked = logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1)  # [c]
+        loss_sum += ((lse - picked) * keep).sum()
+        if d_hidden is None and d_weight is None:
+            continue
+        grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+        grad.scatter_add_(1, t.clamp_min(0)[:, None], -keep.float()[:, None])  # minus the one-hot target
+        grad.mul_(keep.float()[:, None])  # [c, V]: d(sum of losses)/d(logits)
+        grad = grad.to(dtype)
+        if d_hidden is not None:
+            d_hidden[start:start + chunk_tokens] = grad @ w
+        if d_weight is not None:
+            d_weight += grad.t() @ h
+    return loss_sum, count, d_hidden, d_weight
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of softmax(hidden @ weight.T) against targets; gradients made in the forward pass."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                 chunk_tokens: int) -> torch.Tensor:
-        dtype = hidden.dtype  # the compute dtype (bf16 under autocast on GPU); logits' softmax in fp32
-        w = weight.to(dtype)
-        valid = targets != IGNORE  # [N]
-        count = valid.sum().clamp_min(1).float()  # a tensor: no host sync
-        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            h = hidden[start:start + chunk_tokens]  # [c, H]
-            t, keep = targets[start:start + chunk_tokens], valid[start:start + chunk_tokens]
-            logits = (h @ w.t()).float()  # [c, V] fp32, this chunk only
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            picked = logits.gather(1, t.clamp_min(0)[:, None]).squeeze(1)  # [c]
-            loss_sum += ((lse - picked) * keep).sum()
-            if grad_hidden is None and grad_weight is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad.scatter_add_(1, t.clamp_min(0)[:, None], -keep.float()[:, None])  # minus the one-hot target
-            grad.mul_(keep.float()[:, None])  # [c, V]: d(sum of losses)/d(logits)
-            grad = grad.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:start + chunk_tokens] = grad @ w
-            if grad_weight is not None:
-                grad_weight += grad.t() @ h
-        ctx.save_for_backward(*(g for g in (grad_hidden, grad_weight) if g is not None), count)
-        ctx.has = (grad_hidden is not None, grad_weight is not None)
+        loss_sum, count, d_hidden, d_weight = chunked_loss(
+            hidden, weight, targets, chunk_tokens, grad_hidden=ctx.needs_input_grad[0],
+            grad_weight=ctx.needs_input_grad[1])
+        ctx.save_for_backward(*(g for g in (d_hidden, d_weight) if g is not None), count)
+        ctx.has = (d_hidden is not None, d_weight is not None)
         ctx.hidden_dtype, ctx.weight_dtype = hidden.dtype, weight.dtype
         return loss_sum / count
 
@@ -73,4 +82,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_tokens: int | None = None) -> torch.Tensor:
     """Mean cross-entropy over the targets that are not IGNORE (0-d fp32). hidden [N, H] in any float dtype,
     weight [V, H] (the unembedding), targets long [N]; equal to cross_entropy(hidden @ weight.T, targets)."""
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens or chunk_tokens_for(weight.shape[0]))
+    chunk_tokens = chunk_tokens or chunk_tokens_for(weight.shape[0])
+    if not torch.is_grad_enabled():  # validation and eval: the loss alone (a Function would make the gradients)
+        loss_sum, count, _, _ = chunked_loss(hidden, weight, targets, chunk_tokens, grad_hidden=False,
+                                             grad_weight=False)
+        return loss_sum / count
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens)

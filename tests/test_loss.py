@@ -83,3 +83,19 @@ def test_the_exported_model_is_the_stock_class(tmp_path):
     assert json.loads((tmp_path / "run" / "final" / "config.json").read_text())["architectures"] == \
         ["GPTNeoXForCausalLM"]
     assert final.endswith("final")
+
+
+def test_without_grad_only_the_loss_is_computed(monkeypatch):
+    """Validation and eval run under no_grad: the same loss, and no gradients made (an autograd Function's
+    forward would still make them, since the weights require grad)."""
+    import gl_ray.loss as loss_mod
+
+    hidden, weight = torch.randn(64, 8), torch.randn(32, 8, requires_grad=True)
+    targets = torch.randint(0, 32, (64,))
+    want = linear_cross_entropy(hidden, weight, targets).item()
+    asked = []
+    real = loss_mod.chunked_loss
+    monkeypatch.setattr(loss_mod, "chunked_loss", lambda *a, **k: asked.append(k) or real(*a, **k))
+    with torch.no_grad():
+        assert linear_cross_entropy(hidden, weight, targets).item() == pytest.approx(want, abs=1e-6)
+    assert asked == [{"grad_hidden": False, "grad_weight": False}]
