@@ -8,7 +8,7 @@ import pytest
 from conftest import metrics, tiny_overrides
 
 from gl_ray.bench import bench_model, format_bench, peak_memory, run_bench
-from gl_ray.config import parse_size
+from gl_ray.sizes import parse_size
 from gl_ray.data.stream import get_stream
 from gl_ray.errors import UserError
 from gl_ray.evaluate import evaluate_models
