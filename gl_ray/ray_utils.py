@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
+
+from gl_ray.errors import UserError
 
 # gl-ray turns Ray Data's progress bars off on purpose (they garble logs); Ray then warns once per process that
 # they are off, under this logger, which gl-ray quiets.
@@ -53,6 +56,25 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool =
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
     ray.init(address="local", num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True, **level,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "gl_ray.ray_utils.quiet_local_worker"})
+
+
+def check_address(address: str | None, timeout_s: float = 3.0) -> None:
+    """A configured Ray address (or RAY_ADDRESS) must answer before anything is written: a TCP connect to its host
+    and port within timeout_s, else one UserError line (ray.init would retry for minutes). No address, "local",
+    "auto" (Ray's address file) and an address without a port are left to ray.init."""
+    address = address or os.environ.get("RAY_ADDRESS") or ""
+    hostport = address.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if address in ("", "local", "auto") or not host or not port.isdigit():
+        return
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        reason = f"no answer within {timeout_s:g} s" if isinstance(e, TimeoutError) else (e.strerror or str(e))
+        raise UserError(f"Ray address {address!r} does not answer ({reason.lower()}); start the "
+                        "cluster (`ray start --head`) or fix ray.address / --address / RAY_ADDRESS") from None
 
 
 def quiet_ray_info() -> None:

@@ -15,7 +15,7 @@ import time
 from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.train.checkpoint import list_checkpoints
-from gl_ray.train.lock import is_held
+from gl_ray.lock import is_held
 from gl_ray.train.outputs import read_metrics
 
 

@@ -293,11 +293,12 @@ def run_tune(config_path: str | None, space_path: str, overrides: list[str], num
         space.overrides.append(f"data.path={storage.absolute(base.data.path)}")
     if storage.is_s3(base.ray.storage_path):
         raise UserError("gl-ray tune keeps its results on local disk: set ray.storage_path to a local folder")
+    from gl_ray.ray_utils import check_address, ensure_ray
+
+    check_address(address or base.ray.address or None)  # before the search folder is made
     tune_dir = os.path.join(storage.absolute(base.ray.storage_path), space.name)
     Path(tune_dir, "trials").mkdir(parents=True, exist_ok=True)
     from ray import tune
-
-    from gl_ray.ray_utils import ensure_ray
 
     local_cpus = base.ray.local_num_cpus or int(base.ray.num_workers * base.ray.cpus_per_worker) + 3
     ensure_ray(address or base.ray.address or None, num_cpus=local_cpus)

@@ -17,6 +17,8 @@ from gl_ray.data.prepare import prepare
 from gl_ray.data.stream import TokenStream
 from gl_ray.errors import UserError
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_stdlib_dataset_is_valid_and_accounted(tiny_data):
     m = json.loads((Path(tiny_data) / "manifest.json").read_text())
@@ -260,6 +262,67 @@ def test_a_small_corpus_always_gets_a_val_document(tmp_path):
     assert train == [i for i in order if i != val]
 
 
+def test_a_kill_before_the_manifest_of_a_small_corpus_resumes_to_the_same_dataset(tmp_path, monkeypatch):
+    """The small-corpus move of a train document to val, then a kill before manifest.json (or during the move):
+    a resume gives the dataset an uninterrupted prepare gives, every document once."""
+    from gl_ray import storage
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"doc{i:02d}.txt").write_text(f"document number {i} " * 5)
+    kw = dict(tokenizer=str(NEOX_TOKENIZER), no_ray=True)
+    clean = prepare(str(src), str(tmp_path / "clean"), **kw)
+    assert clean["splits"]["val"]["documents"] == 1 and clean["splits"]["train"]["documents"] == 11
+    assert any(sh["path"].endswith("-rest.parquet") for sh in clean["splits"]["train"]["shards"])  # it moved one
+    for name, victim in (("write_bytes", "manifest.json"), ("delete_file", ".parquet")):  # after / during the move
+        real = getattr(storage, name)
+
+        def killed(uri, *a, real=real, victim=victim):
+            if str(uri).endswith(victim):
+                raise KeyboardInterrupt  # as a kill would: not bad input, so the staging folder stays
+            return real(uri, *a)
+
+        out = tmp_path / f"ds-{name}"
+        monkeypatch.setattr(storage, name, killed)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(str(src), str(out), **kw)
+        monkeypatch.setattr(storage, name, real)
+        assert not out.exists()
+        assert prepare(str(src), str(out), **kw, resume=True) == clean
+        assert _files(out) == _files(tmp_path / "clean")
+
+
+def test_lone_surrogates_in_json_lines_are_replaced_and_counted(tmp_path):
+    """A JSON line holding an unpaired "\\ud800" escape: no tokenizer can take it, so it becomes U+FFFD and is
+    counted in the manifest's replaced_chars, beside a valid pair that stays one character."""
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"text": "lone \\ud800 here"}\n{"text": "a pair \\ud83d\\ude00 stays"}\n'
+                   + "".join(json.dumps({"text": f"plain document {i} " * 4}) + "\n" for i in range(6)))
+    m = prepare(str(src), str(tmp_path / "out"), tokenizer=str(NEOX_TOKENIZER), no_ray=True, val_fraction=0.2)
+    assert m["replaced_chars"] == 1
+    assert m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"] == 8
+
+
+def test_two_prepares_to_one_output_the_second_is_refused(tmp_path):
+    """prepare holds a lock on its output (DEST.lock beside it) while it runs: a second prepare to the same --out
+    is one line naming the holder, and touches nothing; the lock file goes when the holder ends."""
+    out = tmp_path / "ds"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gl_ray.lock import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n print('held', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=r"dataset .* is being written by another gl-ray \(pid "):
+            prepare("stdlib", str(out), tokenizer=str(NEOX_TOKENIZER), no_ray=True, max_docs=3)
+        assert not out.exists() and not Path(f"{out}.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    prepare("stdlib", str(out), tokenizer=str(NEOX_TOKENIZER), no_ray=True, max_docs=3)
+    assert (out / "manifest.json").exists() and not Path(f"{out}.lock").exists()
+
+
 def _jsonl(docs, key="text") -> bytes:
     return "".join(json.dumps({key: d}) + "\n" for d in docs).encode()
 
@@ -374,6 +437,8 @@ def test_an_interrupted_prepare_is_not_a_dataset_and_resumes(tmp_path, monkeypat
         prepare(str(src), str(out), **{**kw, "val_fraction": 0.2}, resume=True)
     calls.clear()
     fail[0] = False
+    # a kill while a unit's statistics were being written leaves a temp file: that unit is simply done again
+    Path(f"{out}.partial", "_units", "unit-00002.json.tmp-1a2b3c").write_text('{"ind')
     assert prepare(str(src), str(out), **kw, resume=True) == clean
     assert sorted(calls) == [2, 3, 4, 5]  # the two finished units were not redone
     assert _files(out) == _files(tmp_path / "clean") and not Path(f"{out}.partial").exists()

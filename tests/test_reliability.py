@@ -312,11 +312,16 @@ def test_tampered_checkpoint_falls_back_to_the_previous_one(tiny_data, tmp_path,
     want = load_file(tmp_path / "t" / "final" / "model.safetensors")
     newest = tmp_path / "t" / "checkpoint_step-0000016" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated
+    edited = tmp_path / "t" / "checkpoint_step-0000012" / "state.json"
+    meta = json.loads(edited.read_text())
+    meta["stage_step"] += 1  # a hand-edited data cursor: state.json is under its own digest
+    edited.write_text(json.dumps(meta))
     capsys.readouterr()
     run_tiny(tiny_data, tmp_path, "t")
     out = capsys.readouterr().out
     assert "refusing checkpoint" in out and "checkpoint_step-0000016" in out
-    assert [m["step"] for m in metrics(tmp_path / "t")] == list(range(1, 17))  # 13..16 retrained, once each
+    assert "checkpoint_step-0000012" in out and "state.json was modified" in out
+    assert [m["step"] for m in metrics(tmp_path / "t")] == list(range(1, 17))  # 9..16 retrained, once each
     got = load_file(tmp_path / "t" / "final" / "model.safetensors")
     assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
 
@@ -426,7 +431,7 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
 def test_one_trainer_per_run(baseline, tiny_data, tmp_path):
     """While a trainer holds a run, a second one exits 2 naming it, before writing anything; once the holder is
     gone (its lock dies with it) the run is free again."""
-    from gl_ray.train.lock import run_lock
+    from gl_ray.lock import run_lock
 
     run = tmp_path / "base"
     shutil.copytree(baseline[2], run)
@@ -439,9 +444,9 @@ def test_one_trainer_per_run(baseline, tiny_data, tmp_path):
 
 
 def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
-    from gl_ray.train.lock import run_lock
+    from gl_ray.lock import run_lock
 
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gl_ray.train.lock import run_lock\n"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from gl_ray.lock import run_lock\n"
                                f"with run_lock({str(tmp_path / 'run')!r}):\n    print('held', flush=True); "
                                "time.sleep(600)"], cwd=REPO, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -454,7 +459,7 @@ def test_a_killed_holder_never_blocks_the_rerun(tmp_path):
 
 
 def test_s3_lease_refuses_a_second_trainer_and_expires(s3_server, bucket, monkeypatch):
-    import gl_ray.train.lock as lock
+    import gl_ray.lock as lock
 
     uri = f"s3://{bucket}/runs/x"
     with lock.run_lock(uri):

@@ -96,7 +96,7 @@ def test_a_torn_run_file_is_one_line(baseline, tmp_path, name):
 def test_status_tells_a_training_run_from_a_stopped_one_and_watch_ends_on_either(baseline, tmp_path):
     """A cut run that no trainer holds is stopped: --watch prints it once and ends (it used to watch forever);
     while a trainer holds the run's lock it is training and --watch goes on."""
-    from gl_ray.train.lock import run_lock
+    from gl_ray.lock import run_lock
 
     cut = tmp_path / "cut"
     shutil.copytree(baseline[2], cut)

@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import posixpath
+import re
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,7 @@ RECORD_EXTS = (".jsonl", ".parquet", ".arrow")
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}  # outer compression of text and .jsonl files
 READ_CHUNK = 8 << 20  # bytes per read from a stream
 RECORD_BATCH = 1024  # Parquet rows per read
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what json.loads leaves of an unpaired "\\ud800" escape
 
 
 class SourceFile(NamedTuple):
@@ -179,7 +181,14 @@ def _jsonl(uri: str, compression: str | None, text_column: str) -> Iterator[tupl
         text = doc[text_column]
         if text is not None and not isinstance(text, str):
             raise UserError(f"{where}: field {text_column!r} is {type(text).__name__}, expected a string")
-        yield f"{uri}#{i}", text or "", 0
+        text, bad = _without_surrogates(text or "")
+        yield f"{uri}#{i}", text, bad
+
+
+def _without_surrogates(text: str) -> tuple[str, int]:
+    """(text, count) with each lone surrogate (JSON's "\\ud800" escapes that pair with nothing) replaced by U+FFFD
+    and counted as a replaced character: no tokenizer or file can take one."""
+    return LONE_SURROGATE.subn("\ufffd", text)
 
 
 def _check_column(uri: str, schema: pa.Schema, text_column: str) -> None:

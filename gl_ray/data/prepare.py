@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -37,6 +38,7 @@ from gl_ray.data.recall import (RECALL_COLUMNS, Inserted, RecallItems, RecallSpe
                                 insert_recall, merge_counts, new_counts, resolve_items)
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
 from gl_ray.errors import UserError, unwrap_user_errors
+from gl_ray.lock import output_lock
 
 UNIT_BYTES = 16 << 20  # source bytes per task (a unit ends at a file boundary)
 ENCODE_BYTES = 4 << 20  # text handed to the tokenizer at once
@@ -240,9 +242,8 @@ def _start_or_resume(staging: str, settings: dict, resume: bool, overwrite: bool
         return set()
     if not resume:
         if not overwrite:
-            done = len(storage.list_dir(storage.join(staging, UNITS_DIR))) - 1
-            raise UserError(f"{staging!r} holds an interrupted prepare ({done} units done); pass --resume to "
-                            "finish it or --overwrite to start over")
+            raise UserError(f"{staging!r} holds an interrupted prepare ({len(_finished_units(staging))} units done); "
+                            "pass --resume to finish it or --overwrite to start over")
         _remove(staging)
         return set()
     old = json.loads(storage.read_bytes(marker))
@@ -250,7 +251,14 @@ def _start_or_resume(staging: str, settings: dict, resume: bool, overwrite: bool
         diff = sorted(k for k in settings if old.get(k) != settings[k])
         raise UserError(f"cannot resume the prepare in {staging!r}: {', '.join(diff)} differ from the interrupted "
                         "one; pass --overwrite to start over")
-    return {int(n[5:10]) for n in storage.list_dir(storage.join(staging, UNITS_DIR)) if n.startswith("unit-")}
+    return _finished_units(staging)
+
+
+def _finished_units(staging: str) -> set[int]:
+    """Indexes of the units whose statistics file is complete (unit-UUUUU.json; a *.tmp-* file beside them is a
+    write that a kill interrupted, and its unit is done again)."""
+    names = storage.list_dir(storage.join(staging, UNITS_DIR))
+    return {int(m[1]) for n in names if (m := re.fullmatch(r"unit-(\d{5})\.json", n))}
 
 
 def _remove(staging: str) -> None:
@@ -277,6 +285,23 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
     if not text_column:
         raise UserError("--text-column must not be empty")
     _check_out(out, source, overwrite)
+    if not no_ray and not max_docs:
+        from gl_ray.ray_utils import check_address
+
+        check_address(address)
+    with output_lock(out):  # one prepare per output, from before its staging is read or written
+        return _prepare_locked(source, out, tokenizer=tokenizer, val_fraction=val_fraction,
+                               shard_tokens=shard_tokens, max_docs=max_docs, address=address, overwrite=overwrite,
+                               resume=resume, no_ray=no_ray, text_column=text_column,
+                               tokenizer_sample_bytes=tokenizer_sample_bytes, unit_bytes=unit_bytes, workers=workers,
+                               recall=recall, verbose=verbose)
+
+
+def _prepare_locked(source: str, out: str, *, tokenizer: str, val_fraction: float, shard_tokens: int,
+                    max_docs: int, address: str | None, overwrite: bool, resume: bool, no_ray: bool,
+                    text_column: str, tokenizer_sample_bytes: int, unit_bytes: int, workers: int,
+                    recall: RecallSpec | None, verbose: bool) -> dict:
+    """The part of prepare that reads or writes the staging folder and the output, under the output's lock."""
     files = list_source(source)
     one_doc_files = all(f.uri.endswith(ONE_DOC_EXTS) for f in files)
     if max_docs and one_doc_files:  # the first N files are the first N documents: no count to stop at
@@ -388,31 +413,46 @@ def _unit_task(row: dict, **kw) -> dict:
 
 def _give_val_a_document(stats: list[dict], staging: str, recall: RecallItems | None) -> None:
     """A corpus so small that the hash sent no document to val: move the train document with the smallest split
-    hash there (so any corpus of two or more documents has a val split, the same on every rerun)."""
+    hash there (so any corpus of two or more documents has a val split, the same on every rerun).
+
+    A kill at any point and a resume give the same dataset: the train shard is never changed in place. Its
+    document is written to a val shard and the other rows to a new train shard (NAME-rest.parquet), and only then
+    is the old shard deleted; a resume that finds it gone reads the move back from the files written."""
     best = min((s for s in stats if s["min_train"]), key=lambda s: s["min_train"][0])
     _, rel, row = best["min_train"]
     entry = next(sh for sh in best["shards"]["train"] if sh["path"] == rel)
-    fs, path = storage.resolve(storage.join(staging, rel))
-    with storage.errors_at(path):
-        cols = pq.read_table(path, filesystem=fs).to_pydict()
-    cols.pop("num_tokens")
-    table = cols.pop("input_ids")
-    doc = np.asarray(table.pop(row), np.int32)
-    moved = {name: [col.pop(row)] for name, col in cols.items()}  # recall columns go with their document
     val_rel = f"val/shard-{best['index']:05d}-0000.parquet"
-    write_shard(storage.join(staging, val_rel), [doc], moved)
+    rest_rel = rel.removesuffix(".parquet") + "-rest.parquet"
+    if storage.exists(storage.join(staging, rel)):
+        cols = _read_columns(storage.join(staging, rel))
+        table = cols.pop("input_ids")
+        doc = table.pop(row)
+        write_shard(storage.join(staging, val_rel), [np.asarray(doc, np.int32)],
+                    {name: [col.pop(row)] for name, col in cols.items()})  # recall columns go with their document
+        if table:
+            write_shard(storage.join(staging, rest_rel), [np.asarray(d, np.int32) for d in table], cols)
+        storage.delete_file(storage.join(staging, rel))
+    moved = _read_columns(storage.join(staging, val_rel))  # the move, made now or by a prepare that was killed
+    doc = np.asarray(moved.pop("input_ids")[0], np.int32)
     best["shards"]["val"] = [{"path": val_rel, "rows": 1, "tokens": len(doc)}]
     if recall:  # its recall counts move to val as well (no unit has val documents)
         one = new_counts()
         count_document(one, Inserted(doc, *(np.asarray(moved[c][0], np.int32) for c in RECALL_COLUMNS)),
                        recall.spec)
         best["recall"] = {"val": one, "train": merge_counts([best["recall"]["train"], one], sign=[1, -1])}
-    if table:
-        write_shard(storage.join(staging, rel), [np.asarray(d, np.int32) for d in table], cols)
-        entry.update(rows=entry["rows"] - 1, tokens=entry["tokens"] - len(doc))
+    if entry["rows"] > 1:
+        entry.update(path=rest_rel, rows=entry["rows"] - 1, tokens=entry["tokens"] - len(doc))
     else:
-        storage.delete_file(storage.join(staging, rel))
         best["shards"]["train"].remove(entry)
+
+
+def _read_columns(uri: str) -> dict[str, list]:
+    """A shard's columns as lists (num_tokens left out: write_shard makes it)."""
+    fs, path = storage.resolve(uri)
+    with storage.errors_at(path):
+        cols = pq.read_table(path, filesystem=fs).to_pydict()
+    cols.pop("num_tokens")
+    return cols
 
 
 def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: float,

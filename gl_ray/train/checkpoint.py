@@ -9,9 +9,10 @@ and for ray.strategy fsdp, a torch.distributed.checkpoint folder written by ever
 and in both:
     rng.pt              torch CPU RNG state (uint8 tensor)
     state.json          {"step", "stage", "stage_step", "tokens", "elapsed_s", "stage_wall_s": [...], "flops",
-                         "strategy", "files": {name: sha256}}: the data cursor is (stage, stage_step)
-state.json is written last, by rank 0, and lists a digest of every other file of every rank, so a truncated,
-incomplete or tampered checkpoint is refused (UserError) instead of loaded.
+                         "strategy", "files": {name: sha256}, "sha256"}: the data cursor is (stage, stage_step)
+state.json is written last, by rank 0, and lists a digest of every other file of every rank, and "sha256" is the
+digest of state.json's own other fields, so a truncated, incomplete or tampered checkpoint (a hand-edited cursor
+too) is refused (UserError) instead of loaded.
 """
 
 from __future__ import annotations
@@ -82,16 +83,27 @@ def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.
     every_rank = {name: d for ranks in gathered for name, d in ranks.items()}
     if rank == 0:
         meta = asdict(state) | {"files": every_rank}
-        storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta).encode())
+        storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta | {"sha256": _digest(meta)}).encode())
+
+
+def _digest(meta: dict) -> str:
+    """The digest of state.json's fields (but its own), in a canonical form."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def _read_meta(folder: str) -> tuple[TrainState, dict]:
     """(state, {file: sha256}) from state.json (UserError if missing or unreadable)."""
     try:
         meta = json.loads(storage.read_bytes(storage.join(folder, "state.json")))
+        own = meta.pop("sha256")
+    except (UserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"checkpoint {folder!r} has no valid state.json") from None
+    if own != _digest(meta):
+        raise UserError(f"checkpoint {folder!r}: state.json was modified after it was written (digest mismatch)")
+    try:
         digests = meta.pop("files")
         return TrainState(**meta), digests
-    except (UserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (KeyError, TypeError):
         raise UserError(f"checkpoint {folder!r} has no valid state.json") from None
 
 

@@ -16,7 +16,7 @@ from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, make_plan
 from gl_ray.train import preempt
-from gl_ray.train.lock import run_lock
+from gl_ray.lock import run_lock
 from gl_ray.train.outputs import format_summary
 from gl_ray.train.preflight import preflight
 
@@ -49,6 +49,10 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     verbose: Ray's own INFO lines too (off by default: gl-ray's lines only, and Ray's warnings and errors)."""
     say = (lambda *_: None) if quiet else print
     preflight(cfg)  # the schedule plans and this machine has what the config asks for
+    if cfg.ray.num_workers:
+        from gl_ray.ray_utils import check_address
+
+        check_address(address or cfg.ray.address or None)  # a cluster that is not there: one line, now
     cfg.data.path = storage.absolute(cfg.data.path)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
     val = get_stream(cfg.data.path, "val")

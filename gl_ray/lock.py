@@ -1,12 +1,15 @@
-"""One trainer per run: the driver holds a lock on its run folder from before it writes anything until it ends.
+"""One writer per folder: the driver holds a lock on its run folder from before it writes anything until it ends,
+and `gl-ray prepare` one on its output.
 
     with run_lock("runs/tiny"):           # UserError naming the holder if another trainer has it
         ...
+    with output_lock("data/stdlib"):      # the same for a dataset being prepared
+        ...
 
-Local folders: an OS file lock (flock) on RUN/.gl-ray.lock, released by the OS whatever way the holder dies, so a
-stale lock never blocks a rerun. s3:// runs: a lease object RUN/.gl-ray.lease with the holder and an expiry,
-renewed by a heartbeat thread; a lease whose holder stopped renewing it (killed) expires after LEASE_S and is
-taken over.
+Local folders: an OS file lock (flock) on RUN/.gl-ray.lock (a dataset: DEST.lock beside it, removed at the end),
+released by the OS whatever way the holder dies, so a stale lock never blocks a rerun. s3:// runs and datasets: a
+lease object .gl-ray.lease inside, with the holder and an expiry, renewed by a heartbeat thread; a lease whose holder
+stopped renewing it (killed) expires after LEASE_S and is taken over.
 """
 
 from __future__ import annotations
@@ -35,9 +38,9 @@ def holder() -> dict:
             "id": uuid.uuid4().hex}
 
 
-def busy(run_uri: str, who: dict) -> UserError:
-    return UserError(f"run {run_uri!r} is being trained by another gl-ray (pid {who.get('pid')} on "
-                     f"{who.get('host')} since {who.get('since')}); wait for it to end or stop it, or use another name")
+def busy(run_uri: str, who: dict, what: str = "run {uri!r} is being trained") -> UserError:
+    return UserError(f"{what.format(uri=run_uri)} by another gl-ray (pid {who.get('pid')} on {who.get('host')} "
+                     f"since {who.get('since')}); wait for it to end or stop it, or use another name")
 
 
 def is_held(run_uri: str) -> bool:
@@ -71,9 +74,31 @@ def run_lock(run_uri: str) -> Iterator[None]:
         with _s3_lease(run_uri):
             yield
         return
+    with _flock(Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1]), run_uri):
+        yield
+
+
+@contextlib.contextmanager
+def output_lock(out: str) -> Iterator[None]:
+    """`gl-ray prepare`'s lock on its output: an s3 lease inside it, or a flock on DEST.lock beside a local DEST
+    (its staging folder is renamed into place, so the lock cannot live inside), removed when the prepare ends."""
+    what = "dataset {uri!r} is being written"
+    if storage.is_s3(out):
+        with _s3_lease(out, what):
+            yield
+        return
+    path = Path(storage.resolve(out)[1]).resolve()
+    path = path.with_name(path.name + ".lock")
+    with _flock(path, out, what, remove=True):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, uri: str, what: str = "run {uri!r} is being trained", remove: bool = False
+           ) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (created if missing); `remove`: delete the file before releasing it."""
     import fcntl
 
-    path = Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1])
     path.parent.mkdir(parents=True, exist_ok=True)
     with storage.errors_at(str(path)):
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -85,16 +110,20 @@ def run_lock(run_uri: str) -> Iterator[None]:
                 who = json.loads(path.read_text() or "{}")
             except (OSError, json.JSONDecodeError):
                 who = {}
-            raise busy(run_uri, who) from None
+            raise busy(uri, who, what) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder()).encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            if remove:
+                path.unlink(missing_ok=True)  # while still held: a later writer makes and locks a new file
     finally:
         os.close(fd)  # releases the flock
 
 
 @contextlib.contextmanager
-def _s3_lease(run_uri: str) -> Iterator[None]:
+def _s3_lease(run_uri: str, what: str = "run {uri!r} is being trained") -> Iterator[None]:
     uri = storage.join(run_uri, LEASE_NAME)
     me = holder()
     if storage.exists(uri):
@@ -103,7 +132,7 @@ def _s3_lease(run_uri: str) -> Iterator[None]:
         except json.JSONDecodeError:
             other = {}
         if other.get("expires", 0) > time.time() and other.get("id") != me["id"]:
-            raise busy(run_uri, other)
+            raise busy(run_uri, other, what)
 
     def write() -> None:
         storage.write_bytes(uri, json.dumps(me | {"expires": time.time() + LEASE_S}).encode())
@@ -111,7 +140,7 @@ def _s3_lease(run_uri: str) -> Iterator[None]:
     write()
     time.sleep(0.2)  # two trainers that wrote at once: the object holds one of them, the other backs off
     if json.loads(storage.read_bytes(uri)).get("id") != me["id"]:
-        raise busy(run_uri, json.loads(storage.read_bytes(uri)))
+        raise busy(run_uri, json.loads(storage.read_bytes(uri)), what)
     stop = threading.Event()
 
     def heartbeat() -> None:
