@@ -67,8 +67,6 @@ def check_address(address: str | None, timeout_s: float = 3.0) -> None:
     host, _, port = hostport.rpartition(":")
     if address in ("", "local", "auto") or not host or not port.isdigit():
         return
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
-        return
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
     except OSError as e:

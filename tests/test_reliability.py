@@ -261,6 +261,25 @@ def test_a_stale_ray_address_file_is_never_joined(tmp_path):
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["train"]["documents"] >= 1
 
 
+def test_a_ray_address_that_does_not_answer_is_one_line_before_anything_is_written(tiny_data, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--address (or ray.address) naming no cluster: train, prepare and tune fail in one line within seconds,
+    before the run folder, the dataset or the search folder exists (ray.init hung for minutes after writing)."""
+    dead = "127.0.0.1:1"  # nothing listens on port 1
+    r = cli_inprocess(capsys, monkeypatch, "train", "--config", CONFIG, "--address", dead, "--set",
+                      f"data.path={tiny_data}", "--set", f"ray.storage_path={tmp_path}/runs", "--set",
+                      "ray.num_workers=1")
+    assert_user_error(r, f"Ray address '{dead}' does not answer")
+    r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", "stdlib", "--out", str(tmp_path / "ds"),
+                      "--address", f"ray://{dead}")
+    assert_user_error(r, "does not answer")
+    monkeypatch.setenv("RAY_ADDRESS", dead)
+    r = cli_inprocess(capsys, monkeypatch, "tune", "--config", CONFIG, "--space", str(REPO / "tune_spaces" /
+                      "smoke.yaml"), "--set", f"data.path={tiny_data}", "--set", f"ray.storage_path={tmp_path}/runs")
+    assert_user_error(r, "does not answer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_unwritable_storage(tiny_data, tmp_path):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the runs folder should be")
