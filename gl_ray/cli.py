@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gl_ray.train.driver import launch_run
 
     overrides = [*args.overrides, "ray.num_workers=0"] if args.no_ray else args.overrides
-    launch_run(load_config(args.config, overrides), address=args.address, verbose=args.verbose)
+    launch_run(load_config(args.config, overrides), address=args.address, verbose=args.verbose,
+               rewind_to=args.rewind_to, skip_steps=args.skip_steps)
     return 0
 
 
@@ -250,6 +251,11 @@ def _add_train(sub) -> None:
     _config_args(p)
     p.add_argument("--no-ray", action="store_true", help="run in one process without Ray (same as ray.num_workers=0)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: ray.address, RAY_ADDRESS, local)")
+    p.add_argument("--rewind-to", type=int, default=None, metavar="STEP",
+                   help="resume from this earlier checkpoint of the run (after a divergence); the later ones are "
+                        "moved to RUN/rewound/")
+    p.add_argument("--skip-steps", type=int, default=0, metavar="N",
+                   help="with --rewind-to: leave out the data of the N steps after that checkpoint")
     _verbose_arg(p)
     p.set_defaults(func=cmd_train)
 

@@ -121,6 +121,9 @@ class TrainConfig:
     nonfinite: NonFinite = _f("stop", "a NaN/inf loss or gradient norm: stop (exit 3, nothing of it saved) | skip "
                                       "(leave that step's update out; reads the norm back every step)")
     max_skipped_steps: int = _f(10, "with nonfinite skip: more skipped steps than this stop the run")
+    spike_factor: float = _f(2.0, "a report window whose mean loss is above this many times the median of the "
+                                  "windows before it stops the run (exit 3, nothing of it saved); 0: off")
+    spike_windows: int = _f(8, "report windows the spike rule takes its median over (it starts after 3)")
     loggers: list[Logger] = _f([], "experiment trackers besides metrics.jsonl: any of tensorboard, mlflow, wandb")
     mlflow_tracking_uri: str = _f("", "MLflow tracking URI (empty: MLFLOW_TRACKING_URI, else SQLite in RUN/mlflow.db)")
     wandb_project: str = _f("", "W&B project (empty: WANDB_PROJECT, else gl-ray)")
@@ -172,6 +175,10 @@ class Config:
                     "ray.num_workers", "ray.max_failures", "ray.local_num_cpus", "data.prefetch_batches"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        if self.train.spike_factor and self.train.spike_factor <= 1 or self.train.spike_factor < 0:
+            raise UserError(f"train.spike_factor must be above 1 (or 0: off), got {self.train.spike_factor}")
+        if self.train.spike_windows < 3:
+            raise UserError(f"train.spike_windows must be at least 3, got {self.train.spike_windows}")
         if self.ray.cpus_per_worker <= 0:
             raise UserError(f"ray.cpus_per_worker must be positive, got {self.ray.cpus_per_worker}")
         for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):

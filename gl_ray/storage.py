@@ -144,6 +144,24 @@ def delete_dir(uri: str) -> None:
             fs.delete_dir(path)
 
 
+def move(src: str, dst: str) -> None:
+    """Move a file or folder within one storage: a rename on local disk; on S3 each object is copied, then the
+    source deleted (a kill between the two leaves both copies, never none)."""
+    fs, src_path = resolve(src)
+    _, dst_path = resolve(dst)
+    with errors_at(src):
+        if not is_s3(src):
+            Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+            fs.move(src_path, dst_path)
+            return
+        info = fs.get_file_info(src_path)
+        files = [info] if info.type == pafs.FileType.File else \
+            [i for i in fs.get_file_info(pafs.FileSelector(src_path, recursive=True)) if i.type == pafs.FileType.File]
+        for f in files:
+            fs.copy_file(f.path, dst_path + f.path[len(src_path):])
+        (fs.delete_file if info.type == pafs.FileType.File else fs.delete_dir)(src_path)
+
+
 def list_dir(uri: str) -> list[str]:
     """Names (not paths) directly under uri; empty if it does not exist."""
     fs, path = resolve(uri)

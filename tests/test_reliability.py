@@ -379,7 +379,8 @@ def test_secrets_stay_out_of_run_outputs(s3_server, bucket, tiny_data, tmp_path)
 def test_a_diverging_run_stops_without_saving_that_state(tiny_data, tmp_path, capsys, monkeypatch):
     """optim.lr=1e4 drives the loss to NaN: the run stops with one line naming the step and exit 3; no checkpoint
     after it, no final/, metrics.jsonl stays valid JSON and the last good checkpoint is kept."""
-    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "nan", **{"optim.lr": 1e4, "optim.min_lr": 0})
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "nan", **{"optim.lr": 1e4, "optim.min_lr": 0,
+                                                                          "train.spike_factor": 0})  # NaN guard only
             for x in ("--set", s)]
     r = cli_inprocess(capsys, monkeypatch, "train", *sets)
     assert r.returncode == 3, r.stderr[-2000:]
@@ -409,10 +410,49 @@ def test_a_nan_gradient_stops_the_run_by_default(tiny_data, tmp_path, monkeypatc
     from gl_ray.errors import TrainingDiverged
 
     monkeypatch.setenv("GL_RAY_NAN_AT_STEP", "5")
-    with pytest.raises(TrainingDiverged, match="at step 6; .*the last checkpoint is step 4"):
+    with pytest.raises(TrainingDiverged, match="at step 6; .*the newest checkpoint is step 4, from before it"):
         run_tiny(tiny_data, tmp_path, "stop")
     assert max(m["step"] for m in metrics(tmp_path / "stop")) == 5
     assert not (tmp_path / "stop" / "checkpoint_step-0000008").exists()
+
+
+def test_a_loss_spike_stops_the_run_and_a_rewind_resumes_from_an_earlier_checkpoint(tiny_data, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """A finite blow-up (the output layer x30 after step 9): the spike rule stops the run at step 10 with exit 3,
+    before that state is saved, so the kept checkpoints (keep 2: steps 4 and 8) are both from before it. The same
+    command with --rewind-to 4 --skip-steps 2 moves checkpoint 8 aside, skips the data of steps 5-6 and finishes;
+    everything is recorded. A rewind to a step with no checkpoint, or past a stage's end, is one line and moves
+    nothing."""
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "spike", **{"train.keep_checkpoints": 2})
+            for x in ("--set", s)]
+    run = tmp_path / "spike"
+    monkeypatch.setenv("GL_RAY_SPIKE_AT_STEP", "9")
+    r = cli_inprocess(capsys, monkeypatch, "train", *sets)
+    assert r.returncode == 3, r.stderr[-2000:]
+    err = r.stderr.strip()
+    assert "\n" not in err and "the loss spiked at step 10" in err and "newest checkpoint is step 8" in err, err
+    assert "--rewind-to STEP" in err and "train.spike_factor=0" in err
+    assert [m["step"] for m in metrics(run)] == list(range(1, 10))  # the spiked window is not reported
+    assert sorted(p.name for p in run.glob("checkpoint_step-*")) == ["checkpoint_step-0000004",
+                                                                     "checkpoint_step-0000008"]
+    monkeypatch.delenv("GL_RAY_SPIKE_AT_STEP")
+    for bad, needle in ((["--rewind-to", "5"], "no checkpoint at that step (its checkpoints: 4, 8)"),
+                        (["--rewind-to", "4", "--skip-steps", "4"], "reaches the end of stage 0"),
+                        (["--skip-steps", "2"], "--skip-steps goes with --rewind-to")):
+        assert_user_error(cli_inprocess(capsys, monkeypatch, "train", *sets, *bad), needle)
+    assert (run / "checkpoint_step-0000008").exists() and not (run / "rewound").exists()
+    r = cli_inprocess(capsys, monkeypatch, "train", *sets, "--rewind-to", "4", "--skip-steps", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "rewound to the checkpoint of step 4, skipping the data of the 2 steps after it" in r.stdout
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4] + list(range(7, 17))  # 5 and 6 never trained
+    aside = next((run / "rewound").iterdir())
+    assert (aside / "checkpoint_step-0000008" / "state.json").exists()
+    assert [json.loads(x)["step"] for x in (aside / "metrics.jsonl").read_text().splitlines()] == list(range(1, 10))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tokens"] == 16384 and summary["tokens_skipped"] == 2048 and summary["steps"] == 16
+    history = [json.loads(x) for x in (run / "config_history.jsonl").read_text().splitlines()]
+    assert history[-1]["rewind"] | {"moved_to": None} == {"to_step": 4, "skip_steps": 2, "moved_to": None,
+                                                          "set_aside": ["checkpoint_step-0000008"]}
 
 
 def test_leftovers_of_an_interrupted_run_are_cleaned_and_torn_lines_tolerated(baseline, tiny_data, tmp_path):

@@ -49,6 +49,8 @@ class TrainState:
     flops: float = 0.0  # training FLOPs so far, all workers (PaLM's accounting, gl_ray.model.training_flops)
     strategy: str = "ddp"  # ray.strategy that wrote it: ddp (whole files) or fsdp (sharded)
     skipped_steps: int = 0  # steps whose update train.nonfinite=skip left out
+    skipped_batch_steps: int = 0  # steps whose data a rewind's --skip-steps left out (gl_ray.train.rewind)
+    recent_losses: list = field(default_factory=list)  # the last report windows' losses (the loss-spike rule)
 
 
 def checkpoint_name(step: int) -> str:

@@ -43,11 +43,15 @@ def check_memory_budget(cfg: Config, vocab_size: int) -> None:
 
 
 def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, callbacks: list | None = None,
-               verbose: bool = False) -> dict:
+               verbose: bool = False, rewind_to: int | None = None, skip_steps: int = 0) -> dict:
     """Train a validated config; returns summary.json as a dict. User errors raise UserError before any Ray
     resource is claimed. `callbacks`: extra Ray Train callbacks (Tune's, for one). quiet: print nothing;
-    verbose: Ray's own INFO lines too (off by default: gl-ray's lines only, and Ray's warnings and errors)."""
+    verbose: Ray's own INFO lines too (off by default: gl-ray's lines only, and Ray's warnings and errors).
+    rewind_to: resume from that earlier checkpoint of the run, skipping the data of `skip_steps` steps after it
+    (gl_ray.train.rewind)."""
     say = (lambda *_: None) if quiet else print
+    if skip_steps and rewind_to is None:
+        raise UserError("--skip-steps goes with --rewind-to STEP (the checkpoint the skipped steps follow)")
     preflight(cfg)  # the schedule plans and this machine has what the config asks for
     if cfg.ray.num_workers:
         from gl_ray.ray_utils import check_address
@@ -71,11 +75,11 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     storage.check_writable(run_uri)
     with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
         return _train(cfg, plan, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
-                      verbose=verbose)
+                      verbose=verbose, rewind_to=rewind_to, skip_steps=skip_steps)
 
 
 def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
-           quiet: bool, verbose: bool) -> dict:
+           quiet: bool, verbose: bool, rewind_to: int | None, skip_steps: int) -> dict:
     """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
     from gl_ray.train.checkpoint import remove_leftovers
     from gl_ray.train.identity import check_resumable, record_run
@@ -84,6 +88,10 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
     check_resumable(run_uri, cfg, plan, manifest_bytes)
     for name in remove_leftovers(run_uri):
         say(f"removed {name} from {run_uri}: left incomplete by an interrupted run")
+    if rewind_to is not None:
+        from gl_ray.train.rewind import rewind
+
+        rewind(run_uri, plan, rewind_to, skip_steps, say)
     for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}, indent=1)

@@ -6,6 +6,7 @@
     GL_RAY_FAIL_MARKER=PATH  fail only once: skip if PATH exists, else create it and fail
     GL_RAY_SLOW_STEP_S=S     sleep S seconds before every step (so a test can kill a run mid-way)
     GL_RAY_NAN_AT_STEP=N     make the gradients of step N+1 (after N steps done) NaN, on every rank
+    GL_RAY_SPIKE_AT_STEP=N   after N steps, scale the output layer's weights by 30: the loss jumps, stays finite
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class InjectedFault(RuntimeError):
 def fault_env() -> dict[str, str]:
     """The driver's fault variables, to hand to Ray workers (which do not inherit the driver's environment)."""
     return {k: v for k, v in os.environ.items() if k.startswith(("GL_RAY_FAIL_", "GL_RAY_SLOW_", "GL_RAY_NAN_",
-                                                                  "GL_RAY_OOM_"))}
+                                                                  "GL_RAY_OOM_", "GL_RAY_SPIKE_"))}
 
 
 def maybe_fail(steps_done: int, rank: int) -> None:
@@ -48,3 +49,14 @@ def maybe_poison(steps_done: int, model) -> object | None:
         return None
     param = next(p for p in model.parameters() if p.requires_grad)
     return param.register_hook(lambda g: g * float("nan"))
+
+
+def maybe_spike(steps_done: int, model) -> None:
+    """With GL_RAY_SPIKE_AT_STEP=steps_done: blow the output layer's weights up (x30), as a bad update would."""
+    at = os.environ.get("GL_RAY_SPIKE_AT_STEP")
+    if at is None or int(at) != steps_done:
+        return
+    import torch
+
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)

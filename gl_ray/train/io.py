@@ -28,6 +28,7 @@ class WorkerIO:
 
     rank: int = 0
     world_size: int = 1
+    run_uri: str = ""  # the run folder ("": none, e.g. a benchmark's loop)
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         """This worker's rows of `stage`, one optimizer step at a time (int32 [rows_per_rank_step, seq_len]), from

@@ -10,6 +10,7 @@ let the caller keep logs and exports. The loop reads like torchtitan's `Trainer.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -22,10 +23,11 @@ from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, tra
 from gl_ray.schedule import Plan, Stage, lr_at
 from gl_ray.sizes import parse_size
 from gl_ray.train.checkpoint import TrainState
-from gl_ray.train.faults import maybe_fail, maybe_poison
+from gl_ray.train.faults import maybe_fail, maybe_poison, maybe_spike
 from gl_ray.train.io import RunHooks, WorkerIO
 from gl_ray.train.micro_batch import find_micro_batch, too_small, try_fits
 from gl_ray.train.parallel import full_state_dict, is_sharded
+from gl_ray.train.rewind import REWIND_HINT, apply_skip
 from gl_ray.train.step import make_optimizer, train_step
 from gl_ray.train.validation import Evaluator
 
@@ -124,6 +126,8 @@ class Trainer:
         restored = io.restore(self.model, self.optimizer)
         self.hooks.on_restore(restored)
         self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
+        if restored:
+            apply_skip(io.run_uri, self.state, plan.tokens_per_step)  # a rewind's --skip-steps, if it is this one
         if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length.
             self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
@@ -164,6 +168,7 @@ class Trainer:
         while state.stage_step < st.steps:
             maybe_fail(state.step, self.io.rank)
             poison = maybe_poison(state.step, self.model)
+            maybe_spike(state.step, self.model)
             lr = self.set_lr()
             out = train_step(self.net, self.optimizer, batches, micro_batch=micro_batch, device=self.device,
                              amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
@@ -189,17 +194,38 @@ class Trainer:
                 window = meter.read(now, self.io)
                 if window["first_bad_step"] is not None:  # before anything of this state is reported or saved
                     raise self.diverged(window["first_bad_step"])
+                if self.spiked(window["loss"]):  # the same: the newest checkpoint is always from before it
+                    raise self.spike(window["loss"])
                 self.report(st, due, window | {"lr": lr, "micro_batch": micro_batch})
                 meter.reset(now)  # the next window starts now: eval, checkpoint and report time count against it
             if due.stage_done or self.stopped:
                 break
 
     def diverged(self, step: int) -> TrainingDiverged:
-        last = self.last_checkpoint_step
         return TrainingDiverged(
             f"the loss or gradient norm became NaN or infinite at step {step}; the run stopped without saving that "
-            f"state ({f'the last checkpoint is step {last}' if last else 'no checkpoint was written'}). Lower "
-            "optim.lr, check model.rope_theta and the data, or set train.nonfinite=skip")
+            f"state ({self.checkpoint_note()}). Lower optim.lr, check model.rope_theta and the data, or set "
+            f"train.nonfinite=skip; {REWIND_HINT}")
+
+    def spiked(self, loss: float) -> bool:
+        """The loss-spike rule: this window's loss above train.spike_factor x the median of the last
+        train.spike_windows windows (once 3 are known). Window losses are averaged over workers, so every worker
+        decides the same."""
+        factor, recent = self.cfg.train.spike_factor, self.state.recent_losses
+        return bool(factor) and len(recent) >= 3 and loss > factor * statistics.median(recent)
+
+    def spike(self, loss: float) -> TrainingDiverged:
+        median = statistics.median(self.state.recent_losses)
+        return TrainingDiverged(
+            f"the loss spiked at step {self.state.step}: {loss:.4g}, above train.spike_factor="
+            f"{self.cfg.train.spike_factor:g} x {median:.4g} (the median of the last "
+            f"{len(self.state.recent_losses)} report windows); the run stopped without saving that state "
+            f"({self.checkpoint_note()}). Lower optim.lr and run the same command, or {REWIND_HINT}; "
+            "train.spike_factor=0 turns the rule off")
+
+    def checkpoint_note(self) -> str:
+        last = self.last_checkpoint_step
+        return f"the newest checkpoint is step {last}, from before it" if last else "no checkpoint was written"
 
     def count_skipped(self) -> None:
         """train.nonfinite=skip: a step whose gradient norm was not finite made no update; too many stop the run."""
@@ -306,6 +332,8 @@ class Trainer:
             self.final_val = metrics
         if due.stage_done:
             s.stage, s.stage_step = st.index + 1, 0
+        if math.isfinite(window["loss"]):
+            s.recent_losses = (s.recent_losses + [window["loss"]])[-self.cfg.train.spike_windows:]
         self.hooks.on_report(metrics)
         self.io.report(metrics, checkpoint=(self.model, self.optimizer, s) if due.checkpoint else None)
         if due.checkpoint:

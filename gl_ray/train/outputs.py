@@ -151,6 +151,7 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
                        "micro_batch": ms[-1].get("micro_batch") if ms else None}
                       | ({"window": st.window or st.seq_len} if plan.window_mode else {}))
     return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3), "flops": state.flops,
+            "tokens_skipped": state.skipped_batch_steps * plan.tokens_per_step,  # a rewind's --skip-steps: in tokens
             "final_val_loss": final_val.get("val_loss"),
             "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
 

@@ -39,6 +39,7 @@ from gl_ray.train.faults import fault_env
 from gl_ray.train.io import Snapshot, WorkerIO
 from gl_ray.train.parallel import is_sharded, shard_model
 from gl_ray.train.preempt import StopWatch
+from gl_ray.train.rewind import apply_skip
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
@@ -54,6 +55,8 @@ def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
         if key not in memo:
             found = find_resume_checkpoint(run_uri, warn=lambda _: None)
             memo.clear()
+            if found:
+                apply_skip(run_uri, found[1], plan.tokens_per_step)  # as the workers will: rewind --skip-steps
             memo[key] = (found[1].stage, found[1].stage_step) if found else (0, 0)
         return memo[key]
 

@@ -1,0 +1,97 @@
+"""Resume a run from an earlier checkpoint of its own: `gl-ray train ... --rewind-to STEP [--skip-steps N]`.
+
+After a divergence (the loss-spike rule or the non-finite guard stopped the run, exit 3) the newest checkpoint may
+already hold a model on its way up; large runs then go back to a healthy checkpoint, often skipping the batches
+that came right after it. Under the run's lock, before training:
+- the checkpoints after STEP, Ray Train's checkpoint list and a copy of metrics.jsonl are moved (never deleted)
+  into RUN/rewound/<time>/, so the resume finds STEP as the newest checkpoint and drops the metric lines after it;
+- with --skip-steps N, RUN/rewind.json says so: a worker that restores the checkpoint of STEP moves its data
+  cursor N steps on (the same on every rank, and again after a restart before the next checkpoint), so those
+  steps' rows are never trained on. Steps, tokens and the LR schedule go on as if they had been trained (as large
+  runs do), and summary.json counts them apart (`tokens_skipped`);
+- config_history.jsonl gets one line recording it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+
+from gl_ray import storage
+from gl_ray.errors import UserError
+from gl_ray.schedule import Plan
+from gl_ray.train.checkpoint import TrainState, list_checkpoints, verify_checkpoint
+
+REWIND_FILE = "rewind.json"
+SET_ASIDE = "rewound"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
+REWIND_HINT = ("resume from an earlier checkpoint of this run with the same command and --rewind-to STEP "
+               "(--skip-steps N also skips the data of the N steps after it)")
+
+
+def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> None:
+    """Make the checkpoint of `step` the run's newest (see the module doc); UserError before anything is moved if
+    there is none, it does not verify, or the skip is not possible."""
+    found = dict(list_checkpoints(run_uri))
+    if step not in found:
+        have = ", ".join(str(s) for s in sorted(found)) or "none"
+        raise UserError(f"--rewind-to {step}: run {run_uri!r} has no checkpoint at that step (its checkpoints: "
+                        f"{have})")
+    state = verify_checkpoint(found[step])
+    check_skip(plan, state, skip_steps)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    aside = storage.join(run_uri, SET_ASIDE, f"{stamp}-after-step-{step}")
+    later = [s for s in sorted(found) if s > step]
+    for name in ("metrics.jsonl",):  # a copy: the resume drops its lines after `step`
+        if storage.exists(storage.join(run_uri, name)):
+            storage.write_bytes(storage.join(aside, name), storage.read_bytes(storage.join(run_uri, name)))
+    for s in later:
+        storage.move(found[s], storage.join(aside, found[s].rsplit("/", 1)[-1]))
+    if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):  # it names the checkpoints just moved
+        storage.move(storage.join(run_uri, RAY_SNAPSHOT), storage.join(aside, RAY_SNAPSHOT))
+    storage.write_bytes(storage.join(run_uri, REWIND_FILE), json.dumps({"step": step, "skip_steps": skip_steps})
+                        .encode())
+    record = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
+              "rewind": {"to_step": step, "skip_steps": skip_steps, "set_aside": [f"checkpoint_step-{s:07d}"
+                                                                                  for s in later],
+                         "moved_to": aside}}
+    history = storage.join(run_uri, "config_history.jsonl")
+    old = storage.read_bytes(history).decode() if storage.exists(history) else ""
+    storage.write_bytes(history, (old + json.dumps(record) + "\n").encode())
+    say(f"rewound to the checkpoint of step {step}" + (f", skipping the data of the {skip_steps} steps after it"
+                                                       if skip_steps else "")
+        + (f"; checkpoints {', '.join(str(s) for s in later)} moved to {aside}" if later else ""))
+
+
+def check_skip(plan: Plan, state: TrainState, skip_steps: int) -> None:
+    if skip_steps < 0:
+        raise UserError(f"--skip-steps must be >= 0, got {skip_steps}")
+    if not skip_steps:
+        return
+    if plan.time_mode:
+        raise UserError("--skip-steps needs a token budget: in time mode a stage has no fixed number of steps")
+    if state.stage >= len(plan.stages):
+        raise UserError(f"--skip-steps {skip_steps}: the checkpoint of step {state.step} is at the end of the run")
+    left = plan.stages[state.stage].steps - state.stage_step
+    if skip_steps >= left:
+        raise UserError(f"--skip-steps {skip_steps} reaches the end of stage {state.stage} ({left} steps left after "
+                        f"step {state.step}); skip at most {left - 1}, so the stage's last step is trained")
+
+
+def apply_skip(run_uri: str, state: TrainState, tokens_per_step: int) -> bool:
+    """A worker's restored state: if it is the checkpoint a rewind with --skip-steps went back to, move its data
+    cursor on (in place); returns whether it did."""
+    uri = storage.join(run_uri, REWIND_FILE) if run_uri else ""
+    if not uri or not storage.exists(uri):
+        return False
+    try:
+        doc = json.loads(storage.read_bytes(uri))
+        step, skip = int(doc["step"]), int(doc["skip_steps"])
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{uri!r} is not a rewind record (written by --rewind-to); remove it") from None
+    if state.step != step or skip <= 0:
+        return False
+    state.step, state.stage_step = state.step + skip, state.stage_step + skip
+    state.tokens += skip * tokens_per_step
+    state.skipped_batch_steps += skip
+    return True
