@@ -167,11 +167,23 @@ class RayWorkerIO(WorkerIO):
             ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
             return
         tmp = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # FSDP: every rank its shards; Ray merges the folders
-        try:
+        try:  # in the loop: the state is serialised before the next step changes it
             save_checkpoint(tmp, model, optimizer, state, rank=self.rank, all_gather=self.all_gather_object)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
-        finally:
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        from ray.train import CheckpointUploadMode
+
+        # train.async_checkpoint: the upload to storage runs in Ray Train's background thread while training goes
+        # on, and Ray deletes tmp after it (the workers wait for it before they end); state.json's digests make a
+        # checkpoint whose upload a kill cut short one that a resume refuses, never one it loads
+        mode = CheckpointUploadMode.ASYNC if self.cfg.train.async_checkpoint else CheckpointUploadMode.SYNC
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
+                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
         return restore_latest(self.run_uri, model, optimizer, warn=print if self.rank == 0 else (lambda _: None))
