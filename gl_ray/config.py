@@ -118,8 +118,8 @@ class TrainConfig:
     eval_every_tokens: int = _f(0, "training tokens between validation passes (0: only at the end)")
     checkpoint_every_tokens: int = _f(0, "training tokens between checkpoints (0: only at stage ends)")
     keep_checkpoints: int = _f(2, "checkpoints kept in storage (oldest deleted first)")
-    async_checkpoint: bool = _f(True, "Ray runs: a checkpoint is serialised in the step, then uploaded to storage "
-                                      "in the background while training goes on (false: training waits for it)")
+    async_checkpoint: bool = _f(True, "the loop waits only while a checkpoint is copied to host memory; it is "
+                                      "written and uploaded in the background (false: the loop waits for all)")
     nonfinite: NonFinite = _f("stop", "a NaN/inf loss or gradient norm: stop (exit 3, nothing of it saved) | skip "
                                       "(leave that step's update out; reads the norm back every step)")
     max_skipped_steps: int = _f(10, "with nonfinite skip: more skipped steps than this stop the run")

@@ -487,6 +487,39 @@ def test_a_failed_write_leaves_no_temp_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_background_checkpoint_write_that_fails_keeps_the_previous_checkpoint(baseline, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    """Checkpoints are written in a background thread (train.async_checkpoint, the default): the loop waits only
+    for the host copy, which `checkpoint_block_s` records on the next report. A write that fails halfway (a full
+    disk at step 8's) ends the run with its one line at the next checkpoint; step 4's stays the resume point, and
+    the same command then finishes with the uninterrupted run's losses."""
+    import gl_ray.train.io as io
+
+    real = io.write_checkpoint
+
+    def fails_at_step_8(folder, snap):
+        if folder.endswith("checkpoint_step-0000008"):
+            Path(folder).mkdir(parents=True)
+            (Path(folder) / "model.safetensors").write_bytes(b"half")
+            raise UserError(f"storage error writing {folder}/optimizer.pt: No space left on device")
+        real(folder, snap)
+
+    monkeypatch.setattr(io, "write_checkpoint", fails_at_step_8)
+    with pytest.raises(UserError, match="No space left on device"):
+        run_tiny(tiny_data, tmp_path, "bg")
+    run = tmp_path / "bg"
+    assert (run / "checkpoint_step-0000004" / "state.json").exists()
+    assert not (run / "checkpoint_step-0000008" / "state.json").exists()
+    assert max(m["step"] for m in metrics(run)) <= 12  # it stopped at the next checkpoint, not at the end
+    monkeypatch.setattr(io, "write_checkpoint", real)
+    run_tiny(tiny_data, tmp_path, "bg")
+    got, want = metrics(run), metrics(baseline[2])
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    assert all(a["loss"] == pytest.approx(b["loss"], abs=1e-6) for a, b in zip(got, want))
+    blocked = {m["step"]: m["checkpoint_block_s"] for m in want if "checkpoint_block_s" in m}
+    assert sorted(blocked) == [5, 9, 13] and all(0 < b < 30 for b in blocked.values())  # after 4, 8 and 12
+
+
 def test_one_trainer_per_run(baseline, tiny_data, tmp_path):
     """While a trainer holds a run, a second one exits 2 naming it, before writing anything; once the holder is
     gone (its lock dies with it) the run is free again."""

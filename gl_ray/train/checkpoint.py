@@ -17,6 +17,7 @@ too) is refused (UserError) instead of loaded.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -32,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from gl_ray import storage
 from gl_ray.errors import UserError
-from gl_ray.train.parallel import full_state_dict, is_sharded, load_sharded_state, sharded_state
+from gl_ray.train.parallel import is_sharded, load_sharded_state, sharded_state
 
 PREFIX = "checkpoint_step-"
 T = TypeVar("T")
@@ -57,35 +58,72 @@ def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
 
 
-def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
-                    rank: int = 0, all_gather: Callable[[object], list] = lambda x: [x]) -> None:
-    """Write a checkpoint folder (local path or s3:// URI). A sharded (FSDP) model: every rank calls this at once,
-    each with its own local folder (Ray Train merges the ranks' folders in storage), and `all_gather` collects
-    the ranks' file digests for rank 0's state.json. Otherwise only rank 0 calls it."""
-    blobs: dict[str, bytes] = {}
-    if is_sharded(model):
-        import torch.distributed.checkpoint as dcp
+@dataclass
+class HostCopy:
+    """An unsharded checkpoint's content copied to host memory in the step (the next step changes the originals):
+    all the loop waits for. write_checkpoint serialises, hashes and writes it later, in any thread."""
+    weights: dict[str, torch.Tensor]
+    optimizer: dict
+    rng: torch.Tensor
+    state: TrainState
 
-        dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)  # a collective
-        digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
-    else:
-        blobs["model.safetensors"] = st_save(full_state_dict(model))
-        buf = io.BytesIO()
-        torch.save(optimizer.state_dict(), buf)
-        blobs["optimizer.pt"] = buf.getvalue()
-        digests = {}
-    if rank == 0:
-        buf = io.BytesIO()
-        torch.save(torch.get_rng_state(), buf)
-        blobs["rng.pt"] = buf.getvalue()
+
+def host_copy(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> HostCopy:
+    """Copies of an unsharded model's weights, AdamW state, RNG state and TrainState (DDP: the unwrapped model)."""
+    weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    return HostCopy(weights, _copied(optimizer.state_dict()), torch.get_rng_state(), copy.deepcopy(state))
+
+
+def _copied(obj):
+    """obj with every tensor in it copied to CPU (the optimizer's state dict holds references)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
+def write_checkpoint(folder: str, snap: HostCopy) -> None:
+    """Serialise, hash and write a host copy as a checkpoint folder (local path or s3:// URI), state.json last."""
+    blobs = {"model.safetensors": st_save(snap.weights), "optimizer.pt": _saved(snap.optimizer),
+             "rng.pt": _saved(snap.rng)}
     for name, data in blobs.items():
         storage.write_bytes(storage.join(folder, name), data)
-        digests[name] = hashlib.sha256(data).hexdigest()
-    gathered = all_gather(digests) if is_sharded(model) else [digests]  # only FSDP ranks all call this
-    every_rank = {name: d for ranks in gathered for name, d in ranks.items()}
+    _write_state(folder, snap.state, {name: hashlib.sha256(data).hexdigest() for name, data in blobs.items()})
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _write_state(folder: str, state: TrainState, files: dict[str, str]) -> None:
+    meta = asdict(state) | {"files": files}
+    storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta | {"sha256": _digest(meta)}).encode())
+
+
+def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
+                    rank: int = 0, all_gather: Callable[[object], list] = lambda x: [x]) -> None:
+    """Write a checkpoint folder now (local path or s3:// URI). A sharded (FSDP) model: every rank calls this at
+    once, each with its own local folder (Ray Train merges the ranks' folders in storage), and `all_gather`
+    collects the ranks' file digests for rank 0's state.json. Otherwise only rank 0 calls it."""
+    if not is_sharded(model):
+        write_checkpoint(folder, host_copy(model, optimizer, state))
+        return
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)  # a collective
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
     if rank == 0:
-        meta = asdict(state) | {"files": every_rank}
-        storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta | {"sha256": _digest(meta)}).encode())
+        rng = _saved(torch.get_rng_state())
+        storage.write_bytes(storage.join(folder, "rng.pt"), rng)
+        digests["rng.pt"] = hashlib.sha256(rng).hexdigest()
+    every_rank = {name: d for ranks in all_gather(digests) for name, d in ranks.items()}
+    if rank == 0:
+        _write_state(folder, state, every_rank)
 
 
 def _digest(meta: dict) -> str:

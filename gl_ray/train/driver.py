@@ -119,7 +119,8 @@ def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, 
 
         previous = preempt.install(run_uri)
         try:
-            run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints),
+            run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
+                                                     async_write=cfg.train.async_checkpoint),
                        print_progress=not quiet)
         finally:
             preempt.restore(previous)

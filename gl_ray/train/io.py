@@ -1,14 +1,17 @@
 """The seam between the training loop and the world around it.
 
-`WorkerIO` is what one worker needs from outside: its batches, reporting (with an optional checkpoint),
-restoring, model wrapping and a sum over workers. `LocalIO` runs in one process without Ray (ray.num_workers: 0);
+`WorkerIO` is what one worker needs from outside: its batches, reporting (with an optional checkpoint, taken
+by `snapshot` in the step and written by `report`, in the background with train.async_checkpoint), restoring,
+model wrapping and a sum over workers. `LocalIO` runs in one process without Ray (ray.num_workers: 0);
 `gl_ray.train.ray_train.RayWorkerIO` is backed by Ray Train and Ray Data. `RunHooks` is what happens around the
 loop on every worker, with or without Ray (metrics log, progress, final export: `gl_ray.train.outputs.RunOutputs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,10 +20,26 @@ from gl_ray import storage
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.stream import TokenStream, stage_steps
 from gl_ray.schedule import Stage
-from gl_ray.train.checkpoint import TrainState, checkpoint_name, prune_checkpoints, restore_latest, save_checkpoint
+from gl_ray.train.checkpoint import (
+    HostCopy,
+    TrainState,
+    checkpoint_name,
+    host_copy,
+    prune_checkpoints,
+    restore_latest,
+    write_checkpoint,
+)
 from gl_ray.train.preempt import StopWatch
 
-Snapshot = tuple[torch.nn.Module, torch.optim.Optimizer, TrainState]  # what a checkpoint holds
+
+
+@dataclass
+class Pending:
+    """A checkpoint taken in the step, for `report` to write: its folder name and, on this worker, a host copy to
+    serialise, a folder already written (FSDP's shards), or neither (DDP: every rank but 0)."""
+    name: str
+    copy: HostCopy | None = None
+    folder: str | None = None
 
 
 class WorkerIO:
@@ -35,9 +54,18 @@ class WorkerIO:
         stage step start_step on."""
         raise NotImplementedError
 
-    def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
-        """Report metrics; with `checkpoint`, save it (every worker calls this at the same steps)."""
+    def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
+        """Take what a checkpoint at this step needs before the next step changes it: all the loop waits for
+        (with train.async_checkpoint). Every worker calls it at the same steps. By default nothing is kept."""
+        return Pending(checkpoint_name(state.step))
+
+    def report(self, metrics: dict, checkpoint: Pending | None = None) -> None:
+        """Report metrics; with `checkpoint` (from `snapshot`), save it (every worker calls this at the same
+        steps)."""
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait for checkpoints still being written (raising a write's error); called when the loop ends."""
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
         """Load the newest good checkpoint into model and optimizer (None: a new run)."""
@@ -65,11 +93,12 @@ class WorkerIO:
 
 class LocalIO(WorkerIO):
     """One process, no Ray: batches straight from the token stream, checkpoints written to
-    RUN/checkpoint_step-NNNNNNN/ and pruned to `keep_checkpoints`."""
+    RUN/checkpoint_step-NNNNNNN/ (in a background thread with async_write) and pruned to `keep_checkpoints`."""
 
-    def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int):
+    def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int, async_write: bool = False):
         self.train, self.run_uri, self.keep_checkpoints = train, run_uri, keep_checkpoints
         self.stop_watch = StopWatch(run_uri)
+        self.writer = BackgroundWriter() if async_write else None
 
     def stop_requested(self) -> bool:
         return self.stop_watch.requested()
@@ -77,14 +106,58 @@ class LocalIO(WorkerIO):
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         return stage_steps(self.train, RowLayout.of(stage, rank=0, start_step=start_step))
 
-    def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
-        if checkpoint is not None:
-            model, optimizer, state = checkpoint
-            save_checkpoint(storage.join(self.run_uri, checkpoint_name(state.step)), model, optimizer, state)
+    def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
+        return Pending(checkpoint_name(state.step), copy=host_copy(model, optimizer, state))
+
+    def report(self, metrics: dict, checkpoint: Pending | None = None) -> None:
+        if checkpoint is None:
+            return
+
+        def write() -> None:  # then prune: the previous checkpoints stay until this one is complete
+            write_checkpoint(storage.join(self.run_uri, checkpoint.name), checkpoint.copy)
             prune_checkpoints(self.run_uri, self.keep_checkpoints)
+
+        if self.writer is None:
+            write()
+        else:
+            self.writer.submit(write)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
         return restore_latest(self.run_uri, model, optimizer)
+
+
+class BackgroundWriter:
+    """One checkpoint write at a time in a background thread: a new one waits for the previous; a write's error
+    is raised by the next `submit` or `wait`. The thread is not a daemon, so a write in progress when the loop
+    fails still completes (the checkpoint before a failure is kept)."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self.wait()
+
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:  # handed to the loop's thread
+                self.error = e
+
+        self.thread = threading.Thread(target=run, name="gl-ray-checkpoint", daemon=False)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class RunHooks:

@@ -9,6 +9,7 @@ let the caller keep logs and exports. The loop reads like torchtitan's `Trainer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -135,6 +136,7 @@ class Trainer:
         self.vocab_size = vocab_size
         self.step_pairs = 0  # query-key pairs of this worker's current step (a tensor with document masking)
         self.last_checkpoint_step = self.state.step if restored else 0
+        self.checkpoint_block_s: float | None = None  # how long the last checkpoint held the loop up
         self.stopped = False  # a stop request ended the run early (after a checkpoint)
 
     def train(self) -> TrainState:
@@ -144,11 +146,15 @@ class Trainer:
             for stage in self.plan.stages[self.state.stage:]:
                 self.run_stage(stage)
                 if self.stopped:
+                    self.io.flush()
                     self.hooks.on_abort()
                     return self.state
                 if self.plan.time_mode and self.state.elapsed_s >= self.plan.budget_time_s:
                     break
+            self.io.flush()  # checkpoints written in the background are complete before the run ends
         except BaseException:
+            with contextlib.suppress(Exception):  # the checkpoints before a failure are kept; its error wins
+                self.io.flush()
             self.hooks.on_abort()
             raise
         sharded = is_sharded(self.model)  # then gathering the weights is a collective: every rank takes part
@@ -334,7 +340,14 @@ class Trainer:
             s.stage, s.stage_step = st.index + 1, 0
         if math.isfinite(window["loss"]):
             s.recent_losses = (s.recent_losses + [window["loss"]])[-self.cfg.train.spike_windows:]
-        self.hooks.on_report(metrics)
-        self.io.report(metrics, checkpoint=(self.model, self.optimizer, s) if due.checkpoint else None)
+        if self.checkpoint_block_s is not None:  # the previous checkpoint's wait, known only after its report
+            metrics["checkpoint_block_s"], self.checkpoint_block_s = round(self.checkpoint_block_s, 4), None
+        t0 = time.perf_counter()
+        pending = self.io.snapshot(self.model, self.optimizer, s) if due.checkpoint else None
+        block = time.perf_counter() - t0
+        self.hooks.on_report(metrics)  # the metrics line before the checkpoint: a resume at this step keeps it
+        t0 = time.perf_counter()
+        self.io.report(metrics, checkpoint=pending)
         if due.checkpoint:
             self.last_checkpoint_step = s.step
+            self.checkpoint_block_s = block + time.perf_counter() - t0

@@ -31,12 +31,14 @@ from gl_ray.train.checkpoint import (
     TrainState,
     checkpoint_name,
     find_resume_checkpoint,
+    host_copy,
     list_checkpoints,
     restore_latest,
     save_checkpoint,
+    write_checkpoint,
 )
 from gl_ray.train.faults import fault_env
-from gl_ray.train.io import Snapshot, WorkerIO
+from gl_ray.train.io import Pending, WorkerIO
 from gl_ray.train.parallel import is_sharded, shard_model
 from gl_ray.train.preempt import StopWatch
 from gl_ray.train.rewind import apply_skip
@@ -155,34 +157,51 @@ class RayWorkerIO(WorkerIO):
                 self.warmer.start(stage.index + 1)
             yield b["input_ids"]
 
-    def report(self, metrics: dict, checkpoint: Snapshot | None = None) -> None:
+    def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
+        """DDP: rank 0 copies the state to host memory (the other ranks hold nothing to save). FSDP: every rank
+        writes its shards to a local folder now (torch.distributed.checkpoint's save is a collective)."""
+        name = checkpoint_name(state.step)
+        if is_sharded(model):
+            folder = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # Ray merges the ranks' folders in storage
+            try:
+                save_checkpoint(folder, model, optimizer, state, rank=self.rank, all_gather=self.all_gather_object)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            return Pending(name, folder=folder)
+        return Pending(name, copy=host_copy(model, optimizer, state) if self.rank == 0 else None)
+
+    def report(self, metrics: dict, checkpoint: Pending | None = None) -> None:
+        """With train.async_checkpoint, a checkpoint is serialised (DDP) and uploaded in Ray Train's one upload
+        thread while training goes on, in report order; Ray's workers wait for it before they end. A kill midway
+        leaves a folder whose state.json is missing or does not match, which a resume refuses, never loads."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         if checkpoint is None:
             ray.train.report(metrics)
             return
-        model, optimizer, state = checkpoint
-        name = checkpoint_name(state.step)
-        if self.rank != 0 and not is_sharded(model):  # DDP: rank 0 holds everything
-            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+        if checkpoint.copy is None and checkpoint.folder is None:  # DDP, not rank 0
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=checkpoint.name)
             return
-        tmp = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # FSDP: every rank its shards; Ray merges the folders
-        try:  # in the loop: the state is serialised before the next step changes it
-            save_checkpoint(tmp, model, optimizer, state, rank=self.rank, all_gather=self.all_gather_object)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        from ray.train import CheckpointUploadMode
+        folder = checkpoint.folder or tempfile.mkdtemp(prefix="gl-ray-ckpt-")
+        upload = ray.train.get_context().get_storage()
 
-        # train.async_checkpoint: the upload to storage runs in Ray Train's background thread while training goes
-        # on, and Ray deletes tmp after it (the workers wait for it before they end); state.json's digests make a
-        # checkpoint whose upload a kill cut short one that a resume refuses, never one it loads
+        def serialise_then_upload(ckpt, dir_name: str):
+            try:
+                if checkpoint.copy is not None:
+                    write_checkpoint(folder, checkpoint.copy)
+                return upload.persist_current_checkpoint(ckpt, dir_name)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+
         mode = CheckpointUploadMode.ASYNC if self.cfg.train.async_checkpoint else CheckpointUploadMode.SYNC
         try:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name,
-                             checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
+                             checkpoint_dir_name=checkpoint.name, checkpoint_upload_mode=mode,
+                             delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=serialise_then_upload)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(folder, ignore_errors=True)
             raise
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
