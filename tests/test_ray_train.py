@@ -72,11 +72,11 @@ def test_ray_final_model_loads_and_generates(ray_run, tiny_data):
             assert out[0, i] == model(input_ids=out[:, :i]).logits[0, -1].argmax()
 
 
-def test_ddp_on_two_workers_matches_one_process(ray_run, tiny_data, tmp_path):
-    """Two DDP workers each taking half of every step give the same losses as one process taking all of it."""
+def test_ddp_on_two_workers_matches_one_process(ray_run, baseline):
+    """Two DDP workers each taking half of every step give the same losses as one process taking all of it (the
+    session's one-process run of the same overrides: the name changes no seed)."""
     _, _, run = ray_run
-    run_tiny(tiny_data, tmp_path, "single")
-    for a, b in zip(metrics(run), metrics(tmp_path / "single")):
+    for a, b in zip(metrics(run), metrics(baseline[2]), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
 
 
@@ -87,37 +87,6 @@ def test_masked_ddp_on_two_workers_matches_one_process(masked_baseline, tiny_dat
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
-
-
-def test_killed_ray_driver_resumes_with_the_same_command(ray_run, tiny_data, tmp_path):
-    """SIGKILL the driver of a 2-worker Ray run mid-stage (as an OOM killer or a lost SSH session would): nothing
-    of that run keeps writing, and the same command resumes from its newest checkpoint as if nothing happened."""
-    _, _, base = ray_run
-    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "cut", **{"ray.num_workers": 2})
-            for x in ("--set", s)]
-    env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.4"}
-    env.pop("RAY_ADDRESS", None)
-    log = tmp_path / "cut" / "metrics.jsonl"
-    train_then_signal(sets, log, lines=6, env=env, timeout_s=240)
-    killed_at = time.time()
-    # Ray's workers outlive their killed driver by the seconds it takes them to notice the raylet is gone (a few
-    # steps here); they must then stop: wait until the run folder has been quiet for 3 s, within 30 s of the kill
-    seen, quiet_since = log.read_text(), time.time()
-    while time.time() - quiet_since < 3:
-        assert time.time() - killed_at < 30, "the killed run's workers are still training"
-        time.sleep(0.2)
-        if log.read_text() != seen:
-            seen, quiet_since = log.read_text(), time.time()
-    assert 6 <= len(seen.splitlines()) < 16  # killed mid-run, after the checkpoint at step 4
-    r = subprocess.run([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, capture_output=True, text=True,
-                       env={k: v for k, v in env.items() if k != "GL_RAY_SLOW_STEP_S"}, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
-    got, want = metrics(tmp_path / "cut"), metrics(base)
-    assert [m["step"] for m in got] == [m["step"] for m in want]  # each step exactly once
-    for a, b in zip(got, want):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
-    wa, wb = weights(tmp_path / "cut"), weights(base)
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
 def test_worker_failure_is_restarted_by_ray_train(ray_run, tiny_data, tmp_path, monkeypatch):
@@ -133,22 +102,50 @@ def test_worker_failure_is_restarted_by_ray_train(ray_run, tiny_data, tmp_path, 
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 
 
-def test_sigterm_to_the_ray_driver_checkpoints_and_resumes_exactly(ray_run, tiny_data, tmp_path):
-    """SIGTERM to the driver of a 2-worker run (`kill`, a scheduler, `ray job stop`): the workers see the stop
-    request between steps, agree on one step, checkpoint it together, and the driver exits 143 with one line; the
-    same command resumes exactly."""
+def test_sigterm_then_sigkill_of_the_ray_driver_resume_exactly_with_the_same_command(ray_run, tiny_data, tmp_path):
+    """One 2-worker run on local Ray, interrupted twice and resumed each time with the same command (one run
+    instead of two saves a Ray start and a resume; every check of the two former tests is here):
+    1. SIGTERM to the driver (`kill`, a scheduler, `ray job stop`): the workers see the stop request between
+       steps, agree on one step, checkpoint it together, and the driver exits 143 with one line;
+    2. the resume is SIGKILLed mid-stage, after its first checkpoint (as an OOM killer or a lost SSH session
+       would): nothing of that run keeps writing;
+    3. the same command resumes from the newest checkpoint as if nothing happened, on a quiet console, printing
+       every step it runs: the losses and the final weights are those of the uninterrupted run."""
     import signal
 
+    from gl_ray.train.checkpoint import find_resume_checkpoint
+
     _, _, base = ray_run
-    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "term", **{"ray.num_workers": 2})
+    run = tmp_path / "cut"
+    sets = [x for s in tiny_overrides(tiny_data, str(tmp_path), "cut", **{"ray.num_workers": 2})
             for x in ("--set", s)]
     env = {**os.environ, "GL_RAY_SLOW_STEP_S": "0.4"}
     env.pop("RAY_ADDRESS", None)
-    r = train_then_signal(sets, tmp_path / "term" / "metrics.jsonl", 5, env, timeout_s=240, sig=signal.SIGTERM)
+    log = run / "metrics.jsonl"
+    # 1. SIGTERM mid-stage: a checkpoint at the step the workers agreed on, exit 143, one line
+    r = train_then_signal(sets, log, 3, env, timeout_s=240, sig=signal.SIGTERM)
     assert r.returncode == 143, r.stderr[-3000:]
     assert "stopped on SIGTERM, checkpointed at step" in r.stderr
-    stopped = metrics(tmp_path / "term")[-1]["step"]
-    assert stopped < 16 and (tmp_path / "term" / f"checkpoint_step-{stopped:07d}" / "state.json").exists()
+    stopped = metrics(run)[-1]["step"]
+    assert stopped < 16 and (run / f"checkpoint_step-{stopped:07d}" / "state.json").exists()
+    # 2. the same command resumes; SIGKILL it one step after its first checkpoint (every 4 steps: 4096 tokens)
+    first_ckpt = 4 * (stopped // 4 + 1)
+    train_then_signal(sets, log, lines=first_ckpt + 1, env=env, timeout_s=240)
+    killed_at = time.time()
+    # Ray's workers outlive their killed driver by the seconds it takes them to notice the raylet is gone (a few
+    # steps here); they must then stop: wait until the run folder has been quiet for 3 s, within 30 s of the kill
+    seen, quiet_since = log.read_text(), time.time()
+    while time.time() - quiet_since < 3:
+        assert time.time() - killed_at < 30, "the killed run's workers are still training"
+        time.sleep(0.2)
+        if log.read_text() != seen:
+            seen, quiet_since = log.read_text(), time.time()
+    assert first_ckpt + 1 <= len(seen.splitlines()) < 16  # killed mid-run, after the resumed run's checkpoint
+    found = find_resume_checkpoint(str(run), warn=lambda _: None)
+    assert found is not None
+    resume_step = found[1].step
+    assert stopped < resume_step < 16  # the next start resumes from a checkpoint the killed run wrote
+    # 3. the same command again, at full speed: resumes from resume_step and ends the run
     r = subprocess.run([sys.executable, "-m", "gl_ray", "train", *sets], cwd=REPO, capture_output=True, text=True,
                        env={k: v for k, v in env.items() if k != "GL_RAY_SLOW_STEP_S"}, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -156,9 +153,11 @@ def test_sigterm_to_the_ray_driver_checkpoints_and_resumes_exactly(ray_run, tiny
                   "Started a local Ray instance", "INFO streaming_executor", "Attempting to start training worker"):
         assert noise not in r.stdout + r.stderr, noise  # Ray's INFO lines are off without --verbose
     progress = [line for line in r.stdout.splitlines() if "[gl-ray] stage" in line]
-    assert len(progress) == 16 - stopped, r.stdout[-3000:]  # every step's line, printed by the driver before it ends
+    assert len(progress) == 16 - resume_step, r.stdout[-3000:]  # each step it ran, printed before it ends
     assert all(line.startswith("[gl-ray] stage") for line in progress), progress  # no "(... pid=...)", no colour
-    got, want = metrics(tmp_path / "term"), metrics(base)
-    assert [m["step"] for m in got] == [m["step"] for m in want]
+    got, want = metrics(run), metrics(base)
+    assert [m["step"] for m in got] == [m["step"] for m in want]  # each step exactly once
     for a, b in zip(got, want):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+    wa, wb = weights(run), weights(base)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
