@@ -75,10 +75,12 @@ class BenchModel:
             flat[ends[ends < flat.size]] = self.eos_id
         return ids
 
-    def inputs(self, x: torch.Tensor) -> dict:
-        """lm_loss keyword arguments, as training gives them (extrapolate positions, masks when masking)."""
+    def inputs(self, x: torch.Tensor, device: torch.device | None = None) -> dict:
+        """lm_loss keyword arguments, as training gives them (extrapolate positions, masks when masking), built
+        where x is and handed to `device` (default: x's)."""
         return batch_inputs(x, position_mode="extrapolate", seq_len=x.shape[1], final_len=x.shape[1],
-                            eos_id=self.eos_id if self.document_masking else None, attention=self.attention)
+                            eos_id=self.eos_id if self.document_masking else None, attention=self.attention,
+                            device=device)
 
 
 def bench_model(*, preset: str, vocab: int = 50304, attention: str = "sdpa", activation_checkpointing: bool = False,
@@ -120,7 +122,7 @@ def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_ba
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         train_step(net, optimizer, batches, micro_batch=mb, device=device, amp=amp, grad_clip=1.0,
-                   extra_inputs=lambda xb, micro: model.inputs(xb))
+                   extra_inputs=lambda xb, micro: model.inputs(xb, device))
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:

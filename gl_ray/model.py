@@ -19,6 +19,7 @@ final_len / seq_len; pose, 0..n-1 with the row's one random skip applied from th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
@@ -218,58 +219,102 @@ class DocumentMask:
 
 
 def document_mask(input_ids: torch.Tensor, eos_id: int | None, attention: str = "sdpa",
-                  window: int = 0) -> DocumentMask:
+                  window: int = 0, device: torch.device | None = None) -> DocumentMask:
     """Documents of each row of input_ids [batch, seq_len]: a document ends with its EOS, the next starts after
     (eos_id None: the row is one document). window > 0: a query attends only to the `window` most recent keys
-    of its document (itself included), the sliding-window mask of schedule.mode window."""
+    of its document (itself included), the sliding-window mask of schedule.mode window.
+
+    The documents are found where input_ids are (on the host, in training: no device sync, not even the flash
+    path's lengths) and the mask is handed to `device` (default: input_ids'): per-token tensors by non-blocking
+    copies, while the [batch, 1, q, kv] sdpa mask and flex's block mask are built on the device from the document
+    ids (copying an L x L mask per row would cost more than building it)."""
+    starts, doc, positions = _documents(input_ids, eos_id)
+    return _mask_on(torch.device(device) if device is not None else input_ids.device, starts, doc, positions,
+                    attention, window, one_doc_per_row=eos_id is None)
+
+
+def _documents(input_ids: torch.Tensor, eos_id: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(starts bool, document number from 1, position within the document), each [batch, seq_len], where
+    input_ids are."""
     batch, seq_len = input_ids.shape
     is_eos = input_ids == eos_id if eos_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
     starts = torch.zeros_like(is_eos)
     starts[:, 0] = True
     starts[:, 1:] = is_eos[:, :-1]
-    doc = torch.cumsum(starts.long(), dim=1)  # document number of each token within its row, from 1
+    doc = torch.cumsum(starts.long(), dim=1)
     idx = torch.arange(seq_len, device=input_ids.device).expand(batch, -1)
     positions = idx - torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return starts, doc, positions
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """t on device; from the host to a GPU through pinned memory, by a copy that does not block the host."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def causal_mask(seq_len: int, window: int, device: torch.device) -> torch.Tensor:
+    """The bool [seq_len, seq_len] causal mask (True: attend), banded to `window` keys if window > 0: made once
+    per stage (length, window) and device, not per micro batch."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    return causal.triu(-(window - 1)) if window else causal
+
+
+def _mask_on(device: torch.device, starts: torch.Tensor, doc: torch.Tensor, positions: torch.Tensor,
+             attention: str, window: int, one_doc_per_row: bool) -> DocumentMask:
+    batch, seq_len = starts.shape
     if attention == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
+        doc_d = to_device(doc, device)
+
         def same_doc_causal(b, h, q, kv):
-            keep = (q >= kv) & (doc[b, q] == doc[b, kv])
+            keep = (q >= kv) & (doc_d[b, q] == doc_d[b, kv])
             return keep & (q - kv < window) if window else keep
 
-        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len,
-                                  device=input_ids.device)
+        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
         kwargs = {"attention_mask": block}
     elif attention == "flash_attention_2":  # variable-length kernel over the flattened batch*seq_len tokens
         if window:
             raise UserError("an attention window needs model.attention sdpa or flex")
-        flat_starts = torch.nonzero(starts.reshape(-1)).reshape(-1)
+        flat_starts = torch.nonzero(starts.reshape(-1)).reshape(-1)  # on the host in training: no device sync
         cu = torch.cat([flat_starts, flat_starts.new_tensor([batch * seq_len])]).to(torch.int32)
         longest = int((cu[1:] - cu[:-1]).max())
+        cu = to_device(cu, device)
         kwargs = {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
                   "max_length_k": longest}
     else:  # sdpa: an explicit boolean [batch, 1, q, kv] mask (True: attend), used by transformers as given
-        causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=input_ids.device).tril()
-        if window:
-            causal = causal.triu(-(window - 1))  # keys q - window + 1 .. q
-        if eos_id is None:  # one document per row: one [1, 1, q, kv] mask for every row
+        causal = causal_mask(seq_len, window, device)
+        if one_doc_per_row:  # one [1, 1, q, kv] mask for every row
             kwargs = {"attention_mask": causal[None, None]}
         else:
-            kwargs = {"attention_mask": ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]}
-    return DocumentMask(starts=starts, positions=positions, model_kwargs=kwargs)
+            doc_d = to_device(doc, device)
+            kwargs = {"attention_mask": ((doc_d[:, :, None] == doc_d[:, None, :]) & causal)[:, None]}
+    return DocumentMask(starts=to_device(starts, device), positions=to_device(positions, device),
+                        model_kwargs=kwargs)
 
 
 def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len: int,
                  generator: torch.Generator | None = None, eos_id: int | None = None,
-                 attention: str = "sdpa", window: int = 0) -> dict:
+                 attention: str = "sdpa", window: int = 0, device: torch.device | None = None) -> dict:
     """Keyword arguments of lm_loss for a micro batch x [batch, seq_len]: position ids for the mode and, when
     `eos_id` is given (document masking) or a `window` (schedule.mode window), the mask in the form the
-    attention backend takes."""
+    attention backend takes. Computed where x is and handed to `device` (default: x's): training passes the
+    host rows, so building them never waits for the device (see document_mask)."""
+    device = torch.device(device) if device is not None else x.device
     masked = eos_id is not None or 0 < window < seq_len
-    docs = document_mask(x, eos_id, attention, window if window < seq_len else 0) if masked else None
-    pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator,
-                       local=None if docs is None else docs.positions)
-    return {"pos": None if pos is None else pos.to(x.device), "docs": docs}
+    if not masked:
+        pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator)
+        return {"pos": None if pos is None else to_device(pos, device), "docs": None}
+    starts, doc, positions = _documents(x, eos_id)
+    pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator, local=positions)
+    docs = _mask_on(device, starts, doc, positions, attention, window if window < seq_len else 0,
+                    one_doc_per_row=eos_id is None)
+    return {"pos": None if pos is None else to_device(pos, device), "docs": docs}
 
 
 def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,

@@ -236,11 +236,16 @@ def test_compiled_training_matches_eager(baseline, tiny_data, tmp_path, monkeypa
     assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-4) for k in wa)
 
 
-def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_data, tmp_path, monkeypatch):
-    """The hot path keeps losses and FLOPs on the device: the number of tensor reads to the host (item, float,
-    bool, int, tolist) of a run does not grow with its steps, only with its reports (here: the stage ends). Not
-    counted: AdamW's reads of its CPU step counters, which exist only on CPU (on GPU it is fused, counters on
-    the device)."""
+@pytest.mark.parametrize("mode", [{}, {"model.position_mode": "pose", "data.document_masking": True},
+                                  {"model.position_mode": "interpolate"},
+                                  {"schedule.mode": "window", "data.document_masking": True}],
+                         ids=["extrapolate", "pose-masked", "interpolate", "window-masked"])
+def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_data, tmp_path, monkeypatch, mode):
+    """The hot path keeps losses and FLOPs on the device and builds positions and masks from the host rows: the
+    number of tensor reads to the host (item, float, bool, int, tolist) of a run does not grow with its steps,
+    only with its reports (here: the stage ends), in every position mode, with and without document masking, in
+    reshape and window mode (sdpa; flex and flash attention run on CUDA only). Not counted: AdamW's reads of its
+    CPU step counters, which exist only on CPU (on GPU it is fused, counters on the device)."""
     import sys
 
     reads = []
@@ -260,7 +265,7 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_data, tmp_
         reads.clear()
         run_tiny(tiny_data, tmp_path, f"quiet-{budget}", **{
             "schedule.budget_tokens": budget, "train.log_every_steps": 1000, "train.eval_every_tokens": 0,
-            "train.checkpoint_every_tokens": 0})
+            "train.checkpoint_every_tokens": 0, **mode})
         counts.append(len(reads))
     assert counts[0] == counts[1] and counts[0] > 0
 

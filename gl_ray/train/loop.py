@@ -288,11 +288,13 @@ class Trainer:
         return lr
 
     def extra_inputs(self, x: torch.Tensor, st: Stage, micro: int) -> dict:
-        """Position ids (PoSE draws are seeded by step, rank and micro batch) and document masks of a micro batch."""
-        gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro)
-        inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
-                              final_len=self.plan.final_len, generator=gen, eos_id=self.eos_id,
-                              attention=self.cfg.model.attention, window=st.window)
+        """Position ids (PoSE draws are seeded by step, rank and micro batch) and document masks of a micro batch,
+        built from its rows on the host and handed to the device without waiting for it."""
+        mode = self.cfg.model.position_mode
+        gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro) if mode == "pose" else None
+        inputs = batch_inputs(x, position_mode=mode, seq_len=st.seq_len, final_len=self.plan.final_len,
+                              generator=gen, eos_id=self.eos_id, attention=self.cfg.model.attention,
+                              window=st.window, device=self.device)
         docs = inputs["docs"]  # FLOPs count the pairs attention computes: within documents and the window
         self.step_pairs += document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * st.seq_len ** 2
         return inputs

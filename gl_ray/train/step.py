@@ -34,9 +34,9 @@ def no_inputs(x: torch.Tensor, micro: int) -> dict:
     return {}
 
 
-def to_device(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    """int32 rows -> int64 tokens on device; on GPU through pinned memory with a copy that does not block the host."""
-    x = torch.from_numpy(np.require(rows, requirements="W"))
+def tokens_to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """int32 rows on the host -> int64 tokens on device; on GPU through pinned memory with a copy that does not
+    block the host."""
     if device.type == "cuda":
         return x.pin_memory().to(device, dtype=torch.long, non_blocking=True)
     return x.to(device, dtype=torch.long)
@@ -56,22 +56,24 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: It
     """Forward+backward of one step's rows (next(steps): int32 [rows_per_rank_step, seq_len]) in micro batches
     of `micro_batch` rows, then clip and step.
 
-    `extra_inputs(x, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids, document
-    masks). Loss and gradient norm stay on the device (no host sync), except with `skip_nonfinite`, which reads
-    the norm back to leave out the update of a step whose norm is NaN or infinite."""
+    `extra_inputs(rows, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids,
+    document masks) on the device, from its rows on the host (int32 [micro_batch, seq_len]): they are built there,
+    never waiting for the device. Loss and gradient norm stay on the device (no host sync), except with
+    `skip_nonfinite`, which reads the norm back to leave out the update of a step whose norm is NaN or infinite."""
     t0 = time.perf_counter()
     rows = next(steps)
     wait_s = time.perf_counter() - t0
     grad_accum = len(rows) // micro_batch
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x = to_device(rows[micro * micro_batch: (micro + 1) * micro_batch], device)
+        host = torch.from_numpy(np.require(rows[micro * micro_batch: (micro + 1) * micro_batch], requirements="W"))
+        x = tokens_to_device(host, device)
         sync = micro == grad_accum - 1
         if hasattr(net, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter gradients on the last micro batch
             net.set_requires_gradient_sync(sync)
         with contextlib.nullcontext() if sync or not hasattr(net, "no_sync") else net.no_sync():
             with amp():
-                loss = lm_loss(net, x, **extra_inputs(x, micro)) / grad_accum
+                loss = lm_loss(net, x, **extra_inputs(host, micro)) / grad_accum
             loss.backward()
         loss_sum += loss.detach()
     params = [p for group in optimizer.param_groups for p in group["params"]]
