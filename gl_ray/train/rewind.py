@@ -42,9 +42,9 @@ def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> N
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     aside = storage.join(run_uri, SET_ASIDE, f"{stamp}-after-step-{step}")
     later = [s for s in sorted(found) if s > step]
-    for name in ("metrics.jsonl",):  # a copy: the resume drops its lines after `step`
-        if storage.exists(storage.join(run_uri, name)):
-            storage.write_bytes(storage.join(aside, name), storage.read_bytes(storage.join(run_uri, name)))
+    log = storage.join(run_uri, "metrics.jsonl")
+    if storage.exists(log):  # a copy: the resume drops its lines after `step`
+        storage.write_bytes(storage.join(aside, "metrics.jsonl"), storage.read_bytes(log))
     for s in later:
         storage.move(found[s], storage.join(aside, found[s].rsplit("/", 1)[-1]))
     if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):  # it names the checkpoints just moved
