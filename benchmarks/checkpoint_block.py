@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from gl_ray.devices import pick_device
 from gl_ray.model import build_model
 from gl_ray.train.checkpoint import TrainState, host_copy, write_checkpoint
 
@@ -35,12 +36,15 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=50304)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: a temp folder)")
+    p.add_argument("--device", default="cpu", help="where the model and AdamW state live (cuda: the copy is the "
+                   "device-to-host copy the loop waits for)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.manual_seed(0)
-    model = build_model(a.preset, a.vocab, 2048)
+    device = pick_device(a.device)
+    model = build_model(a.preset, a.vocab, 2048).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randint(0, a.vocab, (1, 64))
+    x = torch.randint(0, a.vocab, (1, 64), device=device)
     model(input_ids=x, labels=x).loss.backward()
     optimizer.step()  # AdamW's state exists, as in a checkpoint mid-run
     state = TrainState(step=1)
@@ -61,17 +65,24 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
     params = sum(p.numel() for p in model.parameters())
     med = statistics.median
-    res = {"preset": a.preset, "vocab": a.vocab, "params": params, "repeats": a.repeats, "host_copy_s": copy_s,
-           "write_s": write_s, "ratio_copy_to_write": med(c / w for c, w in zip(copy_s, write_s)),
+    res = {"preset": a.preset, "vocab": a.vocab, "device": str(device), "params": params, "repeats": a.repeats,
+           "host_copy_s": copy_s, "write_s": write_s,
+           "ratio_copy_to_write": med(c / w for c, w in zip(copy_s, write_s)),
            "ratio_copy_to_copy_and_write": med(c / (c + w) for c, w in zip(copy_s, write_s))}
-    print(f"| {a.preset} ({params / 1e6:.0f}M params, vocab {a.vocab:,}), median of {a.repeats} | seconds |\n"
-          "| --- | --- |\n"
-          f"| host copy: what the loop waits for (async) | {med(copy_s):.3f} |\n"
-          f"| serialise + hash + write (background with async; in the loop before) | {med(write_s):.3f} |\n"
-          f"| ratio copy / write | {res['ratio_copy_to_write']:.2f} |\n"
-          f"| ratio copy / (copy + write) | {res['ratio_copy_to_copy_and_write']:.2f} |")
+    print(format_table(res))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
+
+
+def format_table(res: dict) -> str:
+    med = statistics.median
+    return (f"| {res['preset']} ({res['params'] / 1e6:.0f}M params, vocab {res['vocab']:,}) on "
+            f"{res.get('device', 'cpu')}, median of {res['repeats']} | seconds |\n"
+            "| --- | --- |\n"
+            f"| host copy: what the loop waits for (async) | {med(res['host_copy_s']):.3f} |\n"
+            f"| serialise + hash + write (background with async; in the loop before) | {med(res['write_s']):.3f} |\n"
+            f"| ratio copy / write | {res['ratio_copy_to_write']:.2f} |\n"
+            f"| ratio copy / (copy + write) | {res['ratio_copy_to_copy_and_write']:.2f} |")
 
 
 if __name__ == "__main__":

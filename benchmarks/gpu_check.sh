@@ -2,8 +2,10 @@
 # One short GPU check that needs no Ray (the GPU machine has none): `gl-ray bench` (the paper's Tables 1-3), a
 # few hundred optimizer steps of the Ray-free GrowLength loop with the micro batch chosen per stage
 # (train.micro_batch_tokens: auto), FSDP2 in one process against the unsharded model (benchmarks/fsdp_check.py),
-# and the peak memory of a micro batch with the stock vs the chunked loss (benchmarks/loss_memory.py), folded into
-# $OUT/gpu_check.{json,md}.
+# the peak memory of a micro batch with the stock vs the chunked loss (benchmarks/loss_memory.py), host syncs in
+# steps that do not log under torch.cuda.set_sync_debug_mode("error") for every position mode x masking x backend x
+# schedule mode (benchmarks/sync_check.py), and how long a checkpoint holds the loop up, device-to-host copy vs
+# write (benchmarks/checkpoint_block.py), folded into $OUT/gpu_check.{json,md}.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
 #
@@ -44,6 +46,11 @@ FSDP_STEPS=${FSDP_STEPS:-20}
 LOSS_CHECK=${LOSS_CHECK:-1}                     # 1: stock vs chunked loss, peak memory of one micro batch
 LOSS_SEQ_LEN=${LOSS_SEQ_LEN:-2048}
 LOSS_SEQS=${LOSS_SEQS:-8,32}                    # micro batches (sequences) measured, at vocab 50,304
+SYNC_CHECK=${SYNC_CHECK:-1}                     # 1: host syncs per combination (tiny model, SYNC_LEN tokens)
+SYNC_LEN=${SYNC_LEN:-1024}
+CKPT_CHECK=${CKPT_CHECK:-1}                     # 1: loop blocked per checkpoint of CKPT_PRESET (vocab 50,304)
+CKPT_PRESET=${CKPT_PRESET:-pythia-70m}
+CKPT_REPEATS=${CKPT_REPEATS:-3}
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
@@ -91,5 +98,16 @@ if [ "$LOSS_CHECK" = 1 ]; then
         --device "$DEVICE" --precision "$DTYPE" --out "$WORK/loss_memory.json" 2>&1 | tee -a "$OUT/bench.log"
     loss_flags=(--loss "$WORK/loss_memory.json")
 fi
+more_flags=()
+if [ "$SYNC_CHECK" = 1 ]; then
+    $PY -m benchmarks.sync_check --final-len "$SYNC_LEN" --device "$DEVICE" --dtype "$DTYPE" \
+        --out "$WORK/sync.json" 2>&1 | tee -a "$OUT/train.log"
+    more_flags+=(--sync "$WORK/sync.json")
+fi
+if [ "$CKPT_CHECK" = 1 ]; then
+    $PY -m benchmarks.checkpoint_block --preset "$CKPT_PRESET" --repeats "$CKPT_REPEATS" --device "$DEVICE" \
+        --dir "$WORK/ckpt" --out "$WORK/checkpoint.json" 2>&1 | tee -a "$OUT/train.log"
+    more_flags+=(--checkpoint "$WORK/checkpoint.json")
+fi
 $PY -m benchmarks.gpu_check_summary --bench "$OUT/bench.json" --train "$OUT/train_summary.json" --data "$DATA" \
-    "${fsdp_flags[@]}" "${loss_flags[@]}" --out "$OUT/gpu_check"
+    "${fsdp_flags[@]}" "${loss_flags[@]}" "${more_flags[@]}" --out "$OUT/gpu_check"

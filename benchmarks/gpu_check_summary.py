@@ -1,7 +1,8 @@
 """Fold the GPU check's outputs into one JSON and one Markdown table for docs/BENCHMARKS.md.
 
     python -m benchmarks.gpu_check_summary --bench OUT/bench.json --train OUT/train_summary.json \
-        --data DATA [--fsdp WORK/fsdp.json] [--loss WORK/loss_memory.json] --out OUT/gpu_check
+        --data DATA [--fsdp WORK/fsdp.json] [--loss WORK/loss_memory.json] [--sync WORK/sync.json] \
+        [--checkpoint WORK/checkpoint.json] --out OUT/gpu_check
 
 Reads the `gl-ray bench` JSON (Tables 1-3 at fixed tokens per step) and the Ray-free training run's summary.json,
 and adds for each training stage: seconds per optimizer step, tokens/s, achieved TFLOP/s and model FLOPs
@@ -65,6 +66,15 @@ def to_markdown(doc: dict) -> str:
 
         lines += ["", f"Peak memory of one forward+backward, stock vs chunked loss (`benchmarks/loss_memory.py`), "
                   f"vocab {doc['loss']['vocab']:,}:", "", format_table(doc["loss"], "")]
+    if doc.get("sync"):
+        from benchmarks.sync_check import format_table as sync_table
+
+        lines += ["", "`benchmarks/sync_check.py`: " + sync_table(doc["sync"])]
+    if doc.get("checkpoint"):
+        from benchmarks.checkpoint_block import format_table as checkpoint_table
+
+        lines += ["", "How long a checkpoint holds the loop up (`benchmarks/checkpoint_block.py`):", "",
+                  checkpoint_table(doc["checkpoint"])]
     return "\n".join(lines) + "\n"
 
 
@@ -83,6 +93,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="the dataset the run trained on (its manifest gives the vocab)")
     ap.add_argument("--fsdp", default="", help="benchmarks/fsdp_check.py's JSON (optional)")
     ap.add_argument("--loss", default="", help="benchmarks/loss_memory.py's JSON (optional)")
+    ap.add_argument("--sync", default="", help="benchmarks/sync_check.py's JSON (optional)")
+    ap.add_argument("--checkpoint", default="", help="benchmarks/checkpoint_block.py's JSON (optional)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args()
     from gl_ray.data.manifest import load_manifest
@@ -91,8 +103,9 @@ def main() -> None:
                     load_manifest(a.data).vocab_size)
     if a.fsdp:
         doc["fsdp"] = json.loads(Path(a.fsdp).read_text())
-    if a.loss:
-        doc["loss"] = json.loads(Path(a.loss).read_text())
+    for key in ("loss", "sync", "checkpoint"):
+        if getattr(a, key):
+            doc[key] = json.loads(Path(getattr(a, key)).read_text())
     Path(f"{a.out}.json").write_text(json.dumps(doc, indent=1))
     md = to_markdown(doc)
     Path(f"{a.out}.md").write_text(md)

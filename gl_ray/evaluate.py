@@ -52,7 +52,7 @@ from gl_ray import context as cx
 from gl_ray.data.stream import TokenStream, check_document_ends
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.errors import UserError
-from gl_ray.model import batch_inputs
+from gl_ray.model import window_forward
 
 CONTEXT_METRICS = ("position", "recall", "passkey", "copy")
 
@@ -161,8 +161,7 @@ class TokenScorer:
             x = torch.from_numpy(np.ascontiguousarray(rows[i: i + mb], dtype=np.int64)).to(self.device)
             with self.amp():
                 if mask is None:
-                    inputs = batch_inputs(x, position_mode="extrapolate", seq_len=L, final_len=L, eos_id=eos_id)
-                    out, scored = self._forward(x, **inputs)
+                    out, scored = window_forward(self.model, x, eos_id=eos_id)
                 else:
                     out, scored = self._forward_masked(x, positions, mask)
             logits = out.logits[:, :-1].float()  # [b, L-1, vocab]: column t-1 predicts target t
@@ -175,17 +174,6 @@ class TokenScorer:
             correct.append((logits.argmax(-1) == target).cpu().numpy())
             valid.append(scored.cpu().numpy())
         return WindowScores(total / n, np.concatenate(losses), np.concatenate(correct), np.concatenate(valid))
-
-    def _forward(self, x: torch.Tensor, pos, docs):
-        """The model's output with labels, as `lm_loss` builds them (whose `.loss` this keeps bit for bit), and
-        the scored targets bool [b, L-1]."""
-        if docs is not None:
-            labels = x.masked_fill(docs.starts, -100)  # the label at t is the target of position t - 1
-            out = self.model(input_ids=x, position_ids=pos, labels=labels, use_cache=False, **docs.model_kwargs)
-            return out, ~docs.starts[:, 1:]
-        mask = None if pos is None else torch.ones_like(x)  # see lm_loss: explicit ids need an all-ones mask
-        out = self.model(input_ids=x, position_ids=pos, attention_mask=mask, labels=x, use_cache=False)
-        return out, torch.ones_like(x[:, 1:], dtype=torch.bool)
 
     def _forward_masked(self, x: torch.Tensor, positions: np.ndarray, mask: np.ndarray):
         """The model's output with given positions and a [q, kv] boolean mask (True: attend) for every row."""

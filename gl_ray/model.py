@@ -276,7 +276,9 @@ def _mask_on(device: torch.device, starts: torch.Tensor, doc: torch.Tensor, posi
             keep = (q >= kv) & (doc_d[b, q] == doc_d[b, kv])
             return keep & (q - kv < window) if window else keep
 
-        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+        # compiled on GPU: the eager build evaluates the mask function over every (q, kv) pair, per micro batch
+        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device,
+                                  _compile=device.type == "cuda")
         kwargs = {"attention_mask": block}
     elif attention == "flash_attention_2":  # variable-length kernel over the flattened batch*seq_len tokens
         if window:
@@ -317,18 +319,36 @@ def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len
     return {"pos": None if pos is None else to_device(pos, device), "docs": docs}
 
 
-def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
-            docs: DocumentMask | None = None) -> torch.Tensor:
-    """Mean next-token cross-entropy over a [batch, seq_len] block of tokens (seq_len - 1 targets per row; with
-    `docs`, attention stays within documents and targets across a document boundary are left out).
+def lm_forward(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
+               docs: DocumentMask | None = None):
+    """The model's output, given labels, for a [batch, seq_len] block of tokens, and the scored targets bool
+    [batch, seq_len - 1] (column t - 1 predicts token t). `.loss` is the mean next-token cross-entropy over the
+    scored targets (seq_len - 1 per row; with `docs`, attention stays within documents and targets across a
+    document boundary are left out). Training (`lm_loss`), validation and `gl-ray eval` all call the model here.
 
     With explicit position ids and no document mask we pass an all-ones attention mask: without one,
     transformers reads position ids that jump as packed sequences and would cut attention at every jump.
     """
     if docs is not None:
         labels = input_ids.masked_fill(docs.starts, -100)  # the label at t is the target of position t - 1
-        return model(input_ids=input_ids, position_ids=pos, labels=labels, use_cache=False,
-                     **docs.model_kwargs).loss
+        out = model(input_ids=input_ids, position_ids=pos, labels=labels, use_cache=False, **docs.model_kwargs)
+        return out, ~docs.starts[:, 1:]
     mask = None if pos is None else torch.ones_like(input_ids)
     out = model(input_ids=input_ids, position_ids=pos, attention_mask=mask, labels=input_ids, use_cache=False)
-    return out.loss
+    return out, torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
+
+
+def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
+            docs: DocumentMask | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy over a [batch, seq_len] block of tokens (see lm_forward)."""
+    return lm_forward(model, input_ids, pos, docs)[0].loss
+
+
+def window_forward(model: GPTNeoXForCausalLM, x: torch.Tensor, *, eos_id: int | None = None,
+                   attention: str = "sdpa"):
+    """lm_forward of evaluation windows x [batch, L], each read from position 0 (with `eos_id`, masked by its
+    documents as in training). `.loss * batch`, summed over batches and divided by the windows, is the window
+    loss that validation during training and `gl-ray eval` both report."""
+    L = x.shape[1]
+    return lm_forward(model, x, **batch_inputs(x, position_mode="extrapolate", seq_len=L, final_len=L,
+                                               eos_id=eos_id, attention=attention))

@@ -30,7 +30,8 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
            "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "TRAIN_LENGTHS": "[32,64]",
            "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data,
            "DOC_MASKING": "1", "ACT_CKPT": "1",  # the long-context path
-           "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2", "LOSS_SEQ_LEN": "64", "LOSS_SEQS": "2"}
+           "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2", "LOSS_SEQ_LEN": "64", "LOSS_SEQS": "2",
+           "SYNC_LEN": "64", "CKPT_PRESET": "tiny", "CKPT_REPEATS": "1"}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -60,3 +61,29 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
     md = (out / "gpu_check.md").read_text()
     assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md and "FSDP2 in one process" in md
     assert "stock vs chunked loss" in md
+    sync = doc["sync"]  # every position mode x masking x schedule mode (sdpa on CPU), reads counted on the host
+    assert sync["all_clean"] and len(sync["combinations"]) == 12
+    assert {(c["position_mode"], c["masking"], c["schedule_mode"]) for c in sync["combinations"]} == {
+        (m, k, s) for m in ("extrapolate", "interpolate", "pose") for k in (False, True) for s in ("reshape", "window")}
+    ckpt = doc["checkpoint"]
+    assert ckpt["preset"] == "tiny" and ckpt["host_copy_s"][0] > 0 and ckpt["write_s"][0] > 0
+    assert "Host syncs in" in md and "holds the loop up" in md
+
+
+def test_the_sync_check_catches_a_read_back_in_the_step(monkeypatch):
+    """benchmarks/sync_check.py is not vacuous: an input builder that reads a tensor back makes it report syncs."""
+    import torch
+
+    import benchmarks.sync_check as sc
+
+    real = sc.step_inputs
+
+    def reading(x, *a, **k):
+        int(x.sum())  # a host read, as a .item() in the step would be (on CUDA: a device sync)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(sc, "step_inputs", reading)
+    got = sc.check(preset="tiny", vocab=256, final_len=32, micro_batch=2, grad_accum=2, position_mode="extrapolate",
+                   masking=True, attention="sdpa", schedule_mode="reshape", device=torch.device("cpu"), dtype="fp32",
+                   warmup=1, steps=2)
+    assert got == {"syncs": 4, "error": ""}  # one read per micro batch: 2 steps x 2 micro batches

@@ -38,6 +38,19 @@ def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generat
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
 
 
+def step_inputs(x: torch.Tensor, st: Stage, micro: int, *, position_mode: str, seed: int, step: int, rank: int,
+                final_len: int, eos_id: int | None, attention: str, device: torch.device) -> tuple[dict, object]:
+    """lm_loss keyword arguments of a training micro batch (position ids, PoSE draws seeded by step, rank and micro
+    batch, document masks), built from its rows x on the host and handed to the device without waiting for it;
+    and the attention pairs it computes, for FLOPs (within documents and the window; a 0-d device tensor when
+    masked). `benchmarks/sync_check.py` runs the step with exactly these inputs."""
+    gen = pose_generator(seed, step, rank, micro) if position_mode == "pose" else None
+    inputs = batch_inputs(x, position_mode=position_mode, seq_len=st.seq_len, final_len=final_len, generator=gen,
+                          eos_id=eos_id, attention=attention, window=st.window, device=device)
+    docs = inputs["docs"]
+    return inputs, document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * st.seq_len ** 2
+
+
 class Meter:
     """Statistics of the window between two reports: tokens, summed step losses and gradient norms, this worker's
     FLOPs, data wait, wall time, and the first step whose loss or gradient norm was not finite."""
@@ -288,15 +301,11 @@ class Trainer:
         return lr
 
     def extra_inputs(self, x: torch.Tensor, st: Stage, micro: int) -> dict:
-        """Position ids (PoSE draws are seeded by step, rank and micro batch) and document masks of a micro batch,
-        built from its rows on the host and handed to the device without waiting for it."""
-        mode = self.cfg.model.position_mode
-        gen = pose_generator(self.cfg.train.seed, self.state.step, self.io.rank, micro) if mode == "pose" else None
-        inputs = batch_inputs(x, position_mode=mode, seq_len=st.seq_len, final_len=self.plan.final_len,
-                              generator=gen, eos_id=self.eos_id, attention=self.cfg.model.attention,
-                              window=st.window, device=self.device)
-        docs = inputs["docs"]  # FLOPs count the pairs attention computes: within documents and the window
-        self.step_pairs += document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * st.seq_len ** 2
+        inputs, pairs = step_inputs(x, st, micro, position_mode=self.cfg.model.position_mode,
+                                    seed=self.cfg.train.seed, step=self.state.step, rank=self.io.rank,
+                                    final_len=self.plan.final_len, eos_id=self.eos_id,
+                                    attention=self.cfg.model.attention, device=self.device)
+        self.step_pairs += pairs
         return inputs
 
     def advance(self, st: Stage, stage_t0: float, stage_wall0: float) -> float:

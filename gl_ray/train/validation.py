@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from gl_ray.data.stream import TokenStream
-from gl_ray.model import batch_inputs, lm_loss
+from gl_ray.model import window_forward
 from gl_ray.train.io import WorkerIO
 
 
@@ -37,10 +37,9 @@ class Evaluator:
             x = rows[i * mb: (i + 1) * mb]
             counted = len(x)
             x = (x if counted else every[:1]).to(device, dtype=torch.long)  # out of rows: a pass not counted
-            inputs = batch_inputs(x, position_mode="extrapolate", seq_len=seq_len, final_len=seq_len,
-                                  eos_id=self.eos_id, attention=self.attention)
             with amp():
-                total[0] += lm_loss(model, x, **inputs).double() * counted
+                out, _ = window_forward(model, x, eos_id=self.eos_id, attention=self.attention)
+                total[0] += out.loss.double() * counted
             total[1] += counted
         model.train(was_training)
         total = io.all_reduce_sum(total)
