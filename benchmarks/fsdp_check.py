@@ -1,13 +1,15 @@
 """FSDP2 without Ray, in one process (the GPU machine has no Ray): the same model trained unsharded and sharded
 (`gl_ray.train.parallel.shard_model`) on the same rows with the loop's own `train_step`, a sharded checkpoint
-written and read back with `gl_ray.train.checkpoint`, and the throughput of both side by side.
+written and read back with `gl_ray.train.checkpoint` (in the loop and with the async save), and the throughput of
+both side by side.
 
     python -m benchmarks.fsdp_check --data DATA --preset pythia-160m --seq-len 1024 --tokens-per-step 65536 \
         --micro-batch-tokens 16384 --steps 20 --device cuda --dtype bf16 --out OUT.json
 
 Reports: the largest loss difference between the two (bf16 FSDP gathers parameters in bf16 where autocast casts
 them, so expect ~1e-2 there and ~1e-6 in fp32), tokens/s of each, and whether the restored sharded model equals
-the saved one exactly.
+the saved one exactly (both checkpoints), and how long each save held the caller up (async: only the copy of
+the shards to host memory).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from gl_ray.data.manifest import load_manifest
 from gl_ray.data.stream import get_stream
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.model import build_model
-from gl_ray.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from gl_ray.train.checkpoint import TrainState, load_checkpoint, start_sharded_save
 from gl_ray.train.parallel import full_state_dict, shard_model
 from gl_ray.train.step import make_optimizer, train_step
 
@@ -85,19 +87,30 @@ def main() -> None:
     del plain
     sharded = shard_model(fresh(), bf16=bf16)
     losses, fsdp_s, optimizer = train(sharded, sharded, rows, micro_batch, device, amp)
-    with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, sharded, optimizer, TrainState(step=a.steps, strategy="fsdp"))
-        files = sorted(p.name for p in Path(tmp).iterdir())
-        restored = shard_model(fresh(), bf16=bf16)
-        load_checkpoint(tmp, restored, make_optimizer(restored, OptimConfig(lr=3e-4)))
-    want, got = full_state_dict(sharded), full_state_dict(restored)
+    state = TrainState(step=a.steps, strategy="fsdp")
+    group = dist.new_group(backend="gloo")  # as training keeps for its async checkpoints
+    want, got, blocked = full_state_dict(sharded), {}, {}
+    for background in (False, True):  # in the loop, then torch.distributed.checkpoint's async save
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            finish = start_sharded_save(tmp, sharded, optimizer, state, rank=0, all_gather=lambda x: [x],
+                                        process_group=group, background=background)
+            t1 = time.perf_counter()
+            finish()
+            blocked["async" if background else "sync"] = (t1 if background else time.perf_counter()) - t0
+            files = sorted(p.name for p in Path(tmp).iterdir())
+            restored = shard_model(fresh(), bf16=bf16)
+            load_checkpoint(tmp, restored, make_optimizer(restored, OptimConfig(lr=3e-4)))
+            got[background] = full_state_dict(restored)
     timed_tokens = (a.steps - 1) * a.tokens_per_step
     doc = {"preset": a.preset, "device": device.type, "dtype": resolved_precision(device, a.dtype),
            "seq_len": a.seq_len, "tokens_per_step": a.tokens_per_step, "micro_batch_seqs": micro_batch,
            "steps": a.steps, "max_loss_diff": max(abs(x - y) for x, y in zip(losses, ref_losses)),
            "final_loss": losses[-1], "final_loss_unsharded": ref_losses[-1],
            "tokens_per_s_unsharded": timed_tokens / ref_s, "tokens_per_s_fsdp": timed_tokens / fsdp_s,
-           "checkpoint_files": files, "restored_equal": all(torch.equal(want[k], got[k]) for k in want)}
+           "checkpoint_files": files,
+           "restored_equal": all(torch.equal(want[k], g[k]) for g in got.values() for k in want),
+           "checkpoint_block_s": blocked}
     dist.destroy_process_group()
     Path(a.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc))

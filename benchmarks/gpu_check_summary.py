@@ -61,6 +61,10 @@ def to_markdown(doc: dict) -> str:
                   f"{f['dtype']}: {f['tokens_per_s_fsdp']:,.0f} tokens/s sharded vs {f['tokens_per_s_unsharded']:,.0f} "
                   f"unsharded; largest loss difference {f['max_loss_diff']:.2e}; sharded checkpoint "
                   f"({', '.join(f['checkpoint_files'])}) restored {restored}."]
+        if f.get("checkpoint_block_s"):
+            b = f["checkpoint_block_s"]
+            lines[-1] += (f" A sharded checkpoint held the loop up {b['sync']:.3f} s saved in the loop, "
+                          f"{b['async']:.3f} s with the async save.")
     if doc.get("loss"):
         from benchmarks.loss_memory import format_table
 

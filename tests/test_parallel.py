@@ -50,6 +50,8 @@ def test_fsdp_checkpoints_are_sharded_per_rank(fsdp_run):
     assert state["strategy"] == "fsdp"
     assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "rng.pt"} <= set(state["files"])  # each rank's own file
     assert not (ck / "model.safetensors").exists()
+    blocked = [m["checkpoint_block_s"] for m in metrics(run) if "checkpoint_block_s" in m]
+    assert blocked and all(b >= 0 for b in blocked)  # the loop waited only for the shards' copy to host memory
 
 
 def test_fsdp_final_is_one_hf_folder(fsdp_run, baseline):
@@ -64,10 +66,12 @@ def test_fsdp_final_is_one_hf_folder(fsdp_run, baseline):
 
 
 def test_fsdp_run_resumes_exactly(fsdp_run, tiny_data, tmp_path):
-    """From a sharded checkpoint mid-run (step 8, the stage switch), the rest of the run is the same."""
+    """From a sharded checkpoint mid-run (step 8, the stage switch), the rest of the run is the same. The first
+    run saved its shards in the background (train.async_checkpoint, the default); the resumed one saves them in
+    the loop: both write the same checkpoints."""
     _, _, run = fsdp_run
     cut_back(run, tmp_path / "fsdp2", step=8)
-    run_tiny(tiny_data, tmp_path, "fsdp2", **FSDP)
+    run_tiny(tiny_data, tmp_path, "fsdp2", **FSDP, **{"train.async_checkpoint": False})
     got, want = metrics(tmp_path / "fsdp2"), metrics(run)
     assert [m["step"] for m in got] == [m["step"] for m in want]  # each step once
     for a, b in zip(got, want):

@@ -113,17 +113,40 @@ def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.
     if not is_sharded(model):
         write_checkpoint(folder, host_copy(model, optimizer, state))
         return
+    start_sharded_save(folder, model, optimizer, state, rank=rank, all_gather=all_gather)()
+
+
+def start_sharded_save(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
+                       rank: int, all_gather: Callable[[object], list], process_group=None,
+                       background: bool = False) -> Callable[[], None]:
+    """Start this rank's part of a sharded (FSDP) checkpoint in its local `folder` (every rank at once: a
+    collective) and return `finish`, which every rank then calls to complete it: it waits for the shards, and
+    rank 0 writes rng.pt and state.json with every rank's digests (`all_gather`, a collective too).
+
+    background: torch.distributed.checkpoint's async save. This call blocks only while the shards are copied to
+    host memory; they are written by a thread, over `process_group` (a gloo group kept for checkpoints, since the
+    training collectives go on meanwhile), and `finish` may run in another thread, after training has moved on:
+    the state and RNG are taken now. Otherwise the shards are written before this returns."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=folder)  # a collective
-    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
-    if rank == 0:
-        rng = _saved(torch.get_rng_state())
-        storage.write_bytes(storage.join(folder, "rng.pt"), rng)
-        digests["rng.pt"] = hashlib.sha256(rng).hexdigest()
-    every_rank = {name: d for ranks in all_gather(digests) for name, d in ranks.items()}
-    if rank == 0:
-        _write_state(folder, state, every_rank)
+    state = copy.deepcopy(state)  # as of this step; the loop goes on changing its own
+    rng = _saved(torch.get_rng_state()) if rank == 0 else b""
+    shards = sharded_state(model, optimizer)
+    written = (dcp.async_save(shards, checkpoint_id=folder, process_group=process_group) if background
+               else dcp.save(shards, checkpoint_id=folder, process_group=process_group))
+
+    def finish() -> None:
+        if background:
+            written.result()  # raises the write's error
+        digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(folder).iterdir()}
+        if rank == 0:
+            storage.write_bytes(storage.join(folder, "rng.pt"), rng)
+            digests["rng.pt"] = hashlib.sha256(rng).hexdigest()
+        every_rank = {name: d for ranks in all_gather(digests) for name, d in ranks.items()}
+        if rank == 0:
+            _write_state(folder, state, every_rank)
+
+    return finish
 
 
 def _digest(meta: dict) -> str:

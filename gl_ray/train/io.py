@@ -36,10 +36,11 @@ from gl_ray.train.preempt import StopWatch
 @dataclass
 class Pending:
     """A checkpoint taken in the step, for `report` to write: its folder name and, on this worker, a host copy to
-    serialise, a folder already written (FSDP's shards), or neither (DDP: every rank but 0)."""
+    serialise, a folder being written (FSDP's shards; `finish` completes it), or neither (DDP: every rank but 0)."""
     name: str
     copy: HostCopy | None = None
     folder: str | None = None
+    finish: Callable[[], None] | None = None  # completes `folder` (FSDP's async save: waits, then state.json)
 
 
 class WorkerIO:

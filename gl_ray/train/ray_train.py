@@ -34,7 +34,7 @@ from gl_ray.train.checkpoint import (
     host_copy,
     list_checkpoints,
     restore_latest,
-    save_checkpoint,
+    start_sharded_save,
     write_checkpoint,
 )
 from gl_ray.train.faults import fault_env
@@ -130,6 +130,9 @@ class RayWorkerIO(WorkerIO):
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.cfg, self.plan, self.run_uri = cfg, plan, run_uri
         self.host_group = None
+        self.checkpoint_group = None  # FSDP's async checkpoints: gloo, used by one save at a time
+        self.checkpoint_done = threading.Event()  # no FSDP checkpoint is being completed in the background
+        self.checkpoint_done.set()
         self.stop_watch = StopWatch(run_uri)
         self.warmer = StageWarmer(self.open_stage)
         names = [dataset_name(k, self.rank) for k in range(len(plan.stages))]
@@ -159,22 +162,49 @@ class RayWorkerIO(WorkerIO):
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
         """DDP: rank 0 copies the state to host memory (the other ranks hold nothing to save). FSDP: every rank
-        writes its shards to a local folder now (torch.distributed.checkpoint's save is a collective)."""
+        saves its shards to a local folder with torch.distributed.checkpoint (a collective); with
+        train.async_checkpoint only their copy to host memory happens here, after the previous checkpoint is
+        complete, and the write goes on in the background over a gloo group of its own."""
         name = checkpoint_name(state.step)
-        if is_sharded(model):
-            folder = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # Ray merges the ranks' folders in storage
-            try:
-                save_checkpoint(folder, model, optimizer, state, rank=self.rank, all_gather=self.all_gather_object)
-            except BaseException:
-                shutil.rmtree(folder, ignore_errors=True)
-                raise
-            return Pending(name, folder=folder)
-        return Pending(name, copy=host_copy(model, optimizer, state) if self.rank == 0 else None)
+        if not is_sharded(model):
+            return Pending(name, copy=host_copy(model, optimizer, state) if self.rank == 0 else None)
+        background = self.cfg.train.async_checkpoint
+        if background:
+            self.checkpoint_done.wait()  # one checkpoint at a time: the group below serves one save
+            if self.checkpoint_group is None:
+                import torch.distributed as dist
+
+                self.checkpoint_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        folder = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # Ray merges the ranks' folders in storage
+        try:
+            finish = start_sharded_save(folder, model, optimizer, state, rank=self.rank,
+                                        all_gather=self.checkpoint_gather if background else self.all_gather_object,
+                                        process_group=self.checkpoint_group if background else None,
+                                        background=background)
+            if not background:
+                finish()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        if background:
+            self.checkpoint_done.clear()
+        return Pending(name, folder=folder, finish=finish if background else None)
+
+    def checkpoint_gather(self, obj: object) -> list:
+        """all_gather_object over the checkpoint group (from Ray's upload thread, while training goes on)."""
+        import torch.distributed as dist
+
+        if self.checkpoint_group is None:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self.checkpoint_group)
+        return out
 
     def report(self, metrics: dict, checkpoint: Pending | None = None) -> None:
-        """With train.async_checkpoint, a checkpoint is serialised (DDP) and uploaded in Ray Train's one upload
-        thread while training goes on, in report order; Ray's workers wait for it before they end. A kill midway
-        leaves a folder whose state.json is missing or does not match, which a resume refuses, never loads."""
+        """With train.async_checkpoint, a checkpoint is serialised (DDP) or completed (FSDP) and uploaded in Ray
+        Train's one upload thread while training goes on, in report order; Ray's workers wait for it before they
+        end. A kill midway leaves a folder whose state.json is missing or does not match, which a resume refuses,
+        never loads."""
         import ray.train
         from ray.train import CheckpointUploadMode
 
@@ -191,9 +221,12 @@ class RayWorkerIO(WorkerIO):
             try:
                 if checkpoint.copy is not None:
                     write_checkpoint(folder, checkpoint.copy)
+                if checkpoint.finish is not None:
+                    checkpoint.finish()
                 return upload.persist_current_checkpoint(ckpt, dir_name)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
+                self.checkpoint_done.set()
 
         mode = CheckpointUploadMode.ASYNC if self.cfg.train.async_checkpoint else CheckpointUploadMode.SYNC
         try:
@@ -202,6 +235,7 @@ class RayWorkerIO(WorkerIO):
                              delete_local_checkpoint_after_upload=False, checkpoint_upload_fn=serialise_then_upload)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
+            self.checkpoint_done.set()
             raise
 
     def restore(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> TrainState | None:
