@@ -316,6 +316,8 @@ def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len
     pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator, local=positions)
     docs = _mask_on(device, starts, doc, positions, attention, window if window < seq_len else 0,
                     one_doc_per_row=eos_id is None)
+    if pos is positions:  # extrapolate (or the final length): the ids are the positions the mask already copied
+        return {"pos": docs.positions, "docs": docs}
     return {"pos": None if pos is None else to_device(pos, device), "docs": docs}
 
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_inprocess
 
 from gl_ray.config import apply_overrides, config_from_dict, describe_keys, load_config
 from gl_ray.errors import UserError
@@ -212,10 +213,9 @@ def test_window_mode_keeps_rows_at_the_final_length():
     (["schedule.warmup_fraction=0.5", "schedule.ratios=[0.25,0.25,0.25,0.25]"], "not both"),
     (["schedule.shape=cosine"], "schedule.shape"),
 ])
-def test_bad_schedules_are_one_line(sets, needle):
-    r = subprocess.run([sys.executable, "-m", "gl_ray", "plan", "--set", "schedule.budget_tokens=10000000",
-                        "--set", "model.max_position_embeddings=1024", *[a for s in sets for a in ("--set", s)]],
-                       capture_output=True, text=True)
+def test_bad_schedules_are_one_line(sets, needle, capsys, monkeypatch):
+    r = cli_inprocess(capsys, monkeypatch, "plan", "--set", "schedule.budget_tokens=10000000",
+                      "--set", "model.max_position_embeddings=1024", *[a for s in sets for a in ("--set", s)])
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert re.search(needle, r.stderr), r.stderr
 

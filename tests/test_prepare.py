@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import NEOX_TOKENIZER, TINY_PREPARE
+from conftest import NEOX_TOKENIZER, TINY_PREPARE, cli_inprocess
 from transformers import AutoTokenizer
 
 from gl_ray.data.manifest import load_manifest
@@ -377,14 +377,13 @@ def _truncated_gz(p: Path) -> None:
     ("a.parquet", lambda p: pq.write_table(pa.table({"body": ["x"]}), p), r"a.parquet' has no column 'text'"),
     ("a.parquet", lambda p: p.write_bytes(b"PAR1 not really"), r"a.parquet' is not a readable Parquet file"),
 ])
-def test_bad_source_files_are_one_line_and_leave_nothing(tmp_path, name, write, needle):
+def test_bad_source_files_are_one_line_and_leave_nothing(tmp_path, name, write, needle, capsys, monkeypatch):
     src = tmp_path / "src"
     src.mkdir()
     (src / "good.txt").write_text("a fine document")
     write(src / name)
-    r = subprocess.run([sys.executable, "-m", "gl_ray", "prepare", "--source", str(src), "--out",
-                        str(tmp_path / "o"), "--tokenizer", str(NEOX_TOKENIZER), "--no-ray"],
-                       capture_output=True, text=True)
+    r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", str(src), "--out", str(tmp_path / "o"),
+                      "--tokenizer", str(NEOX_TOKENIZER), "--no-ray")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
     import re
     assert re.search(needle, r.stderr), r.stderr

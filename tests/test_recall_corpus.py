@@ -1,14 +1,12 @@
 """gl_ray.data.recall and `gl-ray prepare --recall`: recall items inserted into documents, exact and deterministic."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import NEOX_TOKENIZER
+from conftest import NEOX_TOKENIZER, cli_inprocess
 
 from gl_ray.data.prepare import prepare
 from gl_ray.data.recall import (RecallItems, RecallSpec, document_rng, insert_recall, parse_recall_spec,
@@ -176,10 +174,9 @@ def test_the_ray_path_writes_the_same_shards(ray_local, tmp_path):
 @pytest.mark.parametrize("spec, needle", [("items=1", "items=1: must be at least 2"),
                                           ("distance=5", "KEY one of"),
                                           ("items=100000", "use at most")])
-def test_cli_bad_recall_spec_is_one_line_exit_2(tmp_path, spec, needle):
+def test_cli_bad_recall_spec_is_one_line_exit_2(tmp_path, spec, needle, capsys, monkeypatch):
     src = _corpus(tmp_path, docs=3)
-    r = subprocess.run([sys.executable, "-m", "gl_ray", "prepare", "--source", str(src), "--out",
-                        str(tmp_path / "o"), "--no-ray", "--tokenizer", str(NEOX_TOKENIZER), "--recall", spec],
-                       capture_output=True, text=True)
+    r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", str(src), "--out", str(tmp_path / "o"),
+                      "--no-ray", "--tokenizer", str(NEOX_TOKENIZER), "--recall", spec)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert needle in r.stderr and not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()

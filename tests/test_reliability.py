@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import NEOX_TOKENIZER, metrics, run_tiny, tiny_overrides, train_then_signal
+from conftest import NEOX_TOKENIZER, cli_inprocess, metrics, run_tiny, tiny_overrides, train_then_signal
 from safetensors.torch import load_file
 
 from gl_ray.errors import UserError
@@ -42,28 +42,6 @@ def cli(*args, env=None, timeout=300):
 
 
 # A line the Ray log monitor streams from some actor or worker: "(RayTrainWorker pid=3270) ...", maybe coloured.
-RAY_STREAMED_LOG = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")
-
-
-def cli_inprocess(capsys, monkeypatch, *args):
-    """The CLI's main() in this process (seconds cheaper than a subprocess); returns (exit code, stdout, stderr).
-
-    Claiming Ray fails the test outright. The suite's shared Ray instance may still stream log lines of earlier
-    tests' actors into this process's stderr while main() runs; those lines are not the CLI's and are dropped."""
-    import gl_ray.ray_utils
-    from gl_ray.cli import main
-
-    def no_ray(*a, **k):
-        raise AssertionError("bad input reached ensure_ray(): a Ray resource would be claimed")
-
-    monkeypatch.setattr(gl_ray.ray_utils, "ensure_ray", no_ray)
-    capsys.readouterr()
-    code = main(list(args))
-    out = capsys.readouterr()
-    err = "".join(line for line in out.err.splitlines(keepends=True) if not RAY_STREAMED_LOG.match(line))
-    return subprocess.CompletedProcess(args, code, out.out, err)
-
-
 def assert_user_error(r, needle):
     assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
     err = r.stderr.strip()

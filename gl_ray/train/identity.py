@@ -89,7 +89,13 @@ def record_run(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> dict:
     now = flat(cfg.to_dict())
     changed = {k: [first.get(k), v] for k, v in now.items() if first.get(k) != v}
     if changed:
-        line = json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds"), "changed": changed})
-        old = storage.read_bytes(history_uri).decode() if storage.exists(history_uri) else ""
-        storage.write_bytes(history_uri, (old + line + "\n").encode())
+        append_history(run_uri, {"changed": changed})
     return changed
+
+
+def append_history(run_uri: str, record: dict) -> None:
+    """One line, with the time, at the end of RUN/config_history.jsonl (a resume's changes, a rewind)."""
+    uri = storage.join(run_uri, "config_history.jsonl")
+    line = json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds")} | record)
+    old = storage.read_bytes(uri).decode() if storage.exists(uri) else ""
+    storage.write_bytes(uri, (old + line + "\n").encode())

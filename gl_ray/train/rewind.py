@@ -21,6 +21,7 @@ from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
 from gl_ray.train.checkpoint import TrainState, list_checkpoints, verify_checkpoint
+from gl_ray.train.identity import append_history
 
 REWIND_FILE = "rewind.json"
 SET_ASIDE = "rewound"
@@ -51,13 +52,8 @@ def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> N
         storage.move(storage.join(run_uri, RAY_SNAPSHOT), storage.join(aside, RAY_SNAPSHOT))
     storage.write_bytes(storage.join(run_uri, REWIND_FILE), json.dumps({"step": step, "skip_steps": skip_steps})
                         .encode())
-    record = {"time": datetime.datetime.now().isoformat(timespec="seconds"),
-              "rewind": {"to_step": step, "skip_steps": skip_steps, "set_aside": [f"checkpoint_step-{s:07d}"
-                                                                                  for s in later],
-                         "moved_to": aside}}
-    history = storage.join(run_uri, "config_history.jsonl")
-    old = storage.read_bytes(history).decode() if storage.exists(history) else ""
-    storage.write_bytes(history, (old + json.dumps(record) + "\n").encode())
+    append_history(run_uri, {"rewind": {"to_step": step, "skip_steps": skip_steps,
+                                        "set_aside": [f"checkpoint_step-{s:07d}" for s in later], "moved_to": aside}})
     say(f"rewound to the checkpoint of step {step}" + (f", skipping the data of the {skip_steps} steps after it"
                                                        if skip_steps else "")
         + (f"; checkpoints {', '.join(str(s) for s in later)} moved to {aside}" if later else ""))
