@@ -10,6 +10,7 @@ driver, and reaches the workers as `Plan.to_dict()`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
@@ -175,12 +176,12 @@ class RayWorkerIO(WorkerIO):
                 import torch.distributed as dist
 
                 self.checkpoint_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        group = self.checkpoint_group if background else None  # None: the default group
         folder = tempfile.mkdtemp(prefix="gl-ray-ckpt-")  # Ray merges the ranks' folders in storage
         try:
             finish = start_sharded_save(folder, model, optimizer, state, rank=self.rank,
-                                        all_gather=self.checkpoint_gather if background else self.all_gather_object,
-                                        process_group=self.checkpoint_group if background else None,
-                                        background=background)
+                                        all_gather=functools.partial(self.all_gather_object, group=group),
+                                        process_group=group, background=background)
             if not background:
                 finish()
         except BaseException:
@@ -189,16 +190,6 @@ class RayWorkerIO(WorkerIO):
         if background:
             self.checkpoint_done.clear()
         return Pending(name, folder=folder, finish=finish if background else None)
-
-    def checkpoint_gather(self, obj: object) -> list:
-        """all_gather_object over the checkpoint group (from Ray's upload thread, while training goes on)."""
-        import torch.distributed as dist
-
-        if self.checkpoint_group is None:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self.checkpoint_group)
-        return out
 
     def report(self, metrics: dict, checkpoint: Pending | None = None) -> None:
         """With train.async_checkpoint, a checkpoint is serialised (DDP) or completed (FSDP) and uploaded in Ray
@@ -270,13 +261,14 @@ class RayWorkerIO(WorkerIO):
         dist.all_reduce(t, group=self.host_group)
         return t.tolist()
 
-    def all_gather_object(self, obj: object) -> list:
+    def all_gather_object(self, obj: object, group=None) -> list:
+        """group: a process group other than the default (the checkpoint group, from Ray's upload thread)."""
         import torch.distributed as dist
 
         if self.world_size == 1 or not dist.is_initialized():
             return [obj]
         out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, obj, group=group)
         return out
 
 
