@@ -5,7 +5,8 @@
 # the peak memory of a micro batch with the stock vs the chunked loss (benchmarks/loss_memory.py), host syncs in
 # steps that do not log under torch.cuda.set_sync_debug_mode("error") for every position mode x masking x backend x
 # schedule mode (benchmarks/sync_check.py), and how long a checkpoint holds the loop up, device-to-host copy vs
-# write (benchmarks/checkpoint_block.py), folded into $OUT/gpu_check.{json,md}.
+# write (benchmarks/checkpoint_block.py), and whether a model learns to retrieve by content at a GPU's budget
+# (benchmarks/induction_probe.py; none did on the project's CPU), folded into $OUT/gpu_check.{json,md}.
 #
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh          # on the GPU machine: pythia-160m, bf16, 128..2048, 300 steps
 #
@@ -51,6 +52,8 @@ SYNC_LEN=${SYNC_LEN:-1024}
 CKPT_CHECK=${CKPT_CHECK:-1}                     # 1: loop blocked per checkpoint of CKPT_PRESET (vocab 50,304)
 CKPT_PRESET=${CKPT_PRESET:-pythia-70m}
 CKPT_REPEATS=${CKPT_REPEATS:-3}
+INDUCTION_CHECK=${INDUCTION_CHECK:-1}           # 1: copies at log-uniform distances; steps until they are learned
+INDUCTION_ARGS=${INDUCTION_ARGS:---preset pythia-14m --length 512 --span 16 --spans 8 --distance 16:480 --batch 64 --steps 3000 --log-every 250 --loss targets}
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK/bench"
 
@@ -108,6 +111,12 @@ if [ "$CKPT_CHECK" = 1 ]; then
     $PY -m benchmarks.checkpoint_block --preset "$CKPT_PRESET" --repeats "$CKPT_REPEATS" --device "$DEVICE" \
         --dir "$WORK/ckpt" --out "$WORK/checkpoint.json" 2>&1 | tee -a "$OUT/train.log"
     more_flags+=(--checkpoint "$WORK/checkpoint.json")
+fi
+if [ "$INDUCTION_CHECK" = 1 ]; then
+    # shellcheck disable=SC2086  # INDUCTION_ARGS is a list of flags
+    $PY -m benchmarks.induction_probe $INDUCTION_ARGS --device "$DEVICE" --dtype "$DTYPE" \
+        --out "$WORK/induction.json" 2>&1 | tee -a "$OUT/train.log"
+    more_flags+=(--induction "$WORK/induction.json")
 fi
 $PY -m benchmarks.gpu_check_summary --bench "$OUT/bench.json" --train "$OUT/train_summary.json" --data "$DATA" \
     "${fsdp_flags[@]}" "${loss_flags[@]}" "${more_flags[@]}" --out "$OUT/gpu_check"

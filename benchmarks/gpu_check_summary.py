@@ -2,7 +2,7 @@
 
     python -m benchmarks.gpu_check_summary --bench OUT/bench.json --train OUT/train_summary.json \
         --data DATA [--fsdp WORK/fsdp.json] [--loss WORK/loss_memory.json] [--sync WORK/sync.json] \
-        [--checkpoint WORK/checkpoint.json] --out OUT/gpu_check
+        [--checkpoint WORK/checkpoint.json] [--induction WORK/induction.json] --out OUT/gpu_check
 
 Reads the `gl-ray bench` JSON (Tables 1-3 at fixed tokens per step) and the Ray-free training run's summary.json,
 and adds for each training stage: seconds per optimizer step, tokens/s, achieved TFLOP/s and model FLOPs
@@ -79,6 +79,10 @@ def to_markdown(doc: dict) -> str:
 
         lines += ["", "How long a checkpoint holds the loop up (`benchmarks/checkpoint_block.py`):", "",
                   checkpoint_table(doc["checkpoint"])]
+    if doc.get("induction"):
+        from benchmarks.induction_probe import format_table as induction_table
+
+        lines += ["", induction_table(doc["induction"])]
     return "\n".join(lines) + "\n"
 
 
@@ -99,6 +103,7 @@ def main() -> None:
     ap.add_argument("--loss", default="", help="benchmarks/loss_memory.py's JSON (optional)")
     ap.add_argument("--sync", default="", help="benchmarks/sync_check.py's JSON (optional)")
     ap.add_argument("--checkpoint", default="", help="benchmarks/checkpoint_block.py's JSON (optional)")
+    ap.add_argument("--induction", default="", help="benchmarks/induction_probe.py's JSON (optional)")
     ap.add_argument("--out", required=True, help="output stem: writes STEM.json and STEM.md")
     a = ap.parse_args()
     from gl_ray.data.manifest import load_manifest
@@ -107,7 +112,7 @@ def main() -> None:
                     load_manifest(a.data).vocab_size)
     if a.fsdp:
         doc["fsdp"] = json.loads(Path(a.fsdp).read_text())
-    for key in ("loss", "sync", "checkpoint"):
+    for key in ("loss", "sync", "checkpoint", "induction"):
         if getattr(a, key):
             doc[key] = json.loads(Path(getattr(a, key)).read_text())
     Path(f"{a.out}.json").write_text(json.dumps(doc, indent=1))

@@ -31,7 +31,9 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
            "TRAIN_TOKENS": "8192", "MAX_POSITIONS": "128", "EVAL_TOKENS": "2048", "DATA": tiny_data,
            "DOC_MASKING": "1", "ACT_CKPT": "1",  # the long-context path
            "FSDP_SEQ_LEN": "64", "FSDP_STEPS": "2", "LOSS_SEQ_LEN": "64", "LOSS_SEQS": "2",
-           "SYNC_LEN": "64", "CKPT_PRESET": "tiny", "CKPT_REPEATS": "1"}
+           "SYNC_LEN": "64", "CKPT_PRESET": "tiny", "CKPT_REPEATS": "1",
+           "INDUCTION_ARGS": "--preset tiny --length 32 --span 4 --spans 2 --distance 4:24 --batch 2 --steps 4 "
+                             "--log-every 2"}
     r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=600, check=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -68,6 +70,9 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
     ckpt = doc["checkpoint"]
     assert ckpt["preset"] == "tiny" and ckpt["host_copy_s"][0] > 0 and ckpt["write_s"][0] > 0
     assert "Host syncs in" in md and "holds the loop up" in md
+    induction = doc["induction"]  # the retrieval probe ran on the device asked for, its curve in the summary
+    assert induction["args"]["device"] == "cpu" and [c["step"] for c in induction["curve"]] == [2, 4]
+    assert all(c["targets"] > 0 for c in induction["curve"]) and "Retrieval by content" in md
 
 
 def test_the_sync_check_catches_a_read_back_in_the_step(monkeypatch):

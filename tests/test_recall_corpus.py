@@ -180,3 +180,29 @@ def test_cli_bad_recall_spec_is_one_line_exit_2(tmp_path, spec, needle, capsys, 
                       "--no-ray", "--tokenizer", str(NEOX_TOKENIZER), "--recall", spec)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert needle in r.stderr and not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_the_induction_probe_rows_copy_exactly_what_they_score(capsys):
+    """benchmarks/induction_probe.py: every scored target is its span's copy, with the token before it copied too,
+    at the drawn distance; the same seed gives the same rows; bad distances are one line, exit 2."""
+    from benchmarks.induction_probe import Rows, main
+
+    def make(seed):
+        return Rows(64, 8, 3, (4, 40), np.arange(100, 116), None, seed)
+
+    rows = make(0)
+    x, t = rows.batch(32)
+    assert t.any() and x.shape == t.shape == (32, 64)
+    for xi, ti in zip(x.numpy(), t.numpy()):
+        for p in np.flatnonzero(ti):  # some distance in range makes it a copy of an in-view earlier pair
+            assert any(xi[p] == xi[p - d] and xi[p - 1] == xi[p - 1 - d] for d in range(4, 40))
+    x2, t2 = make(0).batch(32)
+    assert np.array_equal(x.numpy(), x2.numpy()) and np.array_equal(t.numpy(), t2.numpy())
+    fixed_x, fixed_t = Rows(32, 16, 1, (16, 16), np.arange(50), None, 1).batch(4)
+    for xi, ti in zip(fixed_x.numpy(), fixed_t.numpy()):
+        p = np.flatnonzero(ti)
+        assert len(p) == 15 and np.array_equal(xi[p], xi[p - 16])
+    for bad in ("0", "8:4", "x", "40:60"):
+        assert main(["--length", "64", "--distance", bad, "--steps", "1"]) == 2
+        out = capsys.readouterr().out.strip().splitlines()
+        assert len(out) == 1 and out[0].startswith("error: ") and "--" in out[0]
