@@ -138,6 +138,10 @@ class RayConfig:
     num_workers: int = _f(1, "Ray Train workers (0: run in one process without Ray)")
     use_gpu: bool = _f(False, "one GPU per worker")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
+    worker_resources: dict[str, float] = _f({}, "custom Ray resources each worker reserves as well, e.g. "
+                                                "{node_slot: 1} on nodes started with `ray start --resources="
+                                                "'{\"node_slot\": 1}'`: one worker per node (a local instance "
+                                                "gl-ray starts gets enough of them)")
     storage_path: str = _f("runs", "where runs live: local folder or s3:// URI; a run is {storage_path}/{name}")
     address: str = _f("", "Ray cluster to join (empty: RAY_ADDRESS, else start a local one)")
     local_num_cpus: int = _f(0, "logical CPUs of a local cluster (0: workers + 2, enough for Ray Data)")
@@ -183,6 +187,12 @@ class Config:
             raise UserError(f"train.spike_windows must be at least 3, got {self.train.spike_windows}")
         if self.ray.cpus_per_worker <= 0:
             raise UserError(f"ray.cpus_per_worker must be positive, got {self.ray.cpus_per_worker}")
+        for name, amount in self.ray.worker_resources.items():
+            if name in ("CPU", "GPU", "memory", "object_store_memory") or not name.strip():
+                raise UserError(f"ray.worker_resources: {name!r} is not a custom resource (CPUs and GPUs are "
+                                "ray.cpus_per_worker and ray.use_gpu)")
+            if amount <= 0:
+                raise UserError(f"ray.worker_resources.{name} must be positive, got {amount}")
         for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
             if self.get(key) > MAX_TOKENS:
                 raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
@@ -253,6 +263,13 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         if value not in choices:
             raise UserError(f"{key}={value!r} is not one of {' | '.join(choices)}")
         return value
+    if get_origin(typ) is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise UserError(f"config key {key!r} expects a mapping, got {value!r}")
+        key_type, value_type = get_args(typ)
+        return {_coerce(f"{key} key", k, key_type): _coerce(f"{key}.{k}", v, value_type) for k, v in value.items()}
     if get_origin(typ) is list:
         if value is None:
             return []

@@ -15,7 +15,8 @@ from gl_ray.errors import UserError
 RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
 
 
-def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool = True) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool = True,
+               resources: dict[str, float] | None = None) -> None:
     """Join `address` (or RAY_ADDRESS); without either, start a local instance of its own (address "local": the
     address file that any Ray head leaves in Ray's temp folder, stale after the head died or naming a foreign
     cluster, is never read).
@@ -23,6 +24,7 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool =
     A local instance gets at least 4 logical CPUs: with only as many as train workers, Ray Data's read tasks
     never get a CPU and the run hangs (Ray 2.60 on a 2-core machine).
     verbose=False: Ray's INFO lines in this process are off (`quiet_ray_info`), ray.init's banner included.
+    resources: custom resources of a local instance (ray.worker_resources for every worker); a cluster has its own.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if not address and "ray" not in sys.modules:
@@ -54,7 +56,8 @@ def ensure_ray(address: str | None = None, num_cpus: int = 0, *, verbose: bool =
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None, **level)
         return
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
-    ray.init(address="local", num_cpus=max(4, num_cpus), include_dashboard=False, log_to_driver=True, **level,
+    ray.init(address="local", num_cpus=max(4, num_cpus), resources=resources or None, include_dashboard=False,
+             log_to_driver=True, **level,
              runtime_env={"env_vars": env, "worker_process_setup_hook": "gl_ray.ray_utils.quiet_local_worker"})
 
 

@@ -3,8 +3,9 @@
     gl-ray status runs/tiny-growlength            # one look
     gl-ray status s3://bucket/runs/x --watch 30   # again every 30 s while a trainer holds it (Ctrl-C stops)
 
-It reads plan.json, metrics.jsonl, the checkpoint folders' state.json and summary.json: stage, tokens, loss,
-validation loss at the final length, tokens/s, ETA, the last checkpoint and whether the run has finished.
+It reads plan.json, metrics.jsonl, starts.jsonl, the checkpoint folders' state.json and summary.json: stage, tokens,
+loss, validation loss at the final length, tokens/s, ETA, the current world size and nodes, the restarts and the
+steps each one redid, the last checkpoint and whether the run has finished.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.train.checkpoint import list_checkpoints
 from gl_ray.lock import is_held
-from gl_ray.train.outputs import read_metrics
+from gl_ray.train.outputs import read_metrics, read_starts
 
 
 def run_status(run_uri: str) -> dict:
@@ -44,6 +45,7 @@ def run_status(run_uri: str) -> dict:
         elif last.get("tokens_per_s"):
             eta = (total - last["tokens"]) / last["tokens_per_s"]
     updated = storage.modified(storage.join(run_uri, "metrics.jsonl"))
+    starts = read_starts(run_uri)
     return {"run": run_uri, "finished": finished, "training": not finished and is_held(run_uri),
             "started": bool(lines), "step": last.get("step", 0),
             "budget_time_s": plan.get("budget_time_s"), "updated_s_ago": time.time() - updated if updated else None,
@@ -51,7 +53,10 @@ def run_status(run_uri: str) -> dict:
             "tokens": last.get("tokens", 0), "total_tokens": total, "loss": last.get("loss"),
             "val_loss_final_len": val.get("val_loss_final_len"), "val_step": val.get("step"),
             "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"), "eta_s": eta,
-            "last_checkpoint": ckpt, "summary": summary}
+            "last_checkpoint": ckpt, "summary": summary, "restarts": max(0, len(starts) - 1),
+            "world_size": starts[-1]["world_size"] if starts else None,
+            "nodes": starts[-1]["distinct_nodes"] if starts else None,
+            "steps_redone": [st["steps_redone"] for st in starts[1:]]}
 
 
 def format_status(s: dict) -> str:
@@ -81,6 +86,10 @@ def format_status(s: dict) -> str:
         out.append(f"  loss {s['loss']:.4f}{val}")
         out.append(f"  {s['tokens_per_s']:,.0f} tokens/s, elapsed {dur(s['elapsed_s'])}"
                    + ("" if s["finished"] else f", ETA {dur(s['eta_s'])}"))
+    if s["world_size"] is not None:
+        redone = (f", steps redone per restart: {', '.join(map(str, s['steps_redone']))}" if s["restarts"] else "")
+        out.append(f"  {s['world_size']} worker{'s' * (s['world_size'] != 1)} on {s['nodes']} "
+                   f"node{'s' * (s['nodes'] != 1)}, {s['restarts']} restart{'s' * (s['restarts'] != 1)}{redone}")
     ck = s["last_checkpoint"]
     out.append(f"  last checkpoint: step {ck['step']} ({ck['folder']})" if ck else "  last checkpoint: none")
     if s["finished"]:

@@ -301,7 +301,8 @@ def run_tune(config_path: str | None, space_path: str, overrides: list[str], num
     from ray import tune
 
     local_cpus = base.ray.local_num_cpus or int(base.ray.num_workers * base.ray.cpus_per_worker) + 3
-    ensure_ray(address or base.ray.address or None, num_cpus=local_cpus)
+    ensure_ray(address or base.ray.address or None, num_cpus=local_cpus,  # custom resources: enough for any trials
+               resources={k: v * base.ray.num_workers * local_cpus for k, v in base.ray.worker_resources.items()})
     param_space = _param_space(space)
     trainable = tune.with_resources(
         tune.with_parameters(_trial_driver, space=space, trials_dir=os.path.join(tune_dir, "trials")), {"CPU": 1})

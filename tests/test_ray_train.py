@@ -10,6 +10,8 @@ import torch
 from conftest import MASKED, REPO, metrics, run_tiny, tiny_overrides, train_then_signal, weights
 
 from gl_ray.schedule import make_plan
+from gl_ray.status import run_status
+from gl_ray.train.outputs import read_starts
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,11 @@ def test_worker_failure_is_restarted_by_ray_train(ray_run, tiny_data, tmp_path, 
     assert (tmp_path / "failed-once").exists()
     got, want = metrics(tmp_path / "restarted"), metrics(base)
     assert [m["step"] for m in got] == [m["step"] for m in want]  # each step exactly once
+    starts = read_starts(str(tmp_path / "restarted"))  # steps 9 and 10 were reported, then redone from step 8
+    assert [(st["resumed_step"], st["world_size"], st["steps_redone"]) for st in starts] == [(0, 2, 0), (8, 2, 2)]
+    assert all(len(st["nodes"]) == 2 and st["distinct_nodes"] == 1 for st in starts)  # one node here
+    status = run_status(str(tmp_path / "restarted"))
+    assert (status["restarts"], status["steps_redone"]) == (1, [2])
     wa, wb = weights(tmp_path / "restarted"), weights(base)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
 

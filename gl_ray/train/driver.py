@@ -129,7 +129,8 @@ def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, 
     from gl_ray.train.ray_train import fit_trainer
 
     local_cpus = cfg.ray.local_num_cpus or int(cfg.ray.num_workers * cfg.ray.cpus_per_worker) + 2
-    ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus, verbose=verbose)
+    ensure_ray(address or cfg.ray.address or None, num_cpus=local_cpus, verbose=verbose,
+               resources={k: v * cfg.ray.num_workers for k, v in cfg.ray.worker_resources.items()})
     previous = preempt.install(run_uri)
     try:
         fit_trainer(cfg, plan, run_uri, callbacks=callbacks, progress=not quiet, verbose=verbose)

@@ -9,6 +9,7 @@ loop on every worker, with or without Ray (metrics log, progress, final export: 
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -91,6 +92,10 @@ class WorkerIO:
         """Every worker's obj, in rank order (picklable objects)."""
         return [obj]
 
+    def node_id(self) -> str:
+        """The node this worker runs on (Ray's node id; without Ray, the host name)."""
+        return socket.gethostname()
+
 
 class LocalIO(WorkerIO):
     """One process, no Ray: batches straight from the token stream, checkpoints written to
@@ -164,8 +169,8 @@ class BackgroundWriter:
 class RunHooks:
     """What happens around the loop on every worker; the defaults do nothing."""
 
-    def on_restore(self, state: TrainState | None) -> None:
-        """After the checkpoint (if any) is loaded, before the first step."""
+    def on_restore(self, state: TrainState | None, nodes: list[str]) -> None:
+        """After the checkpoint (if any) is loaded, before the first step; nodes: each rank's node id."""
 
     def on_report(self, metrics: dict) -> None:
         """Before each report goes to the WorkerIO."""

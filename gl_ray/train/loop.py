@@ -138,7 +138,7 @@ class Trainer:
         self.net = io.wrap_model(self.model)  # DDP wraps it; FSDP shards it in place (so before the optimizer)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         restored = io.restore(self.model, self.optimizer)
-        self.hooks.on_restore(restored)
+        self.hooks.on_restore(restored, io.all_gather_object(io.node_id()))
         self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
         if restored:
             apply_skip(io.run_uri, self.state, plan.tokens_per_step)  # a rewind's --skip-steps, if it is this one

@@ -7,6 +7,9 @@
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
                     training FLOPs, all workers, PaLM's accounting)
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
+    starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
+                    world_size, nodes (each rank's node id), distinct_nodes, steps_redone (reported steps dropped
+                    by this restart, trained again)
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
@@ -50,6 +53,7 @@ class MetricsLog:
         self.uri = storage.join(run_uri, "metrics.jsonl")
         good, bad = parse_metrics(storage.read_bytes(self.uri)) if storage.exists(self.uri) else ([], [])
         self.lines: list[str] = [line for line, m in good if m["step"] <= resume_step]
+        self.dropped_steps = len(good) - len(self.lines)  # reported before a failure, done again from here
         for line in bad:
             print(f"gl-ray: dropping a line of {self.uri} that is not a report (torn by a writer that died, or "
                   f"garbage): {line[:60]!r}")
@@ -90,6 +94,43 @@ def read_metrics(run_uri: str) -> list[dict]:
     """The reports of RUN/metrics.jsonl (none if it does not exist), bad lines skipped (see parse_metrics)."""
     uri = storage.join(run_uri, "metrics.jsonl")
     return [m for _, m in parse_metrics(storage.read_bytes(uri))[0]] if storage.exists(uri) else []
+
+
+STARTS = "starts.jsonl"
+
+
+def record_start(run_uri: str, resume_step: int, nodes: list[str], steps_redone: int) -> dict:
+    """One line per start of the run's workers at the end of RUN/starts.jsonl: the first start and every restart
+    (a resume, or Ray Train's restart after a worker or node was lost), with the world size, each rank's node and
+    the reported steps the restart does again. Local files are appended; S3 objects are rewritten whole."""
+    uri = storage.join(run_uri, STARTS)
+    before = read_starts(run_uri)
+    rec = {"start": len(before) + 1, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "resumed_step": resume_step, "world_size": len(nodes), "nodes": nodes, "distinct_nodes": len(set(nodes)),
+           "steps_redone": steps_redone}
+    line = json.dumps(rec) + "\n"
+    if storage.is_s3(uri):
+        storage.write_bytes(uri, (storage.read_bytes(uri) if before else b"") + line.encode())
+    else:
+        with storage.errors_at(uri), open(uri, "a") as f:
+            f.write(line)
+    return rec
+
+
+def read_starts(run_uri: str) -> list[dict]:
+    """RUN/starts.jsonl's records (none before the first start); a torn last line is skipped."""
+    uri = storage.join(run_uri, STARTS)
+    if not storage.exists(uri):
+        return []
+    out = []
+    for line in storage.read_bytes(uri).decode("utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("start"), int):
+            out.append(rec)
+    return out
 
 
 def progress_line(m: dict) -> str:
@@ -189,9 +230,10 @@ class RunOutputs(RunHooks):
         self.log: MetricsLog | None = None
         self.trackers = None
 
-    def on_restore(self, state: TrainState | None) -> None:
+    def on_restore(self, state: TrainState | None, nodes: list[str]) -> None:
         if self.rank == 0:
             self.log = MetricsLog(self.run_uri, resume_step=state.step if state else 0)
+            record_start(self.run_uri, state.step if state else 0, nodes, self.log.dropped_steps)
             if self.cfg is not None and self.cfg.train.loggers:
                 from gl_ray.train.tracking import Trackers
 

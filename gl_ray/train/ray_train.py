@@ -261,6 +261,11 @@ class RayWorkerIO(WorkerIO):
         dist.all_reduce(t, group=self.host_group)
         return t.tolist()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def all_gather_object(self, obj: object, group=None) -> list:
         """group: a process group other than the default (the checkpoint group, from Ray's upload thread)."""
         import torch.distributed as dist
@@ -310,7 +315,8 @@ def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = 
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
                                "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                                   resources_per_worker={"CPU": cfg.ray.cpus_per_worker}),
+                                                   resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
+                                                                         **cfg.ray.worker_resources}),
             run_config=ray.train.RunConfig(
                 name=cfg.name, **storage_kwargs, callbacks=[*run_callbacks, *(callbacks or [])],
                 # Ray Train's own lines (controller and workers); its log files keep every level
