@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 
+import ray
 import ray.train
 from ray.util.queue import Queue
 
@@ -44,7 +45,12 @@ class ProgressRelay:
         self.thread: threading.Thread | None = None
 
     def __enter__(self) -> RelayCallback:
-        self.queue = Queue(actor_options={"num_cpus": 0})  # never waits for a CPU the run or Ray Data holds
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # no CPU: it never waits for one the run or Ray Data holds; on the driver's node: a worker node that dies
+        # (a spot node reclaimed) must not take the progress lines with it
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.thread = threading.Thread(target=self.print_lines, name="gl-ray-progress", daemon=True)
         self.thread.start()
         return RelayCallback(self.queue)

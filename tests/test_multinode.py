@@ -1,0 +1,192 @@
+"""Several Ray nodes on one machine: a head on 127.0.0.1 and worker nodes on 127.0.0.2, .3, ..., each worker node
+with one `node_slot`, so that each train worker runs on a node of its own; data and runs in the local S3 server.
+A `gl-ray train --address` run loses a worker node without notice, gets a new one and goes on from the bucket's
+last checkpoint with the losses of an uninterrupted run (issue 26). `ray job submit` on a cluster: test_cluster_job.py.
+"""
+
+import datetime
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import metrics, tiny_overrides
+
+from gl_ray import storage
+from gl_ray.status import format_status, run_status
+from gl_ray.train.outputs import read_metrics, read_starts
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(os.sys.executable).parent
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> list[str]:
+    """Ports of a node's agents: the test session's Ray already holds the default ones."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
+
+
+class LocalCluster:
+    """`ray start` nodes of one cluster of its own (not the test session's Ray), each a raylet with its own
+    processes; a node is killed by SIGKILL to every process its `ray start` left running and their children."""
+
+    def __init__(self, temp_dir: Path):
+        self.temp_dir, self.port, self.dashboard_port = temp_dir, free_port(), free_port()
+        self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+                    # the session's Ray keeps to one node on loopback (gl_ray.ray_utils.ensure_ray); this one has more
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.added = 0  # worker nodes started so far
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _start(self, args: list[str], ip: str = "127.0.0.1") -> list[int]:
+        import ray  # noqa: F401  (psutil is vendored by Ray)
+        import psutil
+
+        before = set(psutil.pids())
+        r = subprocess.run([str(BIN / "ray"), "start", *args, f"--node-ip-address={ip}", *agent_ports(),
+                            "--disable-usage-stats"], env=self.env, capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        roots = []
+        for pid in set(psutil.pids()) - before:  # what this `ray start` left running: its raylet, log monitor ...
+            try:
+                p = psutil.Process(pid)
+                if p.ppid() == 1 and str(self.temp_dir) in " ".join(p.cmdline()):
+                    roots.append(pid)
+            except psutil.Error:
+                continue
+        return roots
+
+    def start_head(self, num_cpus: int) -> None:
+        self._start(["--head", f"--num-cpus={num_cpus}", f"--port={self.port}",
+                     f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                     f"--temp-dir={self.temp_dir}"])
+
+    def add_node(self, num_cpus: int, resources: dict) -> list[int]:
+        """A worker node on an address of its own (127.0.0.2, .3, ...: all loopback). On one shared address a
+        driver joins any node's raylet, and a driver attached to the node that dies loses its connection."""
+        self.added += 1
+        return self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={num_cpus}",
+                            f"--resources={json.dumps(resources)}"], ip=f"127.0.0.{1 + self.added}")
+
+    def kill_node(self, roots: list[int]) -> None:
+        import ray  # noqa: F401
+        import psutil
+
+        procs = []
+        for pid in roots:
+            try:
+                root = psutil.Process(pid)
+                procs += [root, *root.children(recursive=True)]  # the raylet's agents and Ray workers
+            except psutil.Error:
+                continue
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.Error:
+                pass
+
+    def stop(self) -> None:
+        subprocess.run(["pkill", "-9", "-f", str(self.temp_dir)], check=False)
+        time.sleep(1)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3_server):
+    """A head with 2 CPUs (for Ray Data and the job; no train worker fits there) and two worker nodes with 1 CPU
+    and one node_slot each."""
+    cluster = LocalCluster(Path("/tmp") / f"glray-{uuid.uuid4().hex[:8]}")
+    try:
+        cluster.start_head(num_cpus=2)
+        cluster.nodes = [cluster.add_node(1, {"node_slot": 1}) for _ in range(2)]
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def wait_for(what: str, check, timeout_s: float, every_s: float = 0.5):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def upload(tiny_data: str, bucket: str) -> str:
+    for p in Path(tiny_data).rglob("*"):
+        if p.is_file():
+            storage.write_bytes(f"s3://{bucket}/data/{p.relative_to(tiny_data)}", p.read_bytes())
+    return f"s3://{bucket}/data"
+
+
+ACROSS_NODES = {"ray.num_workers": 2, "ray.worker_resources": "{node_slot: 1}"}  # one train worker per node
+
+
+def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_data, baseline):
+    """`gl-ray train --address` with a worker per node and ray.max_failures: 1. One worker node dies without
+    notice (every process it started) after the first checkpoint; the run waits for capacity, a new node joins,
+    and Ray Train restarts the workers from the bucket's last checkpoint: every step once, in all 16, with the
+    losses of the session's uninterrupted one-process run, and starts.jsonl / `gl-ray status` record the restart."""
+    cluster = local_cluster
+    run = f"s3://{bucket}/runs/lose-a-node"
+    # no --config: the defaults and these overrides, as the baseline was trained
+    sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "lose-a-node", **ACROSS_NODES,
+                          **{"ray.max_failures": 1})
+    driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
+                               *[x for s in sets for x in ("--set", s)]], cwd=REPO,
+                              env={**cluster.env, "GL_RAY_SLOW_STEP_S": "0.7"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        def past_a_checkpoint():  # a checkpoint in the bucket and two more steps reported after it
+            done = [int(n.split("-")[1]) for n in storage.list_dir(run) if n.startswith("checkpoint_step-")] \
+                if storage.exists(f"{run}/plan.json") else []
+            steps = read_metrics(run)
+            return done and steps and steps[-1]["step"] >= max(done) + 2 and steps[-1]["step"] < 14
+        wait_for("a checkpoint and two steps after it", past_a_checkpoint, 240)
+        first = read_starts(run)
+        assert len(first) == 1 and first[0]["world_size"] == 2 and first[0]["distinct_nodes"] == 2
+        cluster.kill_node(cluster.nodes[1])
+        killed_at = time.time()
+        cluster.add_node(1, {"node_slot": 1})
+        out, _ = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-5000:]
+
+    got = read_metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 17))  # nothing repeated or lost
+    for a, b in zip(got, metrics(baseline[2]), strict=True):  # the same rows and updates as one process
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    starts = read_starts(run)
+    assert len(starts) == 2
+    again = starts[1]
+    assert again["world_size"] == 2 and again["distinct_nodes"] == 2
+    assert len(set(again["nodes"]) & set(first[0]["nodes"])) == 1  # the survivor, and the node that joined
+    assert again["resumed_step"] >= 4 and again["steps_redone"] >= 2
+    resumed_at = datetime.datetime.fromisoformat(again["time"]).timestamp()
+    print(f"node lost -> workers restarted: {resumed_at - killed_at:.1f} s; steps redone: {again['steps_redone']}")
+    assert storage.exists(f"{run}/final/model.safetensors")
+    s = run_status(run)
+    assert s["finished"] and (s["restarts"], s["world_size"], s["nodes"]) == (1, 2, 2)
+    assert f"2 workers on 2 nodes, 1 restart, steps redone per restart: {again['steps_redone']}" in format_status(s)
