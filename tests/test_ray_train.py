@@ -168,3 +168,34 @@ def test_sigterm_then_sigkill_of_the_ray_driver_resume_exactly_with_the_same_com
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
     wa, wb = weights(run), weights(base)
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_a_run_folder_or_dataset_a_worker_cannot_see_is_one_line(ray_local, ray_run, tiny_data, tmp_path):
+    """ray.storage_path and data.path must be the driver's folders on every worker's node: the driver writes a token
+    into a local run folder and each worker reads it back (`check_shared`). A Ray run wrote and checked it; a node
+    that sees another folder at that path (here: another token, or no dataset) gets one line naming the node."""
+    from gl_ray.errors import UserError
+    from gl_ray.train.ray_train import SHARED_MARKER, check_shared, mark_shared
+
+    _, _, run = ray_run
+    assert len((run / SHARED_MARKER).read_text()) == 32  # the Ray run's driver wrote it, its workers checked it
+    folder = tmp_path / "run"
+    folder.mkdir()
+    token = mark_shared(str(folder))
+
+    @ray_local.remote(num_cpus=0)
+    def on_a_node(run_uri, token, data):
+        try:
+            check_shared(run_uri, token, data)
+        except UserError as e:
+            return str(e)
+        return "ok"
+
+    assert ray_local.get(on_a_node.remote(str(folder), token, tiny_data)) == "ok"
+    (folder / SHARED_MARKER).write_text("another node's folder")
+    got = ray_local.get(on_a_node.remote(str(folder), token, tiny_data))
+    assert got.startswith("ray.storage_path: the run folder") and "on node " in got and "s3://" in got
+    assert "\n" not in got
+    got = ray_local.get(on_a_node.remote(str(folder), mark_shared(str(folder)), str(tmp_path / "nowhere")))
+    assert got.startswith("data.path:") and "no manifest.json on node" in got
+    assert mark_shared("s3://bucket/runs/x") == ""  # S3 is every node's: nothing to check

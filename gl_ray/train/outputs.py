@@ -7,6 +7,7 @@
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
                     training FLOPs, all workers, PaLM's accounting)
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
+    .gl-ray.shared  a local run folder's token from the Ray driver, read back by every worker (gl_ray.train.ray_train)
     starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
                     world_size, nodes (each rank's node id), distinct_nodes, steps_redone (reported steps dropped
                     by this restart, trained again)

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 
 import numpy as np
@@ -26,6 +27,7 @@ from gl_ray.config import Config, config_from_dict
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, stage_dataset
 from gl_ray.devices import resolved_precision
+from gl_ray.errors import UserError
 from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER, quiet_ray_info
 from gl_ray.schedule import Plan, Stage
 from gl_ray.train.checkpoint import (
@@ -277,12 +279,41 @@ class RayWorkerIO(WorkerIO):
         return out
 
 
+SHARED_MARKER = ".gl-ray.shared"  # written by the driver in a local run folder, read by every worker
+
+
+def mark_shared(run_uri: str) -> str:
+    """The driver's half of check_shared: a file with a fresh token in a local run folder ("" for s3://)."""
+    if storage.is_s3(run_uri):
+        return ""
+    token = uuid.uuid4().hex
+    storage.write_bytes(storage.join(run_uri, SHARED_MARKER), token.encode())
+    return token
+
+
+def check_shared(run_uri: str, token: str, data_path: str) -> None:
+    """A worker's half: a local ray.storage_path and data.path must be the driver's folders, seen from this node
+    too (a worker on another node without a shared mount would write its checkpoints where nobody reads them).
+    One UserError line naming the node otherwise."""
+    import ray
+
+    where = f"on node {ray.get_runtime_context().get_node_id()[:12]}"
+    marker = storage.join(run_uri, SHARED_MARKER)
+    if token and (not storage.exists(marker) or storage.read_bytes(marker).decode(errors="replace") != token):
+        raise UserError(f"ray.storage_path: the run folder {run_uri!r} is not the driver's {where} (a local folder "
+                        "that is not shared by every node); use s3:// or a mount every node shares")
+    if not storage.is_s3(data_path) and not storage.exists(storage.join(data_path, "manifest.json")):
+        raise UserError(f"data.path: {data_path!r} has no manifest.json {where} (a local folder that is not "
+                        "shared by every node); use s3:// or a mount every node shares")
+
+
 def ray_worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one worker's run, from the plan the driver built."""
     from gl_ray.train.worker import run_worker
 
     os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
     quiet_ray_logs(config.get("verbose", False))
+    check_shared(config["run_uri"], config.get("shared_token", ""), config["cfg"]["data"]["path"])
     cfg, plan = config_from_dict(config["cfg"]), Plan.from_dict(config["plan"])
     io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
     run_worker(cfg, plan, config["run_uri"], io, print_progress=False)
@@ -313,6 +344,7 @@ def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = 
         trainer = TorchTrainer(
             ray_worker_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
+                               "shared_token": mark_shared(run_uri),
                                "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
                                                    resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
