@@ -109,3 +109,16 @@ def test_status_tells_a_training_run_from_a_stopped_one_and_watch_ends_on_either
     with run_lock(str(cut)):
         assert run_status(str(cut))["training"] and "training" in format_status(run_status(str(cut)))
     assert not run_status(str(cut))["training"]
+
+
+def test_starts_are_counted_past_a_torn_line(tmp_path):
+    """RUN/starts.jsonl: a line torn by a writer that died is skipped, and the next start is a line of its own."""
+    from gl_ray.train.outputs import read_starts, record_start
+
+    record_start(str(tmp_path), 0, ["a", "b"], 0)
+    with open(tmp_path / "starts.jsonl", "a") as f:
+        f.write('{"start": 2, "ti')  # torn mid-line
+    rec = record_start(str(tmp_path), 8, ["a", "c", "c"], 3)
+    starts = read_starts(str(tmp_path))
+    assert [s["start"] for s in starts] == [1, 2] and starts[-1] == rec
+    assert (rec["world_size"], rec["distinct_nodes"], rec["steps_redone"]) == (3, 2, 3)

@@ -109,9 +109,10 @@ def record_start(run_uri: str, resume_step: int, nodes: list[str], steps_redone:
     rec = {"start": len(before) + 1, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "resumed_step": resume_step, "world_size": len(nodes), "nodes": nodes, "distinct_nodes": len(set(nodes)),
            "steps_redone": steps_redone}
-    line = json.dumps(rec) + "\n"
+    old = storage.read_bytes(uri) if storage.exists(uri) else b""
+    line = ("\n" if old and not old.endswith(b"\n") else "") + json.dumps(rec) + "\n"  # after a torn line: its own
     if storage.is_s3(uri):
-        storage.write_bytes(uri, (storage.read_bytes(uri) if before else b"") + line.encode())
+        storage.write_bytes(uri, old + line.encode())
     else:
         with storage.errors_at(uri), open(uri, "a") as f:
             f.write(line)
