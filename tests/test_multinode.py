@@ -176,6 +176,7 @@ def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_d
 
     got = read_metrics(run)
     assert [m["step"] for m in got] == list(range(1, 17))  # nothing repeated or lost
+    assert {m["world_size"] for m in got} == {2}  # every window, before and after the restart
     for a, b in zip(got, metrics(baseline[2]), strict=True):  # the same rows and updates as one process
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     starts = read_starts(run)

@@ -20,6 +20,7 @@ def test_status_of_a_finished_run(baseline):
     assert s["loss"] == last["loss"] and s["val_loss_final_len"] == summary["final_val_loss_final_len"]
     assert s["last_checkpoint"]["step"] == last["step"] and s["eta_s"] is None
     assert (s["world_size"], s["nodes"], s["restarts"], s["steps_redone"]) == (1, 1, 0, [])
+    assert {m["world_size"] for m in metrics(run)} == {1}  # each report line names the workers of its window
     text = format_status(s)
     assert "finished" in text and "stage 2/2 (L=64)" in text and "final:" in text
     assert "1 worker on 1 node, 0 restarts" in text

@@ -336,7 +336,7 @@ class Trainer:
                    "loss": window["loss"], "lr": window["lr"], "tokens_per_s": window["tokens_per_s"],
                    "data_wait_frac": window["data_wait_frac"], "micro_batch": window["micro_batch"],
                    "grad_norm": window["grad_norm"], "skipped_steps": s.skipped_steps,
-                   "elapsed_s": s.elapsed_s, "flops": s.flops,
+                   "elapsed_s": s.elapsed_s, "flops": s.flops, "world_size": self.io.world_size,
                    "total_tokens": plan.total_tokens, "num_stages": len(plan.stages)}
         if plan.time_mode:
             metrics["budget_time_s"] = plan.budget_time_s

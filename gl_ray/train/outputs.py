@@ -5,7 +5,7 @@
     plan.json       the stage plan and per-stage data accounting
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
-                    training FLOPs, all workers, PaLM's accounting)
+                    training FLOPs, all workers, PaLM's accounting), world_size (workers that trained the window)
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
     .gl-ray.shared  a local run folder's token from the Ray driver, read back by every worker (gl_ray.train.ray_train)
     starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
