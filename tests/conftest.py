@@ -17,6 +17,20 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def agent_ports() -> list[str]:
+    """`ray start` ports of a node's agents, free ones: the test session's Ray already holds the default ones."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 # The real GPT-NeoX-20B (Pythia) tokenizer, checked in with its licence (see the README.md beside it).
 NEOX_TOKENIZER = REPO / "tests" / "fixtures" / "tokenizers" / "gpt-neox-20b"
 

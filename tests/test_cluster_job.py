@@ -4,14 +4,13 @@ the first job dies mid-run, the same job submitted again resumes from the bucket
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-from conftest import tiny_overrides
+from conftest import agent_ports, free_port, tiny_overrides
 
 from gl_ray import storage
 
@@ -19,12 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(os.sys.executable).parent
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -36,9 +29,7 @@ def local_cluster(s3_server, tmp_path):
     env.pop("RAY_ADDRESS", None)
     r = subprocess.run([str(BIN / "ray"), "start", "--head", "--num-cpus=4", f"--port={port}",
                         f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1",
-                        # its own agent ports: the test session's Ray already holds the default ones
-                        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                        *agent_ports(),
                         f"--temp-dir={temp_dir}", "--disable-usage-stats"], env=env, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import metrics, tiny_overrides
+from conftest import agent_ports, free_port, metrics, tiny_overrides
 
 from gl_ray import storage
 from gl_ray.status import format_status, run_status
@@ -27,18 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(os.sys.executable).parent
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def agent_ports() -> list[str]:
-    """Ports of a node's agents: the test session's Ray already holds the default ones."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}"]
 
 
 class LocalCluster:

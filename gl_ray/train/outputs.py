@@ -105,11 +105,11 @@ def record_start(run_uri: str, resume_step: int, nodes: list[str], steps_redone:
     (a resume, or Ray Train's restart after a worker or node was lost), with the world size, each rank's node and
     the reported steps the restart does again. Local files are appended; S3 objects are rewritten whole."""
     uri = storage.join(run_uri, STARTS)
-    before = read_starts(run_uri)
-    rec = {"start": len(before) + 1, "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    old = storage.read_bytes(uri) if storage.exists(uri) else b""
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rec = {"start": len(parse_starts(old)) + 1, "time": now,
            "resumed_step": resume_step, "world_size": len(nodes), "nodes": nodes, "distinct_nodes": len(set(nodes)),
            "steps_redone": steps_redone}
-    old = storage.read_bytes(uri) if storage.exists(uri) else b""
     line = ("\n" if old and not old.endswith(b"\n") else "") + json.dumps(rec) + "\n"  # after a torn line: its own
     if storage.is_s3(uri):
         storage.write_bytes(uri, old + line.encode())
@@ -122,10 +122,13 @@ def record_start(run_uri: str, resume_step: int, nodes: list[str], steps_redone:
 def read_starts(run_uri: str) -> list[dict]:
     """RUN/starts.jsonl's records (none before the first start); a torn last line is skipped."""
     uri = storage.join(run_uri, STARTS)
-    if not storage.exists(uri):
-        return []
+    return parse_starts(storage.read_bytes(uri)) if storage.exists(uri) else []
+
+
+def parse_starts(raw: bytes) -> list[dict]:
+    """The records of a starts.jsonl's bytes; a torn or foreign line is skipped."""
     out = []
-    for line in storage.read_bytes(uri).decode("utf-8", errors="replace").splitlines():
+    for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
