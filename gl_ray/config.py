@@ -135,7 +135,15 @@ class TrainConfig:
 
 @dataclass
 class RayConfig:
-    num_workers: int = _f(1, "Ray Train workers (0: run in one process without Ray)")
+    num_workers: int = _f(1, "Ray Train workers (0: run in one process without Ray); [min, max]: elastic, sets "
+                             "ray.min_workers too")
+    min_workers: int = _f(0, "elastic training: go on with as few as this many workers when nodes are lost, grow "
+                             "back to ray.num_workers when they return (0: fixed at ray.num_workers)")
+    resize_check_s: float = _f(60.0, "elastic training: how often Ray Train looks for room to grow the workers back")
+    start_timeout_s: float = _f(60.0, "how long Ray Train waits for a worker group to start before it tries again "
+                                      "(elastic: with the workers it can then place)")
+    notice_poll_s: float = _f(5.0, "how often Ray Train looks for a preemption notice (a drain of a node with "
+                                   "workers); the workers then checkpoint and wait for the restart")
     use_gpu: bool = _f(False, "one GPU per worker")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker")
     worker_resources: dict[str, float] = _f({}, "custom Ray resources each worker reserves as well, e.g. "
@@ -148,6 +156,12 @@ class RayConfig:
     max_failures: int = _f(0, "worker-group restarts Ray Train may do from the last checkpoint")
     strategy: Strategy = _f("ddp", "data parallelism: ddp (whole model per worker) | fsdp (FSDP2: parameters, "
                                    "gradients and optimizer state sharded over the workers; sharded checkpoints)")
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """The worker counts a run may train with: every one from ray.min_workers to ray.num_workers (elastic),
+        else ray.num_workers alone."""
+        return list(range(self.min_workers or self.num_workers, self.num_workers + 1))
 
 
 @dataclass
@@ -178,9 +192,13 @@ class Config:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
         for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
                     "train.eval_every_tokens", "train.checkpoint_every_tokens", "train.max_skipped_steps",
-                    "ray.num_workers", "ray.max_failures", "ray.local_num_cpus", "data.prefetch_batches"):
+                    "ray.num_workers", "ray.min_workers", "ray.max_failures", "ray.local_num_cpus",
+                    "ray.resize_check_s", "data.prefetch_batches"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
+        for key in ("ray.start_timeout_s", "ray.notice_poll_s"):
+            if self.get(key) <= 0:
+                raise UserError(f"{key} must be positive, got {self.get(key)}")
         if self.train.spike_factor and self.train.spike_factor <= 1 or self.train.spike_factor < 0:
             raise UserError(f"train.spike_factor must be above 1 (or 0: off), got {self.train.spike_factor}")
         if self.train.spike_windows < 3:
@@ -196,6 +214,9 @@ class Config:
         for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
             if self.get(key) > MAX_TOKENS:
                 raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
+        if self.ray.min_workers > self.ray.num_workers or self.ray.min_workers and self.ray.num_workers == 0:
+            raise UserError(f"ray.min_workers={self.ray.min_workers} is above ray.num_workers={self.ray.num_workers} "
+                            "(elastic: ray.num_workers: [min, max], min >= 1)")
         if self.ray.strategy == "fsdp" and self.ray.num_workers == 0:
             raise UserError("ray.strategy=fsdp shards the model over Ray workers; set ray.num_workers >= 1 "
                             "(ray.num_workers=0 trains in one process without Ray)")
@@ -317,8 +338,18 @@ def config_from_dict(raw: dict) -> Config:
             dotted = f"{top}.{key}"
             if key not in hints:
                 raise unknown_key(dotted, valid)
+            if dotted == "ray.num_workers" and isinstance(v, list):  # elastic, as Ray spells it: [min, max]
+                section.min_workers, v = _worker_range(v)
             setattr(section, key, _coerce(dotted, v, hints[key]))
     return cfg
+
+
+def _worker_range(value: list) -> tuple[int, int]:
+    """ray.num_workers: [min, max] -> (min, max), checked."""
+    ok = len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    if not ok or not 1 <= value[0] <= value[1]:
+        raise UserError(f"ray.num_workers={value!r}: elastic training takes [min, max] with 1 <= min <= max")
+    return value[0], value[1]
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

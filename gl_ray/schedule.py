@@ -356,9 +356,9 @@ def _lay_out(shapes: list[_Shape], steps: list[int], *, ratios: list[float], win
     return tuple(stages)
 
 
-def make_plan(cfg, cap_tokens: int = 0) -> Plan:
-    """The plan of a Config (see gl_ray.config). The driver builds it once (with the corpus size as `cap_tokens`)
-    and ships it to the workers as `Plan.to_dict()`."""
+def make_plan(cfg, cap_tokens: int = 0, workers: int | None = None) -> Plan:
+    """The plan of a Config (see gl_ray.config) for ray.num_workers, or `workers`. The driver builds it once (with
+    the corpus size as `cap_tokens`) and ships it to the workers as `Plan.to_dict()`."""
     s = cfg.schedule
     lengths, ratios = stage_lengths(s)
     if lengths[-1] > cfg.model.max_position_embeddings:
@@ -366,9 +366,23 @@ def make_plan(cfg, cap_tokens: int = 0) -> Plan:
             f"last stage length {lengths[-1]} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}; raise it or shorten the schedule")
     return plan_stages(lengths=lengths, ratios=ratios, tokens_per_step=s.tokens_per_step,
-                       micro_batch_tokens=cfg.train.micro_batch_tokens, num_workers=cfg.ray.num_workers,
+                       micro_batch_tokens=cfg.train.micro_batch_tokens,
+                       num_workers=cfg.ray.num_workers if workers is None else workers,
                        budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens,
                        mode=s.mode)
+
+
+def plans_by_world(cfg, cap_tokens: int = 0) -> dict[int, Plan]:
+    """Elastic training (ray.num_workers: [min, max]): the plan of each world size the run may train with. They
+    differ only in how a step's sequences are shared out (micro batch, accumulation); steps, tokens per step and
+    the rows of each step are the same, so a run that shrinks or grows trains on exactly the same data."""
+    plans = {}
+    for w in cfg.ray.world_sizes:
+        try:
+            plans[w] = make_plan(cfg, cap_tokens, workers=w)
+        except UserError as e:
+            raise UserError(f"ray.num_workers [{cfg.ray.world_sizes[0]}, {cfg.ray.num_workers}]: {e}") from None
+    return plans
 
 
 def lr_at(tokens_seen: int, lr: float, min_lr: float, warmup_tokens: int, total_tokens: int,

@@ -56,7 +56,8 @@ def run_status(run_uri: str) -> dict:
             "last_checkpoint": ckpt, "summary": summary, "restarts": max(0, len(starts) - 1),
             "world_size": starts[-1]["world_size"] if starts else None,
             "nodes": starts[-1]["distinct_nodes"] if starts else None,
-            "steps_redone": [st["steps_redone"] for st in starts[1:]]}
+            "steps_redone": [st["steps_redone"] for st in starts[1:]],
+            "notices": [st for st in starts[1:] if "notice_step" in st]}
 
 
 def format_status(s: dict) -> str:
@@ -90,6 +91,10 @@ def format_status(s: dict) -> str:
         redone = (f", steps redone per restart: {', '.join(map(str, s['steps_redone']))}" if s["restarts"] else "")
         out.append(f"  {s['world_size']} worker{'s' * (s['world_size'] != 1)} on {s['nodes']} "
                    f"node{'s' * (s['nodes'] != 1)}, {s['restarts']} restart{'s' * (s['restarts'] != 1)}{redone}")
+        for st in s["notices"]:
+            kept = "checkpointed there" if st["resumed_step"] >= st["notice_step"] else \
+                f"too short to checkpoint, resumed from step {st['resumed_step']}"
+            out.append(f"  restart {st['start'] - 1} followed a preemption notice at step {st['notice_step']}: {kept}")
     ck = s["last_checkpoint"]
     out.append(f"  last checkpoint: step {ck['step']} ({ck['folder']})" if ck else "  last checkpoint: none")
     if s["finished"]:

@@ -1,7 +1,9 @@
 """Several Ray nodes on one machine: a head on 127.0.0.1 and worker nodes on 127.0.0.2, .3, ..., each worker node
 with one `node_slot`, so that each train worker runs on a node of its own; data and runs in the local S3 server.
-A `gl-ray train --address` run loses a worker node without notice, gets a new one and goes on from the bucket's
-last checkpoint with the losses of an uninterrupted run (issue 26). `ray job submit` on a cluster: test_cluster_job.py.
+A `gl-ray train --address` run (FSDP) loses a worker node without notice, gets a new one and goes on from the
+bucket's last checkpoint; an elastic run (DDP) gets a preemption notice, checkpoints, goes on with one worker and
+grows back to two when a node joins; both with the losses of an uninterrupted run (issue 26). `ray job submit`
+on a cluster: test_cluster_job.py.
 """
 
 import datetime
@@ -38,7 +40,9 @@ class LocalCluster:
                     # the session's Ray keeps to one node on loopback (gl_ray.ray_utils.ensure_ray); this one has more
                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # off in the session's own local Ray: on here
         self.added = 0  # worker nodes started so far
+        self.nodes: dict[str, list[int]] = {}  # each live worker node's address: the processes its `ray start` left
 
     @property
     def dashboard(self) -> str:
@@ -67,19 +71,36 @@ class LocalCluster:
                      f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
                      f"--temp-dir={self.temp_dir}"])
 
-    def add_node(self, num_cpus: int, resources: dict) -> list[int]:
-        """A worker node on an address of its own (127.0.0.2, .3, ...: all loopback). On one shared address a
-        driver joins any node's raylet, and a driver attached to the node that dies loses its connection."""
+    def add_node(self, num_cpus: int, resources: dict) -> str:
+        """A worker node on an address of its own (127.0.0.2, .3, ...: all loopback); returns that address. On one
+        shared address a driver joins any node's raylet, and a driver attached to the node that dies loses its
+        connection."""
         self.added += 1
-        return self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={num_cpus}",
-                            f"--resources={json.dumps(resources)}"], ip=f"127.0.0.{1 + self.added}")
+        ip = f"127.0.0.{1 + self.added}"
+        self.nodes[ip] = self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={num_cpus}",
+                                      f"--resources={json.dumps(resources)}"], ip=ip)
+        return ip
 
-    def kill_node(self, roots: list[int]) -> None:
+    def node_ip(self, node_id: str) -> str:
+        """The address of the node with this Ray node id."""
+        r = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", f"127.0.0.1:{self.port}", "--format",
+                            "json"], env=self.env, capture_output=True, text=True, timeout=60)
+        return next(n["node_ip"] for n in json.loads(r.stdout) if n["node_id"] == node_id)
+
+    def drain(self, node_id: str, deadline_s: int) -> None:
+        """A preemption notice, as a cloud's spot reclaim sends it through the autoscaler."""
+        r = subprocess.run([str(BIN / "ray"), "drain-node", "--address", f"127.0.0.1:{self.port}", "--node-id",
+                            node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot reclaim",
+                            f"--deadline-remaining-seconds={deadline_s}"], env=self.env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    def kill_node(self, ip: str) -> None:
         import ray  # noqa: F401
         import psutil
 
         procs = []
-        for pid in roots:
+        for pid in self.nodes.pop(ip):
             try:
                 root = psutil.Process(pid)
                 procs += [root, *root.children(recursive=True)]  # the raylet's agents and Ray workers
@@ -104,7 +125,8 @@ def local_cluster(s3_server):
     cluster = LocalCluster(Path("/tmp") / f"glray-{uuid.uuid4().hex[:8]}")
     try:
         cluster.start_head(num_cpus=2)
-        cluster.nodes = [cluster.add_node(1, {"node_slot": 1}) for _ in range(2)]
+        for _ in range(2):
+            cluster.add_node(1, {"node_slot": 1})
         yield cluster
     finally:
         cluster.stop()
@@ -131,15 +153,16 @@ ACROSS_NODES = {"ray.num_workers": 2, "ray.worker_resources": "{node_slot: 1}"} 
 
 
 def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_data, baseline):
-    """`gl-ray train --address` with a worker per node and ray.max_failures: 1. One worker node dies without
-    notice (every process it started) after the first checkpoint; the run waits for capacity, a new node joins,
-    and Ray Train restarts the workers from the bucket's last checkpoint: every step once, in all 16, with the
-    losses of the session's uninterrupted one-process run, and starts.jsonl / `gl-ray status` record the restart."""
+    """`gl-ray train --address` with FSDP over a worker per node and ray.max_failures: 1. One worker node dies
+    without notice (every process it started) after the first checkpoint; the run waits for capacity, a new node
+    joins, and Ray Train restarts the workers from the bucket's last sharded checkpoint: every step once, in all
+    16, with the losses of the session's uninterrupted one-process run, and starts.jsonl / `gl-ray status` record
+    the restart."""
     cluster = local_cluster
     run = f"s3://{bucket}/runs/lose-a-node"
     # no --config: the defaults and these overrides, as the baseline was trained
     sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "lose-a-node", **ACROSS_NODES,
-                          **{"ray.max_failures": 1})
+                          **{"ray.max_failures": 1, "ray.strategy": "fsdp"})
     driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
                                *[x for s in sets for x in ("--set", s)]], cwd=REPO,
                               env={**cluster.env, "GL_RAY_SLOW_STEP_S": "0.7"}, stdout=subprocess.PIPE,
@@ -150,10 +173,11 @@ def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_d
                 if storage.exists(f"{run}/plan.json") else []
             steps = read_metrics(run)
             return done and steps and steps[-1]["step"] >= max(done) + 2 and steps[-1]["step"] < 14
-        wait_for("a checkpoint and two steps after it", past_a_checkpoint, 240)
-        first = read_starts(run)
+        first = wait_for("the workers' start", lambda: storage.exists(f"{run}/plan.json") and read_starts(run), 240)
         assert len(first) == 1 and first[0]["world_size"] == 2 and first[0]["distinct_nodes"] == 2
-        cluster.kill_node(cluster.nodes[1])
+        victim = cluster.node_ip(first[0]["nodes"][1])
+        wait_for("a checkpoint and two steps after it", past_a_checkpoint, 240)
+        cluster.kill_node(victim)
         killed_at = time.time()
         cluster.add_node(1, {"node_slot": 1})
         out, _ = driver.communicate(timeout=300)
@@ -175,6 +199,74 @@ def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_d
     resumed_at = datetime.datetime.fromisoformat(again["time"]).timestamp()
     print(f"node lost -> workers restarted: {resumed_at - killed_at:.1f} s; steps redone: {again['steps_redone']}")
     assert storage.exists(f"{run}/final/model.safetensors")
+    assert storage.read_json(f"{run}/checkpoint_step-{again['resumed_step']:07d}/state.json")["strategy"] == "fsdp"
     s = run_status(run)
     assert s["finished"] and (s["restarts"], s["world_size"], s["nodes"]) == (1, 2, 2)
     assert f"2 workers on 2 nodes, 1 restart, steps redone per restart: {again['steps_redone']}" in format_status(s)
+
+
+def test_an_elastic_run_shrinks_on_a_preemption_notice_and_grows_back(local_cluster, bucket, tiny_data, baseline):
+    """ray.num_workers: [1, 2] with a worker per node. A preemption notice (`ray drain-node`, reason preemption, 5 s
+    deadline) on a worker's node: the workers checkpoint at the step they agree on and wait; at the deadline the
+    node goes, Ray Train restarts the run on the one node left without redoing a step; a node joins and the run
+    grows back to two workers. Every step once, with the losses of the one-process run whatever the world size."""
+    cluster = local_cluster
+    run = f"s3://{bucket}/runs/elastic"
+    sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "elastic",
+                          **ACROSS_NODES | {"ray.num_workers": "[1,2]", "ray.resize_check_s": 2,
+                                            "ray.start_timeout_s": 10, "ray.notice_poll_s": 1})
+    driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
+                               *[x for s in sets for x in ("--set", s)]], cwd=REPO,
+                              env={**cluster.env, "GL_RAY_SLOW_STEP_S": "2.5"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for("a step", lambda: storage.exists(f"{run}/metrics.jsonl") and read_metrics(run), 240)
+        first = read_starts(run)[0]
+        drained = first["nodes"][1]
+        cluster.drain(drained, deadline_s=5)
+        noticed = wait_for("the notice", lambda: [r for r in records(run) if "notice" in r], 60)[0]
+        deadline = datetime.datetime.fromisoformat(noticed["deadline"]).timestamp()
+        time.sleep(max(0.0, deadline - time.time()))
+        cluster.kill_node(cluster.node_ip(drained))  # the cloud takes the node at its deadline
+        wait_for("the restart on one node", lambda: len(read_starts(run)) >= 2, 180)
+
+        def one_worker_checkpointed():  # so the windows the one worker trained stay in metrics.jsonl
+            m = read_metrics(run)
+            done = [int(n.split("-")[1]) for n in storage.list_dir(run) if n.startswith("checkpoint_step-")]
+            return m and m[-1]["world_size"] == 1 and max(done) > noticed["step"]
+        wait_for("a checkpoint of the one worker", one_worker_checkpointed, 120)
+        cluster.add_node(1, {"node_slot": 1})
+        joined_at = time.time()
+        out, _ = driver.communicate(timeout=300)
+    except BaseException:
+        driver.kill()
+        print(driver.communicate()[0][-8000:])
+        raise
+    finally:
+        driver.kill()
+    assert driver.returncode == 0, out[-5000:]
+
+    got = read_metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 17))
+    for a, b in zip(got, metrics(baseline[2]), strict=True):  # the same rows and updates at any world size
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    starts = read_starts(run)
+    assert len(starts) == 3, (starts, out[-3000:])
+    shrunk, grown = starts[1:]
+    assert (shrunk["world_size"], shrunk["steps_redone"]) == (1, 0)  # nothing after the notice's checkpoint
+    assert shrunk["resumed_step"] == shrunk["notice_step"] == noticed["step"]
+    assert grown["world_size"] == 2 and grown["distinct_nodes"] == 2
+    assert {m["world_size"] for m in got} == {1, 2}
+    restarted = datetime.datetime.fromisoformat(shrunk["time"]).timestamp()
+    regrown = datetime.datetime.fromisoformat(grown["time"]).timestamp()
+    print(f"deadline -> restart on one node: {restarted - deadline:.1f} s, 0 steps redone; node joined -> two "
+          f"workers: {regrown - joined_at:.1f} s, {grown['steps_redone']} steps redone")
+    text = format_status(run_status(run))
+    assert f"restart 1 followed a preemption notice at step {noticed['step']}: checkpointed there" in text
+    assert "2 workers on 2 nodes, 2 restarts, steps redone per restart: 0, " in text
+
+
+def records(run: str) -> list[dict]:
+    """Every line of RUN/starts.jsonl (starts and notices)."""
+    uri = f"{run}/starts.jsonl"
+    return [json.loads(x) for x in storage.read_bytes(uri).decode().splitlines()] if storage.exists(uri) else []

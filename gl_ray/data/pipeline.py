@@ -16,9 +16,9 @@ from gl_ray.data.packing import RowLayout
 from gl_ray.data.stream import get_stream
 
 
-def dataset_name(stage: int, rank: int) -> str:
-    """Key of a worker's stage dataset in TorchTrainer(datasets=...)."""
-    return f"stage{stage}_rank{rank}"
+def dataset_name(stage: int, rank: int, world_size: int) -> str:
+    """Key of a worker's stage dataset in TorchTrainer(datasets=...) (an elastic run has one per world size)."""
+    return f"stage{stage}_rank{rank}_of{world_size}"
 
 
 def fetch_rows(batch: dict[str, np.ndarray], root: str, seed: int, layout: RowLayout) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ from gl_ray import storage
 from gl_ray.config import Config
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
-from gl_ray.schedule import format_plan, make_plan
+from gl_ray.schedule import format_plan, plans_by_world
 from gl_ray.train import preempt
 from gl_ray.lock import run_lock
 from gl_ray.train.outputs import format_summary
@@ -63,7 +63,8 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     if cfg.data.document_masking:
         check_document_ends(train_stream)
         check_document_ends(val)
-    plan = make_plan(cfg, cap_tokens=train_stream.tokens)
+    plans = plans_by_world(cfg, cap_tokens=train_stream.tokens)  # one, but for an elastic run
+    plan = plans[cfg.ray.num_workers]
     if plan.time_mode and plan.total_steps < len(plan.stages):
         raise UserError(f"time mode: the token cap ({train_stream.tokens:,} train tokens) gives fewer than one "
                         "step per stage; set schedule.budget_tokens or use more data")
@@ -74,15 +75,17 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     run_uri = run_uri_of(cfg)
     storage.check_writable(run_uri)
     with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
-        return _train(cfg, plan, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
+        return _train(cfg, plans, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
                       verbose=verbose, rewind_to=rewind_to, skip_steps=skip_steps)
 
 
-def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
+def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
            quiet: bool, verbose: bool, rewind_to: int | None, skip_steps: int) -> dict:
     """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
     from gl_ray.train.checkpoint import remove_leftovers
     from gl_ray.train.identity import check_resumable, record_run
+
+    plan = plans[cfg.ray.num_workers]
 
     manifest_bytes = storage.read_bytes(storage.join(cfg.data.path, "manifest.json"))
     check_resumable(run_uri, cfg, plan, manifest_bytes)
@@ -99,7 +102,7 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
     say(format_plan(plan))
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
-    _fit(cfg, plan, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
+    _fit(cfg, plans, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
     summary_uri = storage.join(run_uri, "summary.json")
     if preempt.was_requested(run_uri) and not storage.exists(summary_uri):
         raise preempt.Preempted(preempt.stopped_message(run_uri))
@@ -109,7 +112,7 @@ def _train(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None
     return summary
 
 
-def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, callbacks: list | None,
+def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, callbacks: list | None,
          quiet: bool, verbose: bool) -> None:
     """Train in this process (ray.num_workers: 0) or on Ray Train, with SIGTERM turned into a stop request (set
     after ray.init, whose own handler would exit at once)."""
@@ -119,7 +122,7 @@ def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, 
 
         previous = preempt.install(run_uri)
         try:
-            run_worker(cfg, plan, run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
+            run_worker(cfg, plans[0], run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
                                                      async_write=cfg.train.async_checkpoint),
                        print_progress=not quiet)
         finally:
@@ -133,6 +136,6 @@ def _fit(cfg: Config, plan, run_uri: str, train_stream, *, address: str | None, 
                resources={k: v * cfg.ray.num_workers for k, v in cfg.ray.worker_resources.items()})
     previous = preempt.install(run_uri)
     try:
-        fit_trainer(cfg, plan, run_uri, callbacks=callbacks, progress=not quiet, verbose=verbose)
+        fit_trainer(cfg, plans, run_uri, callbacks=callbacks, progress=not quiet, verbose=verbose)
     finally:
         preempt.restore(previous)

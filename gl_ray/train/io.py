@@ -83,6 +83,11 @@ class WorkerIO:
         """Whether the run was asked to stop (SIGTERM to the driver): then it checkpoints at this step and ends."""
         return False
 
+    def preemption_notice(self) -> float | None:
+        """None, or the deadline (Unix seconds; 0 if unknown) of a drain of one of the run's nodes: a spot
+        reclaim or `ray drain-node` with notice (Ray Train's preemption watcher). A local read, no collective."""
+        return None
+
     def all_reduce_host_sum(self, values: list[float]) -> list[float]:
         """Sums of host numbers over workers, element by element, without touching a device stream (no GPU
         sync)."""
@@ -171,6 +176,9 @@ class RunHooks:
 
     def on_restore(self, state: TrainState | None, nodes: list[str]) -> None:
         """After the checkpoint (if any) is loaded, before the first step; nodes: each rank's node id."""
+
+    def on_notice(self, step: int, deadline_s: float) -> None:
+        """A preemption notice reached the workers; they checkpointed at `step` (deadline_s: 0 if unknown)."""
 
     def on_report(self, metrics: dict) -> None:
         """Before each report goes to the WorkerIO."""

@@ -33,6 +33,10 @@ from gl_ray.train.step import make_optimizer, train_step
 from gl_ray.train.validation import Evaluator
 
 
+NOTICE_GRACE_S = 60.0  # how long after a preemption notice's deadline the workers wait for the restart
+NOTICE_NO_DEADLINE_S = 120.0  # Ray Train's deadline for a notice that gives none (DEFAULT_PREEMPTION_DEADLINE_S)
+
+
 def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Stateless per-micro-batch generator, so PoSE position ids replay exactly after a resume."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
@@ -151,6 +155,7 @@ class Trainer:
         self.last_checkpoint_step = self.state.step if restored else 0
         self.checkpoint_block_s: float | None = None  # how long the last checkpoint held the loop up
         self.stopped = False  # a stop request ended the run early (after a checkpoint)
+        self.notice_seen = False  # a preemption notice was answered, and its node not taken
 
     def train(self) -> TrainState:
         """Run what is left of the plan, then export; a stop request (SIGTERM) ends it after a checkpoint at the
@@ -203,11 +208,11 @@ class Trainer:
             if out.skipped:
                 self.count_skipped()
             meter.add(state.step, self.plan.tokens_per_step, out.loss, out.grad_norm, flops, out.wait_s, out.skipped)
-            stop, late = self.meet(st)
+            stop, late, notice = self.meet(st)
             due = decide(self.cfg, state.step, tokens_before, state.tokens, state.stage_step >= st.steps or late,
                          last_stage=st.index == len(self.plan.stages) - 1)
-            if stop:  # every worker stops at this step
-                self.stopped = True
+            if stop or notice is not None:  # every worker checkpoints at this step
+                self.stopped = stop
                 due = Due(log=True, eval=due.eval, checkpoint=True, stage_done=due.stage_done)
             if due.log:
                 window = meter.read(now, self.io)
@@ -217,8 +222,23 @@ class Trainer:
                     raise self.spike(window["loss"])
                 self.report(st, due, window | {"lr": lr, "micro_batch": micro_batch})
                 meter.reset(now)  # the next window starts now: eval, checkpoint and report time count against it
+            if notice is not None:
+                self.wait_for_preemption(notice)
+                meter.reset(time.perf_counter())
             if due.stage_done or self.stopped:
                 break
+
+    def wait_for_preemption(self, deadline_s: float) -> None:
+        """After the checkpoint at a preemption notice: wait for Ray Train to restart the workers without the
+        drained node (at its deadline), so no step is trained twice. Still here NOTICE_GRACE_S after the deadline
+        (Ray Train's own, NOTICE_NO_DEADLINE_S after the notice, if it gave none): no restart is coming, training
+        goes on."""
+        self.hooks.on_notice(self.state.step, deadline_s)
+        self.io.flush()
+        end = (deadline_s or time.time() + NOTICE_NO_DEADLINE_S) + NOTICE_GRACE_S
+        while time.time() < end:
+            time.sleep(0.2)
+        self.notice_seen = True  # this notice is spent; the workers train on
 
     def diverged(self, step: int) -> TrainingDiverged:
         return TrainingDiverged(
@@ -316,18 +336,23 @@ class Trainer:
         s.stage_wall_s[st.index] = stage_wall0 + now - stage_t0
         return now
 
-    def meet(self, st: Stage) -> tuple[bool, bool]:
-        """(stop, late): whether any worker was asked to stop, and in time mode whether the slowest worker's clock
-        has passed the stage's share. The workers agree on both in one host all-reduce (gloo: no device sync),
-        held only at steps every worker knows to be meeting points: report steps (every train.log_every_steps)
-        and the stage's last planned step. So a SIGTERM is honoured, and a timed stage ends, within
-        train.log_every_steps steps; between meetings no rank waits for another outside the gradient sync."""
+    def meet(self, st: Stage) -> tuple[bool, bool, float | None]:
+        """(stop, late, notice): whether any worker was asked to stop, in time mode whether the slowest worker's
+        clock has passed the stage's share, and whether any worker got a preemption notice (then its deadline in
+        Unix seconds as rank 0 saw it, 0 if unknown; else None). The workers agree on all three in one host
+        all-reduce (gloo: no device sync), held only at steps every worker knows to be meeting points: report
+        steps (every train.log_every_steps) and the stage's last planned step. So a SIGTERM or a notice is
+        honoured, and a timed stage ends, within train.log_every_steps steps; between meetings no rank waits for
+        another outside the gradient sync."""
         s = self.state
         if s.step % self.cfg.train.log_every_steps and s.stage_step < st.steps:
-            return False, False
+            return False, False, None
         late = self.plan.time_mode and s.elapsed_s >= self.plan.time_end_s(st.index)
-        stop, late_any = self.io.all_reduce_host_sum([float(self.io.stop_requested()), float(late)])
-        return stop > 0, late_any > 0
+        deadline = None if self.notice_seen else self.io.preemption_notice()
+        stop, late_any, notices, rank0_deadline = self.io.all_reduce_host_sum(
+            [float(self.io.stop_requested()), float(late), float(deadline is not None),
+             (deadline or 0.0) if self.io.rank == 0 else 0.0])
+        return stop > 0, late_any > 0, rank0_deadline if notices > 0 else None
 
     def report(self, st: Stage, due: Due, window: dict) -> None:
         s, plan = self.state, self.plan

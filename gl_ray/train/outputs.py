@@ -10,7 +10,9 @@
     .gl-ray.shared  a local run folder's token from the Ray driver, read back by every worker (gl_ray.train.ray_train)
     starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
                     world_size, nodes (each rank's node id), distinct_nodes, steps_redone (reported steps dropped
-                    by this restart, trained again)
+                    by this restart, trained again), and after a preemption notice notice_step (the step the
+                    workers checkpointed at when the notice came; a restart from an earlier step means the
+                    notice was too short); between them one line per notice: notice, time, step, deadline
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
@@ -24,6 +26,7 @@ import datetime
 import json
 import math
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -106,17 +109,40 @@ def record_start(run_uri: str, resume_step: int, nodes: list[str], steps_redone:
     the reported steps the restart does again. Local files are appended; S3 objects are rewritten whole."""
     uri = storage.join(run_uri, STARTS)
     old = storage.read_bytes(uri) if storage.exists(uri) else b""
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rec = {"start": len(parse_starts(old)) + 1, "time": now,
+    rec = {"start": len(parse_starts(old)) + 1, "time": _now(),
            "resumed_step": resume_step, "world_size": len(nodes), "nodes": nodes, "distinct_nodes": len(set(nodes)),
            "steps_redone": steps_redone}
+    records = _records(old)
+    if records and "notice" in records[-1]:  # the workers before this start were told their node would go
+        rec["notice_step"] = records[-1]["step"]
+    _append(uri, old, rec)
+    return rec
+
+
+def record_notice(run_uri: str, step: int, deadline_s: float) -> dict:
+    """A line in RUN/starts.jsonl when the workers get a preemption notice: they checkpoint at `step` and wait
+    for the node to go (deadline_s: when, Unix seconds; 0 if the notice gave none)."""
+    uri = storage.join(run_uri, STARTS)
+    old = storage.read_bytes(uri) if storage.exists(uri) else b""
+    rec = {"notice": sum("notice" in r for r in _records(old)) + 1, "time": _now(), "step": step,
+           "deadline": datetime.datetime.fromtimestamp(deadline_s, datetime.timezone.utc).isoformat(
+               timespec="seconds") if deadline_s else None}
+    _append(uri, old, rec)
+    return rec
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _append(uri: str, old: bytes, rec: dict) -> None:
+    """One JSON line after `old` (the file's bytes): local files are appended, S3 objects rewritten whole."""
     line = ("\n" if old and not old.endswith(b"\n") else "") + json.dumps(rec) + "\n"  # after a torn line: its own
     if storage.is_s3(uri):
         storage.write_bytes(uri, old + line.encode())
     else:
         with storage.errors_at(uri), open(uri, "a") as f:
             f.write(line)
-    return rec
 
 
 def read_starts(run_uri: str) -> list[dict]:
@@ -126,14 +152,19 @@ def read_starts(run_uri: str) -> list[dict]:
 
 
 def parse_starts(raw: bytes) -> list[dict]:
-    """The records of a starts.jsonl's bytes; a torn or foreign line is skipped."""
+    """The start records of a starts.jsonl's bytes; a torn or foreign line is skipped."""
+    return [r for r in _records(raw) if "start" in r]
+
+
+def _records(raw: bytes) -> list[dict]:
+    """Start and notice records, in file order."""
     out = []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if isinstance(rec, dict) and isinstance(rec.get("start"), int):
+        if isinstance(rec, dict) and (isinstance(rec.get("start"), int) or isinstance(rec.get("notice"), int)):
             out.append(rec)
     return out
 
@@ -225,6 +256,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(rows)
 
 
+def notice_line(step: int, deadline_s: float) -> str:
+    left = f", {max(0.0, deadline_s - time.time()):.0f} s before its deadline" if deadline_s else ""
+    return (f"preemption notice: checkpointed at step {step}{left}; waiting for Ray Train to restart the workers "
+            "without that node")
+
+
+def notice_too_short(start: dict) -> str:
+    """The line of a restart whose preemption notice came too late to checkpoint at the step it was seen."""
+    return (f"the preemption notice at step {start['notice_step']} was too short for its checkpoint; resumed from "
+            f"step {start['resumed_step']} ({start['steps_redone']} reported steps trained again)")
+
+
 class RunOutputs(RunHooks):
     """The run's own files, kept by rank 0: metrics.jsonl (trimmed to the resumed step), progress lines, and at
     the end final/ and summary.json. Other ranks do nothing."""
@@ -238,11 +281,18 @@ class RunOutputs(RunHooks):
     def on_restore(self, state: TrainState | None, nodes: list[str]) -> None:
         if self.rank == 0:
             self.log = MetricsLog(self.run_uri, resume_step=state.step if state else 0)
-            record_start(self.run_uri, state.step if state else 0, nodes, self.log.dropped_steps)
+            rec = record_start(self.run_uri, state.step if state else 0, nodes, self.log.dropped_steps)
+            if rec.get("notice_step", rec["resumed_step"]) > rec["resumed_step"]:
+                print(notice_too_short(rec), flush=True)
             if self.cfg is not None and self.cfg.train.loggers:
                 from gl_ray.train.tracking import Trackers
 
                 self.trackers = Trackers(self.run_uri, self.cfg)
+
+    def on_notice(self, step: int, deadline_s: float) -> None:
+        if self.rank == 0:
+            record_notice(self.run_uri, step, deadline_s)
+            print(notice_line(step, deadline_s), flush=True)  # a Ray worker's line reaches the driver's console
 
     def on_report(self, metrics: dict) -> None:
         if self.rank != 0:

@@ -13,7 +13,7 @@ import torch
 from gl_ray.config import Config
 from gl_ray.devices import check_device
 from gl_ray.model import check_attention
-from gl_ray.schedule import Plan, make_plan
+from gl_ray.schedule import Plan, make_plan, plans_by_world
 from gl_ray.train.tracking import check_loggers
 
 
@@ -28,6 +28,7 @@ def preflight(cfg: Config) -> Plan:
     """Raise UserError on the first thing that cannot run; returns the plan without a corpus cap (the driver
     builds the real one with the corpus size)."""
     plan = make_plan(cfg)
+    plans_by_world(cfg)  # elastic: every world size the run may shrink to shares a step's rows out evenly
     if cfg.ray.num_workers == 0:  # Ray workers are checked where they run (ray.use_gpu reserves their GPU)
         check_device(cfg.train.device, "train.device")
     check_attention(cfg.model.attention, on_gpu=trains_on_gpu(cfg))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gl_ray import storage
-from gl_ray.config import Config, config_from_dict
+from gl_ray.config import Config, DataConfig, config_from_dict
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, stage_dataset
 from gl_ray.devices import resolved_precision
@@ -49,8 +49,11 @@ from gl_ray.train.rewind import apply_skip
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
 
 
-def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
-    """Callables for TorchTrainer(datasets=...): one per (stage, rank) not yet finished at trainer start."""
+def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> dict:
+    """Callables for TorchTrainer(datasets=...): one per (stage, rank) not yet finished at trainer start, for each
+    world size the run may train with (plans: the plan of each; one but for an elastic run). Unused ones cost
+    nothing: a dataset runs only when a worker reads it."""
+    plan = next(iter(plans.values()))  # the same stages and steps in every plan
 
     memo: dict = {}
 
@@ -65,15 +68,16 @@ def stage_datasets(cfg: Config, plan: Plan, run_uri: str) -> dict:
             memo[key] = (found[1].stage, found[1].stage_step) if found else (0, 0)
         return memo[key]
 
-    def make(stage: int, rank: int):
+    def make(stage: Stage, rank: int):
         def build():
             cur_stage, cur_step = cursor()
-            layout = RowLayout.of(plan.stages[stage], rank=rank, start_step=cur_step if stage == cur_stage else 0)
-            return stage_dataset(cfg.data.path, cfg.data.seed, layout)
+            layout = RowLayout.of(stage, rank=rank, start_step=cur_step if stage.index == cur_stage else 0)
+            return stage_dataset(data.path, data.seed, layout)
         return build
 
     first = cursor()[0]
-    return {dataset_name(k, r): make(k, r) for k in range(first, len(plan.stages)) for r in range(plan.world_size)}
+    return {dataset_name(st.index, r, w): make(st, r) for w, p in plans.items() for st in p.stages[first:]
+            for r in range(w)}
 
 
 class StageWarmer:
@@ -138,7 +142,7 @@ class RayWorkerIO(WorkerIO):
         self.checkpoint_done.set()
         self.stop_watch = StopWatch(run_uri)
         self.warmer = StageWarmer(self.open_stage)
-        names = [dataset_name(k, self.rank) for k in range(len(plan.stages))]
+        names = [dataset_name(k, self.rank, self.world_size) for k in range(len(plan.stages))]
         first_stage = next((k for k, n in enumerate(names) if n in dataset_names), None)
         if first_stage is not None:
             self.warmer.start(first_stage)  # Ray Data starts up while the model is built and restored
@@ -146,7 +150,7 @@ class RayWorkerIO(WorkerIO):
     def open_stage(self, stage: int) -> Iterator[dict]:
         import ray.train
 
-        return iter(ray.train.get_dataset_shard(dataset_name(stage, self.rank)).iter_batches(
+        return iter(ray.train.get_dataset_shard(dataset_name(stage, self.rank, self.world_size)).iter_batches(
             batch_size=self.plan.stages[stage].rows_per_rank_step, batch_format="numpy", drop_last=True,
             prefetch_batches=self.cfg.data.prefetch_batches))
 
@@ -252,6 +256,15 @@ class RayWorkerIO(WorkerIO):
     def stop_requested(self) -> bool:
         return self.stop_watch.requested()
 
+    def preemption_notice(self) -> float | None:
+        try:  # what ray.train.get_preemption_info() broadcasts, read locally: the loop agrees at its meetings
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            info = get_train_context().preemption_context.preemption_info
+        except (ImportError, AttributeError, RuntimeError):  # a Ray without the preemption watcher
+            return None
+        return None if info is None else (info.deadline_ms or 0) / 1000
+
     def all_reduce_host_sum(self, values: list[float]) -> list[float]:
         import torch.distributed as dist
 
@@ -309,20 +322,30 @@ def check_shared(run_uri: str, token: str, data_path: str) -> None:
 
 def ray_worker_loop(config: dict) -> None:
     """Ray Train's train_loop_per_worker: one worker's run, from the plan the driver built."""
+    import ray.train
+
     from gl_ray.train.worker import run_worker
 
     os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
     quiet_ray_logs(config.get("verbose", False))
     check_shared(config["run_uri"], config.get("shared_token", ""), config["cfg"]["data"]["path"])
-    cfg, plan = config_from_dict(config["cfg"]), Plan.from_dict(config["plan"])
+    cfg = config_from_dict(config["cfg"])
+    plan = Plan.from_dict(config["plans"][ray.train.get_context().get_world_size()])  # elastic: this world's
     io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
     run_worker(cfg, plan, config["run_uri"], io, print_progress=False)
 
 
-def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = None, *, progress: bool = True,
-                verbose: bool = False) -> None:
-    """Driver function: build and fit the TorchTrainer (the caller has connected to Ray). progress: print rank 0's
-    progress lines here (gl_ray.train.relay); verbose: Ray Train's and Ray Data's INFO lines too."""
+def ray_train_env(r) -> dict[str, str]:
+    """Ray Train's own settings that gl-ray sets from ray.* (Ray reads them from the driver's environment)."""
+    return {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": f"{r.start_timeout_s:g}",
+            "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": f"{r.notice_poll_s:g}"}
+
+
+def fit_trainer(cfg: Config, plans: dict[int, Plan], run_uri: str, callbacks: list | None = None, *,
+                progress: bool = True, verbose: bool = False) -> None:
+    """Driver function: build and fit the TorchTrainer (the caller has connected to Ray). plans: the plan of each
+    world size the run may train with (gl_ray.schedule.plans_by_world); progress: print rank 0's progress lines
+    here (gl_ray.train.relay); verbose: Ray Train's and Ray Data's INFO lines too."""
     import contextlib
 
     import ray
@@ -338,17 +361,22 @@ def fit_trainer(cfg: Config, plan: Plan, run_uri: str, callbacks: list | None = 
         storage_kwargs = {"storage_path": path.rsplit("/", 1)[0], "storage_filesystem": fs}
     else:
         storage_kwargs = {"storage_path": str(storage.resolve(run_uri)[1]).rsplit("/", 1)[0]}
-    datasets = stage_datasets(cfg, plan, run_uri)
+    datasets = stage_datasets(plans, cfg.data, run_uri)
+    r = cfg.ray
+    os.environ.update(ray_train_env(r))  # Ray Train hands these from the driver to its controller and workers
+    workers = (r.min_workers, r.num_workers) if len(r.world_sizes) > 1 else r.num_workers
     with (ProgressRelay() if progress else contextlib.nullcontext()) as progress_callback, unwrap_user_errors():
         run_callbacks = [progress_callback] if progress else []
         trainer = TorchTrainer(
             ray_worker_loop,
-            train_loop_config={"cfg": cfg.to_dict(), "plan": plan.to_dict(), "run_uri": run_uri,
+            train_loop_config={"cfg": cfg.to_dict(), "plans": {w: p.to_dict() for w, p in plans.items()},
+                               "run_uri": run_uri,
                                "shared_token": mark_shared(run_uri),
                                "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-                                                   resources_per_worker={"CPU": cfg.ray.cpus_per_worker,
-                                                                         **cfg.ray.worker_resources}),
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=r.use_gpu,
+                                                   resources_per_worker={"CPU": r.cpus_per_worker,
+                                                                         **r.worker_resources},
+                                                   elastic_resize_monitor_interval_s=r.resize_check_s),
             run_config=ray.train.RunConfig(
                 name=cfg.name, **storage_kwargs, callbacks=[*run_callbacks, *(callbacks or [])],
                 # Ray Train's own lines (controller and workers); its log files keep every level

@@ -49,7 +49,7 @@ class ProgressRelay:
 
         # no CPU: it never waits for one the run or Ray Data holds; on the driver's node: a worker node that dies
         # (a spot node reclaimed) must not take the progress lines with it
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         self.thread = threading.Thread(target=self.print_lines, name="gl-ray-progress", daemon=True)
         self.thread.start()
