@@ -27,6 +27,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def submit_job(address: str, env: dict, args: list[str], extra_env: dict | None = None, wait: bool = True) -> str:
+    """`ray job submit` of `python -m pipelines.pretrain ARGS` from this checkout to the cluster at `address` (its
+    dashboard); returns the submission id (wait: once the job has ended)."""
+    import uuid
+
+    sid = f"gl-ray-test-{uuid.uuid4().hex[:8]}"
+    runtime = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(extra_env or {})},
+               "excludes": [".venv", "runs", "data", "results", ".git"]}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    for _ in range(30):  # right after `ray start` the job agent may not be up yet
+        r = subprocess.run([ray_bin, "job", "submit", "--address", address, "--submission-id", sid,
+                            *([] if wait else ["--no-wait"]), "--working-dir", ".", "--runtime-env-json",
+                            json.dumps(runtime), "--", "python", "-m", "pipelines.pretrain", *args],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent" not in r.stderr + r.stdout:
+            break
+        time.sleep(2)
+    submit_job.output = r.stdout[-3000:] + r.stderr[-3000:]
+    return sid
+
+
+def job_status(address: str, env: dict, sid: str) -> str:
+    """`ray job status` of a submission: its output, the status words included (e.g. "succeeded")."""
+    r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "status", "--address", address, sid],
+                       env=env, capture_output=True, text=True, timeout=60)
+    return r.stdout + r.stderr
+
+
+def aws_env() -> dict:
+    """The S3 settings of the session's moto server, for a job's runtime env."""
+    return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                       "AWS_DEFAULT_REGION")}
+
+
 def agent_ports() -> list[str]:
     """`ray start` ports of a node's agents, free ones: the test session's Ray already holds the default ones."""
     return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, free_port, tiny_overrides
+from conftest import agent_ports, aws_env, free_port, job_status, submit_job, tiny_overrides
 
 from gl_ray import storage
 
@@ -42,20 +42,8 @@ def local_cluster(s3_server, tmp_path):
 
 
 def submit(address: str, env: dict, args: list[str], extra_env: dict | None = None) -> str:
-    sid = f"gl-ray-test-{uuid.uuid4().hex[:8]}"
-    runtime = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **(extra_env or {})},
-               "excludes": [".venv", "runs", "data", "results", ".git"]}
-    for _ in range(30):  # right after `ray start` the job agent may not be up yet
-        r = subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", sid,
-                            "--working-dir", ".", "--runtime-env-json", json.dumps(runtime), "--",
-                            "python", "-m", "pipelines.pretrain", *args], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
-        if "No available agent" not in r.stderr + r.stdout:
-            break
-        time.sleep(2)
-    status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, sid], env=env,
-                            capture_output=True, text=True, timeout=60)
-    return status.stdout + status.stderr + r.stdout[-3000:] + r.stderr[-3000:]
+    sid = submit_job(address, env, args, extra_env)
+    return job_status(address, env, sid) + submit_job.output
 
 
 def test_job_submit_with_s3_runs_and_resume(local_cluster, s3_server, bucket, tiny_data):
@@ -66,8 +54,7 @@ def test_job_submit_with_s3_runs_and_resume(local_cluster, s3_server, bucket, ti
     sets = tiny_overrides(f"s3://{bucket}/data", f"s3://{bucket}/runs", "job", **{"ray.num_workers": 2})
     args = [x for s in ["--config", "pipelines/configs/tiny-growlength.yaml"] for x in [s]] + \
         [x for s in sets for x in ("--set", s)]
-    aws = {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                      "AWS_DEFAULT_REGION")}
+    aws = aws_env()
     out = submit(address, env, args, {**aws, "GL_RAY_FAIL_AT_STEP": "6"})
     assert "failed" in out and "injected failure" in out, out[-5000:]
     out = submit(address, env, args, aws)

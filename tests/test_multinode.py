@@ -1,14 +1,15 @@
 """Several Ray nodes on one machine: a head on 127.0.0.1 and worker nodes on 127.0.0.2, .3, ..., each worker node
 with one `node_slot`, so that each train worker runs on a node of its own; data and runs in the local S3 server.
-A `gl-ray train --address` run (FSDP) loses a worker node without notice, gets a new one and goes on from the
-bucket's last checkpoint; an elastic run (DDP) gets a preemption notice, checkpoints, goes on with one worker and
-grows back to two when a node joins; both with the losses of an uninterrupted run (issue 26). `ray job submit`
-on a cluster: test_cluster_job.py.
+A `ray job submit` run (FSDP) loses a worker node without notice, gets a new one and goes on from the bucket's
+last checkpoint; an elastic `gl-ray train --address` run (DDP) gets a preemption notice, checkpoints, goes on with
+one worker, grows back to two when a node joins, then loses a node without notice; all with the losses of an
+uninterrupted run (issue 26). A one-node cluster's job that fails and is submitted again: test_cluster_job.py.
 """
 
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, free_port, metrics, tiny_overrides
+from conftest import agent_ports, aws_env, free_port, job_status, metrics, submit_job, tiny_overrides
 
 from gl_ray import storage
 from gl_ray.status import format_status, run_status
@@ -152,38 +153,37 @@ def upload(tiny_data: str, bucket: str) -> str:
 ACROSS_NODES = {"ray.num_workers": 2, "ray.worker_resources": "{node_slot: 1}"}  # one train worker per node
 
 
-def test_a_run_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_data, baseline):
-    """`gl-ray train --address` with FSDP over a worker per node and ray.max_failures: 1. One worker node dies
-    without notice (every process it started) after the first checkpoint; the run waits for capacity, a new node
-    joins, and Ray Train restarts the workers from the bucket's last sharded checkpoint: every step once, in all
-    16, with the losses of the session's uninterrupted one-process run, and starts.jsonl / `gl-ray status` record
-    the restart."""
+def test_a_job_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_data, baseline):
+    """`ray job submit` with FSDP over a worker per node and ray.max_failures: 1. One worker node dies without
+    notice (every process it started) after the first checkpoint; the run waits for capacity, a new node joins,
+    and Ray Train restarts the workers from the bucket's last sharded checkpoint: every step once, in all 16, with
+    the losses of the session's uninterrupted one-process run; starts.jsonl / `gl-ray status` record the restart,
+    and the job ends as soon as the run has (its progress relay lives on the driver's node, not on the lost one)."""
     cluster = local_cluster
     run = f"s3://{bucket}/runs/lose-a-node"
     # no --config: the defaults and these overrides, as the baseline was trained
     sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "lose-a-node", **ACROSS_NODES,
                           **{"ray.max_failures": 1, "ray.strategy": "fsdp"})
-    driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
-                               *[x for s in sets for x in ("--set", s)]], cwd=REPO,
-                              env={**cluster.env, "GL_RAY_SLOW_STEP_S": "0.7"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        def past_a_checkpoint():  # a checkpoint in the bucket and two more steps reported after it
-            done = [int(n.split("-")[1]) for n in storage.list_dir(run) if n.startswith("checkpoint_step-")] \
-                if storage.exists(f"{run}/plan.json") else []
-            steps = read_metrics(run)
-            return done and steps and steps[-1]["step"] >= max(done) + 2 and steps[-1]["step"] < 14
-        first = wait_for("the workers' start", lambda: storage.exists(f"{run}/plan.json") and read_starts(run), 240)
-        assert len(first) == 1 and first[0]["world_size"] == 2 and first[0]["distinct_nodes"] == 2
-        victim = cluster.node_ip(first[0]["nodes"][1])
-        wait_for("a checkpoint and two steps after it", past_a_checkpoint, 240)
-        cluster.kill_node(victim)
-        killed_at = time.time()
-        cluster.add_node(1, {"node_slot": 1})
-        out, _ = driver.communicate(timeout=300)
-    finally:
-        driver.kill()
-    assert driver.returncode == 0, out[-5000:]
+    sid = submit_job(cluster.dashboard, cluster.env, [x for s in sets for x in ("--set", s)],
+                     aws_env() | {"GL_RAY_SLOW_STEP_S": "0.7"}, wait=False)
+
+    def past_a_checkpoint():  # a checkpoint in the bucket and two more steps reported after it
+        done = [int(n.split("-")[1]) for n in storage.list_dir(run) if n.startswith("checkpoint_step-")]
+        steps = read_metrics(run)
+        return done and steps and steps[-1]["step"] >= max(done) + 2 and steps[-1]["step"] < 14
+    first = wait_for("the workers' start", lambda: storage.exists(f"{run}/plan.json") and read_starts(run), 240)
+    assert len(first) == 1 and first[0]["world_size"] == 2 and first[0]["distinct_nodes"] == 2
+    victim = cluster.node_ip(first[0]["nodes"][1])
+    wait_for("a checkpoint and two steps after it", past_a_checkpoint, 240)
+    cluster.kill_node(victim)
+    killed_at = time.time()
+    cluster.add_node(1, {"node_slot": 1})
+    wait_for("the summary", lambda: storage.exists(f"{run}/summary.json"), 300)
+    finished_at = time.time()
+    ended = wait_for("the job's end", lambda: re.search(r"succeeded|failed|stopped",
+                                                        job_status(cluster.dashboard, cluster.env, sid)), 60, 1)
+    assert ended.group(0) == "succeeded", job_status(cluster.dashboard, cluster.env, sid)
+    print(f"run finished -> job succeeded: {time.time() - finished_at:.1f} s")
 
     got = read_metrics(run)
     assert [m["step"] for m in got] == list(range(1, 17))  # nothing repeated or lost
@@ -209,11 +209,12 @@ def test_an_elastic_run_shrinks_on_a_preemption_notice_and_grows_back(local_clus
     """ray.num_workers: [1, 2] with a worker per node. A preemption notice (`ray drain-node`, reason preemption, 5 s
     deadline) on a worker's node: the workers checkpoint at the step they agree on and wait; at the deadline the
     node goes, Ray Train restarts the run on the one node left without redoing a step; a node joins and the run
-    grows back to two workers. Every step once, with the losses of the one-process run whatever the world size."""
+    grows back to two workers; a node then dies without notice and the run goes on with the worker left. Every step
+    once, with the losses of the one-process run whatever the world size."""
     cluster = local_cluster
     run = f"s3://{bucket}/runs/elastic"
     sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "elastic",
-                          **ACROSS_NODES | {"ray.num_workers": "[1,2]", "ray.resize_check_s": 2,
+                          **ACROSS_NODES | {"ray.num_workers": "[1,2]", "ray.resize_check_s": 2, "ray.max_failures": 1,
                                             "ray.start_timeout_s": 10, "ray.notice_poll_s": 1})
     driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
                                *[x for s in sets for x in ("--set", s)]], cwd=REPO,
@@ -237,6 +238,14 @@ def test_an_elastic_run_shrinks_on_a_preemption_notice_and_grows_back(local_clus
         wait_for("a checkpoint of the one worker", one_worker_checkpointed, 120)
         cluster.add_node(1, {"node_slot": 1})
         joined_at = time.time()
+
+        def two_workers_again():  # the regrown workers reported a step of their own
+            starts, m = read_starts(run), read_metrics(run)
+            return len(starts) >= 3 and m[-1]["world_size"] == 2 and m[-1]["step"] > starts[2]["resumed_step"]
+        wait_for("two workers again", two_workers_again, 180)
+        victim = cluster.node_ip(read_starts(run)[2]["nodes"][1])
+        cluster.kill_node(victim)  # this time without notice
+        lost_at = time.time()
         out, _ = driver.communicate(timeout=300)
     except BaseException:
         driver.kill()
@@ -251,19 +260,21 @@ def test_an_elastic_run_shrinks_on_a_preemption_notice_and_grows_back(local_clus
     for a, b in zip(got, metrics(baseline[2]), strict=True):  # the same rows and updates at any world size
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
     starts = read_starts(run)
-    assert len(starts) == 3, (starts, out[-3000:])
-    shrunk, grown = starts[1:]
+    assert len(starts) == 4, (starts, out[-3000:])
+    shrunk, grown, lost = starts[1:]
     assert (shrunk["world_size"], shrunk["steps_redone"]) == (1, 0)  # nothing after the notice's checkpoint
     assert shrunk["resumed_step"] == shrunk["notice_step"] == noticed["step"]
     assert grown["world_size"] == 2 and grown["distinct_nodes"] == 2
+    assert lost["world_size"] == 1 and "notice_step" not in lost  # went on with the worker left
     assert {m["world_size"] for m in got} == {1, 2}
-    restarted = datetime.datetime.fromisoformat(shrunk["time"]).timestamp()
-    regrown = datetime.datetime.fromisoformat(grown["time"]).timestamp()
-    print(f"deadline -> restart on one node: {restarted - deadline:.1f} s, 0 steps redone; node joined -> two "
-          f"workers: {regrown - joined_at:.1f} s, {grown['steps_redone']} steps redone")
+    at = {k: datetime.datetime.fromisoformat(v["time"]).timestamp() for k, v in (("shrunk", shrunk),
+                                                                                ("grown", grown), ("lost", lost))}
+    print(f"deadline -> restart on one node: {at['shrunk'] - deadline:.1f} s, 0 steps redone; node joined -> two "
+          f"workers: {at['grown'] - joined_at:.1f} s, {grown['steps_redone']} steps redone; node lost without "
+          f"notice -> one worker: {at['lost'] - lost_at:.1f} s, {lost['steps_redone']} steps redone")
     text = format_status(run_status(run))
     assert f"restart 1 followed a preemption notice at step {noticed['step']}: checkpointed there" in text
-    assert "2 workers on 2 nodes, 2 restarts, steps redone per restart: 0, " in text
+    assert "1 worker on 1 node, 3 restarts, steps redone per restart: 0, " in text
 
 
 def records(run: str) -> list[dict]:
