@@ -34,6 +34,7 @@ Logger = Literal["tensorboard", "mlflow", "wandb"]  # see gl_ray.train.tracking
 NonFinite = Literal["stop", "skip"]  # see gl_ray.train.loop.Trainer.diverged
 Shape = Literal["ladder", "linear", "geometric"]  # see gl_ray.schedule.stage_lengths
 Mode = Literal["reshape", "window"]
+Packing = Literal["concat", "decompose"]  # see gl_ray.data.decompose
 
 
 MAX_TOKENS = 2**50  # a token count beyond this is a typo (1e300), not a budget
@@ -54,6 +55,10 @@ class DataConfig:
     prefetch_batches: int = _f(4, "optimizer steps' rows (per worker) Ray Data prefetches ahead of the training loop")
     document_masking: bool = _f(False, "attention stays within each document of a packed row (documents end with "
                                        "EOS), positions restart per document; also in validation")
+    packing: Packing = _f("concat", "concat: documents packed end to end into rows of the stage length | decompose: "
+                                    "each document cut into power-of-two chunks, each step one bucket of them "
+                                    "(gl_ray/data/decompose.py)")
+    min_chunk: int = _f(8, "decompose: chunks shorter than this (a power of two) are left out and counted")
 
 
 @dataclass
@@ -232,6 +237,9 @@ class Config:
             raise UserError(f"data.seed must be >= 0, got {self.data.seed}")
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
+        if self.data.packing == "decompose" and s.mode == "window":
+            raise UserError("data.packing=decompose takes each step's rows from one bucket of chunk lengths; "
+                            "schedule.mode=window widens a window over rows of one length (use schedule.mode=reshape)")
         if s.mode == "window":
             if self.model.position_mode != "extrapolate":
                 raise UserError(f"schedule.mode=window keeps every row at the final length, so positions already "

@@ -38,3 +38,36 @@ def stage_dataset(root: str, seed: int, layout: RowLayout):
     return ray.data.range(layout.num_rows, override_num_blocks=blocks).map_batches(
         fetch_rows, batch_size=per_step, batch_format="numpy",
         fn_kwargs={"root": root, "seed": seed, "layout": layout})
+
+
+def fetch_steps(batch: dict[str, np.ndarray], root: str, seed: int, min_len: int, plan, rank: int,
+                world_size: int) -> dict[str, np.ndarray]:
+    """data.packing=decompose: global optimizer steps ("id") in; each step's rows of this worker flattened
+    ("input_ids": int32 [n, tokens per worker and step], the same size whatever the bucket), its bucket length
+    ("seq_len") and its stage-local step ("step") out."""
+    from gl_ray.data.decompose import draws_for
+
+    draws, stream = draws_for(root, plan, seed, min_len), get_stream(root, "train", seed)
+    steps = np.asarray(batch["id"], dtype=np.int64)
+    rows, lens = [], []
+    for s in steps:
+        length, starts = draws.step_rows(int(s), rank, world_size)
+        rows.append(stream.flat_rows(starts, length).reshape(-1))
+        lens.append(length)
+    stage = plan.stage_at_step(int(steps[0]))
+    return {"input_ids": np.stack(rows), "seq_len": np.asarray(lens, dtype=np.int64),
+            "step": steps - stage.start_step}
+
+
+def decomposed_dataset(root: str, seed: int, min_len: int, plan, stage, rank: int, world_size: int,
+                       start_step: int):
+    """data.packing=decompose: the lazy Ray Dataset of one worker's steps of a stage, from stage step start_step
+    on, one row per optimizer step; the twin of `stream.decomposed_steps`."""
+    import ray
+
+    first, stop = stage.start_step + start_step, stage.end_step
+    ds = ray.data.from_items([{"id": s} for s in range(first, stop)]) if stop > first else \
+        ray.data.from_items([{"id": 0}]).limit(0)
+    return ds.map_batches(fetch_steps, batch_size=1, batch_format="numpy",
+                          fn_kwargs={"root": root, "seed": seed, "min_len": min_len, "plan": plan, "rank": rank,
+                                     "world_size": world_size})

@@ -88,6 +88,14 @@ class TokenStream:
         return out
 
 
+    def flat_rows(self, starts: np.ndarray, seq_len: int) -> np.ndarray:
+        """Rows of seq_len tokens at flat (manifest-order) offsets, e.g. decomposed chunks: int32 [n, seq_len]."""
+        out = np.empty((len(starts), seq_len), dtype=np.int32)
+        for i, a in enumerate(starts):
+            out[i] = self._read_flat(int(a), int(a) + seq_len)
+        return out
+
+
 _STREAMS: dict[tuple, TokenStream] = {}
 
 
@@ -105,6 +113,15 @@ def stage_steps(stream: TokenStream, layout: RowLayout) -> Iterator[np.ndarray]:
     n = layout.rows_per_rank_step
     for first in range(0, layout.num_rows, n):
         yield stream.rows(layout.token_starts(np.arange(first, first + n)), layout.seq_len)
+
+
+def decomposed_steps(stream: TokenStream, draws, stage, start_step: int, rank: int = 0,
+                     world_size: int = 1) -> Iterator[np.ndarray]:
+    """data.packing=decompose: one worker's rows of a stage, a step at a time (int32 [rows, L], L the step's
+    bucket), from stage step start_step on; the Ray-free twin of `pipeline.decomposed_dataset`."""
+    for s in range(stage.start_step + start_step, stage.end_step):
+        length, starts = draws.step_rows(s, rank, world_size)
+        yield stream.flat_rows(starts, length)
 
 
 def check_document_ends(stream: TokenStream, docs: int = 256) -> None:

@@ -12,6 +12,7 @@ import json
 
 from gl_ray import storage
 from gl_ray.config import Config
+from gl_ray.data.decompose import draws_for
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, plans_by_world
@@ -65,6 +66,11 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
         check_document_ends(val)
     plans = plans_by_world(cfg, cap_tokens=train_stream.tokens)  # one, but for an elastic run
     plan = plans[cfg.ray.num_workers]
+    if cfg.data.packing == "decompose":  # every step's bucket, checked before anything is written
+        draws = draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)
+        for w in plans:
+            for s in range(plan.total_steps):
+                draws.step_rows(s, 0, max(1, w))
     if plan.time_mode and plan.total_steps < len(plan.stages):
         raise UserError(f"time mode: the token cap ({train_stream.tokens:,} train tokens) gives fewer than one "
                         "step per stage; set schedule.budget_tokens or use more data")
@@ -77,6 +83,26 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
         return _train(cfg, plans, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
                       verbose=verbose, rewind_to=rewind_to, skip_steps=skip_steps)
+
+
+def decompose_accounting(cfg: Config, plan) -> dict:
+    """data.packing=decompose, for plan.json: the tokens of each bucket, what min_chunk left out, each stage's odds
+    and the tokens each bucket trains."""
+    if cfg.data.packing != "decompose":
+        return {}
+    draws = draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)
+    b = draws.buckets
+    return {"buckets": {"tokens": {str(k): v for k, v in b.tokens().items()}, "left_out_tokens": b.dropped_tokens,
+                        "left_out_chunks": b.dropped_chunks, "min_chunk": cfg.data.min_chunk,
+                        "stage_odds": [{str(k): round(v, 6) for k, v in o.items()} for o in draws.odds],
+                        "trained_tokens": {str(k): v for k, v in draws.bucket_tokens().items()}}}
+
+
+def reuse_lines(draws) -> list[str]:
+    """One line per bucket that the plan trains on more than once (its chunks start over): never silent."""
+    have = draws.buckets.tokens()
+    return [f"data.packing=decompose: bucket {L} trains {t:,} tokens but holds {have[L]:,}: its chunks are used "
+            f"{t / have[L]:.1f} times" for L, t in draws.bucket_tokens().items() if t > have[L]]
 
 
 def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
@@ -97,9 +123,13 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
         rewind(run_uri, plan, rewind_to, skip_steps, say)
     for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
-    plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}, indent=1)
+    plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}
+                          | decompose_accounting(cfg, plan), indent=1)
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
+    if cfg.data.packing == "decompose":
+        for line in reuse_lines(draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)):
+            say(line)
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
     _fit(cfg, plans, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
@@ -122,8 +152,10 @@ def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str |
 
         previous = preempt.install(run_uri)
         try:
+            draws = draws_for(cfg.data.path, plans[0], cfg.data.seed, cfg.data.min_chunk) \
+                if cfg.data.packing == "decompose" else None
             run_worker(cfg, plans[0], run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
-                                                     async_write=cfg.train.async_checkpoint),
+                                                     async_write=cfg.train.async_checkpoint, draws=draws),
                        print_progress=not quiet)
         finally:
             preempt.restore(previous)

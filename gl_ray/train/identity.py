@@ -25,7 +25,8 @@ from gl_ray.errors import UserError
 
 GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
 FINGERPRINT_KEYS = ("model.preset", "model.rope_theta", "model.init_std", "model.position_mode",
-                    "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step")
+                    "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step",
+                    "data.packing", "data.min_chunk")
 
 
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from gl_ray import storage
 from gl_ray.data.packing import RowLayout
-from gl_ray.data.stream import TokenStream, stage_steps
+from gl_ray.data.stream import TokenStream, decomposed_steps, stage_steps
 from gl_ray.schedule import Stage
 from gl_ray.train.checkpoint import (
     HostCopy,
@@ -106,8 +106,10 @@ class LocalIO(WorkerIO):
     """One process, no Ray: batches straight from the token stream, checkpoints written to
     RUN/checkpoint_step-NNNNNNN/ (in a background thread with async_write) and pruned to `keep_checkpoints`."""
 
-    def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int, async_write: bool = False):
-        self.train, self.run_uri, self.keep_checkpoints = train, run_uri, keep_checkpoints
+    def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int, async_write: bool = False,
+                 draws=None):
+        """draws: data.packing=decompose's StepDraws (gl_ray.data.decompose); None: packed rows."""
+        self.train, self.run_uri, self.keep_checkpoints, self.draws = train, run_uri, keep_checkpoints, draws
         self.stop_watch = StopWatch(run_uri)
         self.writer = BackgroundWriter() if async_write else None
 
@@ -115,6 +117,8 @@ class LocalIO(WorkerIO):
         return self.stop_watch.requested()
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
+        if self.draws is not None:
+            return decomposed_steps(self.train, self.draws, stage, start_step)
         return stage_steps(self.train, RowLayout.of(stage, rank=0, start_step=start_step))
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:

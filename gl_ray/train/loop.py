@@ -21,7 +21,7 @@ from gl_ray.config import Config
 from gl_ray.errors import TrainingDiverged
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
-from gl_ray.schedule import Plan, Stage, lr_at
+from gl_ray.schedule import Plan, Stage, lr_at, micro_batch_for
 from gl_ray.sizes import parse_size
 from gl_ray.train.checkpoint import TrainState
 from gl_ray.train.faults import maybe_fail, maybe_poison, maybe_spike
@@ -49,10 +49,11 @@ def step_inputs(x: torch.Tensor, st: Stage, micro: int, *, position_mode: str, s
     and the attention pairs it computes, for FLOPs (within documents and the window; a 0-d device tensor when
     masked). `benchmarks/sync_check.py` runs the step with exactly these inputs."""
     gen = pose_generator(seed, step, rank, micro) if position_mode == "pose" else None
-    inputs = batch_inputs(x, position_mode=position_mode, seq_len=st.seq_len, final_len=final_len, generator=gen,
+    seq_len = x.shape[1]  # the stage's length; with data.packing=decompose, the step's bucket
+    inputs = batch_inputs(x, position_mode=position_mode, seq_len=seq_len, final_len=final_len, generator=gen,
                           eos_id=eos_id, attention=attention, window=st.window, device=device)
     docs = inputs["docs"]
-    return inputs, document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * st.seq_len ** 2
+    return inputs, document_pairs(docs.starts, st.window) if docs is not None else x.shape[0] * seq_len ** 2
 
 
 class Meter:
@@ -156,6 +157,7 @@ class Trainer:
         self.checkpoint_block_s: float | None = None  # how long the last checkpoint held the loop up
         self.stopped = False  # a stop request ended the run early (after a checkpoint)
         self.notice_seen = False  # a preemption notice was answered, and its node not taken
+        self.window_lens: list[int] = []  # data.packing=decompose: the bucket of each step since the last report
 
     def train(self) -> TrainState:
         """Run what is left of the plan, then export; a stop request (SIGTERM) ends it after a checkpoint at the
@@ -194,7 +196,8 @@ class Trainer:
             poison = maybe_poison(state.step, self.model)
             maybe_spike(state.step, self.model)
             lr = self.set_lr()
-            out = train_step(self.net, self.optimizer, batches, micro_batch=micro_batch, device=self.device,
+            out = train_step(self.net, self.optimizer, batches, micro_batch=self.step_micro_batch(st, micro_batch),
+                             device=self.device,
                              amp=self.amp, grad_clip=self.cfg.optim.grad_clip,
                              extra_inputs=lambda x, micro: self.extra_inputs(x, st, micro),
                              skip_nonfinite=self.cfg.train.nonfinite == "skip")
@@ -239,6 +242,17 @@ class Trainer:
         while time.time() < end:
             time.sleep(0.2)
         self.notice_seen = True  # this notice is spent; the workers train on
+
+    def step_micro_batch(self, st: Stage, micro_batch: int):
+        """The stage's micro batch; with data.packing=decompose, a function of the step's rows: as many of its
+        bucket's rows as the stage's micro batch tokens hold (a divisor of its rows), and the bucket is noted."""
+        if self.cfg.data.packing != "decompose":
+            return micro_batch
+
+        def of(rows) -> int:
+            self.window_lens.append(rows.shape[1])
+            return micro_batch_for(len(rows), rows.shape[1], micro_batch * st.seq_len)
+        return of
 
     def diverged(self, step: int) -> TrainingDiverged:
         return TrainingDiverged(
@@ -367,6 +381,8 @@ class Trainer:
             metrics["budget_time_s"] = plan.budget_time_s
         if plan.window_mode:
             metrics["window"] = st.window or st.seq_len
+        if self.cfg.data.packing == "decompose":  # the bucket length of each step of the window
+            metrics["bucket_lens"], self.window_lens = self.window_lens, []
         if due.eval:
             metrics["val_loss"] = self.evaluator.loss(self.model, st.seq_len, self.io, self.device, self.amp)
             metrics["val_loss_final_len"] = self.evaluator.loss(self.model, plan.final_len, self.io, self.device,

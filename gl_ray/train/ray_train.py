@@ -25,7 +25,7 @@ import torch
 from gl_ray import storage
 from gl_ray.config import Config, DataConfig, config_from_dict
 from gl_ray.data.packing import RowLayout
-from gl_ray.data.pipeline import dataset_name, stage_dataset
+from gl_ray.data.pipeline import dataset_name, decomposed_dataset, stage_dataset
 from gl_ray.devices import resolved_precision
 from gl_ray.errors import UserError
 from gl_ray.ray_utils import RAY_DATA_PROGRESS_LOGGER, quiet_ray_info
@@ -68,15 +68,18 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
             memo[key] = (found[1].stage, found[1].stage_step) if found else (0, 0)
         return memo[key]
 
-    def make(stage: Stage, rank: int):
+    def make(stage: Stage, rank: int, plan: Plan):
         def build():
             cur_stage, cur_step = cursor()
-            layout = RowLayout.of(stage, rank=rank, start_step=cur_step if stage.index == cur_stage else 0)
-            return stage_dataset(data.path, data.seed, layout)
+            start = cur_step if stage.index == cur_stage else 0
+            if data.packing == "decompose":
+                return decomposed_dataset(data.path, data.seed, data.min_chunk, plan, stage, rank, plan.world_size,
+                                          start)
+            return stage_dataset(data.path, data.seed, RowLayout.of(stage, rank=rank, start_step=start))
         return build
 
     first = cursor()[0]
-    return {dataset_name(st.index, r, w): make(st, r) for w, p in plans.items() for st in p.stages[first:]
+    return {dataset_name(st.index, r, w): make(st, r, p) for w, p in plans.items() for st in p.stages[first:]
             for r in range(w)}
 
 
@@ -150,8 +153,9 @@ class RayWorkerIO(WorkerIO):
     def open_stage(self, stage: int) -> Iterator[dict]:
         import ray.train
 
+        per_step = 1 if self.cfg.data.packing == "decompose" else self.plan.stages[stage].rows_per_rank_step
         return iter(ray.train.get_dataset_shard(dataset_name(stage, self.rank, self.world_size)).iter_batches(
-            batch_size=self.plan.stages[stage].rows_per_rank_step, batch_format="numpy", drop_last=True,
+            batch_size=per_step, batch_format="numpy", drop_last=True,
             prefetch_batches=self.cfg.data.prefetch_batches))
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
@@ -165,7 +169,10 @@ class RayWorkerIO(WorkerIO):
                                    f"restored checkpoint is at step {start_step}")
             if i == warm_at and stage.index + 1 < len(self.plan.stages):
                 self.warmer.start(stage.index + 1)
-            yield b["input_ids"]
+            if "seq_len" in b:  # data.packing=decompose: one step per batch, its rows flattened
+                yield b["input_ids"][0].reshape(-1, int(b["seq_len"][0]))
+            else:
+                yield b["input_ids"]
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
         """DDP: rank 0 copies the state to host memory (the other ranks hold nothing to save). FSDP: every rank

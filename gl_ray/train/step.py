@@ -50,11 +50,12 @@ class StepResult(NamedTuple):
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: Iterator[np.ndarray], *,
-               micro_batch: int, device: torch.device, amp: Callable, grad_clip: float,
+               micro_batch: int | Callable[[np.ndarray], int], device: torch.device, amp: Callable, grad_clip: float,
                extra_inputs: Callable[[torch.Tensor, int], dict] = no_inputs,
                skip_nonfinite: bool = False) -> StepResult:
     """Forward+backward of one step's rows (next(steps): int32 [rows_per_rank_step, seq_len]) in micro batches
-    of `micro_batch` rows, then clip and step.
+    of `micro_batch` rows (a function of the rows: data.packing=decompose, whose steps differ in length), then
+    clip and step.
 
     `extra_inputs(rows, micro)` gives further keyword arguments of lm_loss for a micro batch (position ids,
     document masks) on the device, from its rows on the host (int32 [micro_batch, seq_len]): they are built there,
@@ -63,6 +64,8 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: It
     t0 = time.perf_counter()
     rows = next(steps)
     wait_s = time.perf_counter() - t0
+    if callable(micro_batch):
+        micro_batch = micro_batch(rows)
     grad_accum = len(rows) // micro_batch
     loss_sum = torch.zeros((), device=device)
     for micro in range(grad_accum):

@@ -1,0 +1,124 @@
+"""data.packing: decompose (issue 27): documents cut into power-of-two chunks, each step one bucket of them, drawn
+by a seeded rule of the step: the decomposition of hand-made documents, the draws across world sizes, a run
+without Ray and on two Ray workers (the same losses), an exact resume mid-stage, and bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_inprocess, metrics, run_tiny, weights
+from test_reliability import assert_user_error
+
+from gl_ray.data.decompose import Buckets, StepDraws, chunk_lengths
+
+DECOMPOSE = {"data.packing": "decompose"}
+
+
+def test_a_document_becomes_power_of_two_chunks_longest_first():
+    assert chunk_lengths(1300, 1024) == ([1024, 256, 16, 4], 0)
+    assert chunk_lengths(1300, 1024, min_len=8) == ([1024, 256, 16], 4)
+    assert chunk_lengths(2 * 1024 + 3, 1024, min_len=4) == ([1024, 1024], 3)
+    assert chunk_lengths(5, 1024) == ([4, 1], 0)
+
+
+def test_every_token_is_in_one_chunk_in_order_or_counted_as_left_out():
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([[1300, 1, 64, 65, 3000], rng.integers(1, 700, 200)]).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    b = Buckets.of(lengths, offsets, max_len=256, min_len=8)
+    assert all(L & (L - 1) == 0 and 8 <= L <= 256 for L in b.starts)
+    chunks = sorted((int(a), L) for L, starts in b.starts.items() for a in starts)
+    covered = np.zeros(int(lengths.sum()), dtype=np.int64)
+    for a, L in chunks:
+        covered[a:a + L] += 1
+    assert covered.max() == 1 and int(covered.sum()) + b.dropped_tokens == int(lengths.sum())
+    for n, off in zip(lengths, offsets):  # a document's chunks tile it from its start, longest first
+        kept, dropped = chunk_lengths(int(n), 256, 8)
+        mine = [(a, L) for a, L in chunks if off <= a < off + n]
+        assert [L for _, L in mine] == kept
+        assert [a for a, _ in mine] == list(off + np.cumsum([0] + kept)[:-1])
+    for starts in b.starts.values():  # each bucket in document order
+        assert list(starts) == sorted(starts)
+
+
+def test_the_bucket_of_each_step_is_the_same_at_any_world_size():
+    lengths = np.full(300, 100, dtype=np.int64)  # 64 + 32 + 4 each
+    offsets = np.arange(300, dtype=np.int64) * 100
+    b = Buckets.of(lengths, offsets, max_len=64, min_len=8)
+    draws = StepDraws(b, [32, 64], [20, 20], tokens_per_step=256, seed=3)
+    again = StepDraws(b, [32, 64], [20, 20], tokens_per_step=256, seed=3)
+    assert list(draws.lengths) == list(again.lengths)  # a resume computes the same draws
+    assert set(draws.lengths[:20]) == {32} and set(draws.lengths[20:]) <= {32, 64}
+    assert list(StepDraws(b, [32, 64], [20, 20], 256, seed=4).lengths) != list(draws.lengths)
+    for s in range(40):
+        L, whole = draws.step_rows(s, 0, 1)
+        halves = [draws.step_rows(s, r, 2) for r in (0, 1)]
+        assert {h[0] for h in halves} == {L} and list(np.concatenate([h[1] for h in halves])) == list(whole)
+
+
+@pytest.fixture(scope="module")
+def decomposed(tiny_data, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("decompose")
+    cfg, summary = run_tiny(tiny_data, storage, "dd", **DECOMPOSE)
+    return cfg, summary, storage / "dd"
+
+
+def test_a_decomposed_run_trains_one_bucket_per_step_and_accounts_for_its_tokens(decomposed, tiny_data):
+    from gl_ray.data.stream import get_stream
+
+    _, summary, run = decomposed
+    got = metrics(run)
+    assert [m["step"] for m in got] == list(range(1, 17)) and summary["tokens"] == 16384
+    lens = [m["bucket_lens"] for m in got]
+    assert all(len(x) == 1 for x in lens)  # a report per step: each its own bucket
+    assert {x[0] for x in lens[:8]} <= {8, 16, 32} and {x[0] for x in lens[8:]} <= {8, 16, 32, 64}
+    plan = json.loads((run / "plan.json").read_text())["buckets"]
+    train_tokens = get_stream(tiny_data, "train").tokens
+    assert sum(plan["tokens"].values()) + plan["left_out_tokens"] == train_tokens
+    assert sum(plan["trained_tokens"].values()) == 16384
+    assert all(abs(sum(o.values()) - 1) < 1e-5 for o in plan["stage_odds"])
+
+
+def test_a_decomposed_run_on_two_ray_workers_takes_the_same_steps(decomposed, tiny_data, tmp_path):
+    _, _, run = decomposed
+    run_tiny(tiny_data, tmp_path, "dd2", **DECOMPOSE, **{"ray.num_workers": 2})
+    got, want = metrics(tmp_path / "dd2"), metrics(run)
+    assert [m["bucket_lens"] for m in got] == [m["bucket_lens"] for m in want]
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_a_decomposed_run_resumes_exactly_mid_stage(decomposed, tiny_data, tmp_path):
+    _, _, run = decomposed
+    cut = tmp_path / "dd"
+    shutil.copytree(run, cut)
+    for ck in cut.glob("checkpoint_step-*"):
+        if int(ck.name.split("-")[1]) > 4:
+            shutil.rmtree(ck)
+    shutil.rmtree(cut / "final")
+    (cut / "summary.json").unlink()
+    run_tiny(tiny_data, tmp_path, "dd", **DECOMPOSE)
+    got, want = metrics(cut), metrics(run)
+    assert [m["step"] for m in got] == [m["step"] for m in want]
+    for a, b in zip(got, want, strict=True):
+        assert (a["loss"], a["bucket_lens"]) == (pytest.approx(b["loss"], abs=1e-6), b["bucket_lens"])
+    wa, wb = weights(cut), weights(run)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+@pytest.mark.parametrize("sets,needle", [
+    (["data.packing=decompose", "data.min_chunk=128"], "data.min_chunk=128 is above the longest bucket (64"),
+    (["data.packing=decompose", "data.min_chunk=12"], "data.min_chunk (12) must be a power of two"),
+    (["data.packing=decompose", "schedule.mode=window"], "schedule.mode=window widens a window"),
+    (["data.packing=chunks"], "data.packing='chunks' is not one of concat | decompose"),
+], ids=["min-chunk-above-the-longest", "min-chunk-not-a-power-of-two", "with-window-mode", "unknown-packing"])
+def test_bad_decompose_settings_are_one_line(tiny_data, tmp_path, capsys, monkeypatch, sets, needle):
+    from conftest import tiny_overrides
+
+    base = tiny_overrides(tiny_data, f"{tmp_path}/runs", "bad")
+    args = [x for s in base + sets for x in ("--set", s)]
+    r = cli_inprocess(capsys, monkeypatch, "train", *args)
+    assert_user_error(r, needle)
+    assert not (tmp_path / "runs").exists()
