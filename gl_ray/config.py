@@ -35,6 +35,7 @@ NonFinite = Literal["stop", "skip"]  # see gl_ray.train.loop.Trainer.diverged
 Shape = Literal["ladder", "linear", "geometric"]  # see gl_ray.schedule.stage_lengths
 Mode = Literal["reshape", "window"]
 Packing = Literal["concat", "decompose"]  # see gl_ray.data.decompose
+Curriculum = Literal["ladder", "uniform", "grow_p2", "odds"]  # see gl_ray.data.decompose.StepDraws
 
 
 MAX_TOKENS = 2**50  # a token count beyond this is a typo (1e300), not a budget
@@ -59,6 +60,11 @@ class DataConfig:
                                     "each document cut into power-of-two chunks, each step one bucket of them "
                                     "(gl_ray/data/decompose.py)")
     min_chunk: int = _f(8, "decompose: chunks shorter than this (a power of two) are left out and counted")
+    curriculum: Curriculum = _f("ladder", "decompose: how steps draw their bucket: ladder (stage k among the buckets "
+                                          "up to its length, by tokens) | uniform (all buckets, by tokens) | grow_p2 "
+                                          "(data.cycles cycles, short chunks first in each) | odds (data.bucket_odds)")
+    bucket_odds: dict[int, float] = _f({}, "decompose with curriculum odds: each bucket length's odds, summing to 1")
+    cycles: int = _f(8, "decompose with curriculum grow_p2: cycles over the buckets (the paper's epochs)")
 
 
 @dataclass
@@ -237,6 +243,12 @@ class Config:
             raise UserError(f"data.seed must be >= 0, got {self.data.seed}")
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
+        if self.data.cycles < 1:
+            raise UserError(f"data.cycles must be at least 1, got {self.data.cycles}")
+        if self.data.bucket_odds and self.data.curriculum != "odds":
+            raise UserError(f"data.bucket_odds is read by data.curriculum=odds only (it is {self.data.curriculum})")
+        if self.data.curriculum == "odds" and not self.data.bucket_odds:
+            raise UserError("data.curriculum=odds needs data.bucket_odds (each bucket length's odds, summing to 1)")
         if self.data.packing == "decompose" and s.mode == "window":
             raise UserError("data.packing=decompose takes each step's rows from one bucket of chunk lengths; "
                             "schedule.mode=window widens a window over rows of one length (use schedule.mode=reshape)")

@@ -14,6 +14,7 @@ from test_reliability import assert_user_error
 from gl_ray.data.decompose import Buckets, StepDraws, chunk_lengths
 
 DECOMPOSE = {"data.packing": "decompose"}
+ONE_STAGE = ["schedule.lengths=[64]", "schedule.ratios=[1.0]"]
 
 
 def test_a_document_becomes_power_of_two_chunks_longest_first():
@@ -58,6 +59,23 @@ def test_the_bucket_of_each_step_is_the_same_at_any_world_size():
         assert {h[0] for h in halves} == {L} and list(np.concatenate([h[1] for h in halves])) == list(whole)
 
 
+def test_uniform_grow_p2_and_odds_curricula():
+    """uniform: each bucket in proportion to its tokens; grow_p2: every cycle holds each bucket's share, short chunks
+    first; odds: the user's odds."""
+    lengths = np.full(2000, 100, dtype=np.int64)  # 64 + 32 + 4 each: buckets 64 and 32 (4 left out)
+    b = Buckets.of(lengths, np.arange(2000, dtype=np.int64) * 100, max_len=64, min_len=8)
+    assert (b.tokens(), b.dropped_tokens) == ({32: 64000, 64: 128000}, 8000)
+    uniform = StepDraws(b, [64], [3000], 256, seed=0, curriculum="uniform").lengths
+    assert abs((uniform == 64).mean() - 2 / 3) < 0.03
+    grow = StepDraws(b, [64], [300], 256, seed=0, curriculum="grow_p2", cycles=3).lengths
+    for cycle in grow.reshape(3, 100):
+        assert ((cycle == 32).sum(), (cycle == 64).sum()) == (33, 67)  # largest remainder of 100 x (1/3, 2/3)
+        assert np.flatnonzero(cycle == 32).mean() < np.flatnonzero(cycle == 64).mean()  # short first
+    assert not np.array_equal(grow[:100], grow[100:200])  # each cycle its own order
+    odds = StepDraws(b, [64], [3000], 256, seed=0, curriculum="odds", odds={32: 0.9, 64: 0.1}).lengths
+    assert abs((odds == 32).mean() - 0.9) < 0.03
+
+
 @pytest.fixture(scope="module")
 def decomposed(tiny_data, tmp_path_factory):
     storage = tmp_path_factory.mktemp("decompose")
@@ -78,7 +96,8 @@ def test_a_decomposed_run_trains_one_bucket_per_step_and_accounts_for_its_tokens
     train_tokens = get_stream(tiny_data, "train").tokens
     assert sum(plan["tokens"].values()) + plan["left_out_tokens"] == train_tokens
     assert sum(plan["trained_tokens"].values()) == 16384
-    assert all(abs(sum(o.values()) - 1) < 1e-5 for o in plan["stage_odds"])
+    assert plan["curriculum"] == "ladder" and len(plan["odds"]) == 2
+    assert all(abs(sum(o.values()) - 1) < 1e-5 for o in plan["odds"])
 
 
 def test_a_decomposed_run_on_two_ray_workers_takes_the_same_steps(decomposed, tiny_data, tmp_path):
@@ -113,7 +132,15 @@ def test_a_decomposed_run_resumes_exactly_mid_stage(decomposed, tiny_data, tmp_p
     (["data.packing=decompose", "data.min_chunk=12"], "data.min_chunk (12) must be a power of two"),
     (["data.packing=decompose", "schedule.mode=window"], "schedule.mode=window widens a window"),
     (["data.packing=chunks"], "data.packing='chunks' is not one of concat | decompose"),
-], ids=["min-chunk-above-the-longest", "min-chunk-not-a-power-of-two", "with-window-mode", "unknown-packing"])
+    (["data.packing=decompose", "data.curriculum=uniform"], "give one stage at the longest bucket "
+                                                            "(schedule.lengths=[64])"),
+    (["data.packing=decompose", "data.curriculum=odds", *ONE_STAGE, "data.bucket_odds={8: 0.5, 64: 0.4}"],
+     "data.bucket_odds sum to 0.9, not 1"),
+    (["data.packing=decompose", "data.curriculum=odds", *ONE_STAGE, "data.bucket_odds={8: 0.5, 128: 0.5}"],
+     "data.bucket_odds: there is no bucket 128"),
+    (["data.packing=decompose", "data.curriculum=odds"], "data.curriculum=odds needs data.bucket_odds"),
+], ids=["min-chunk-above-the-longest", "min-chunk-not-a-power-of-two", "with-window-mode", "unknown-packing",
+        "uniform-with-two-stages", "odds-not-summing-to-one", "odds-of-no-bucket", "odds-missing"])
 def test_bad_decompose_settings_are_one_line(tiny_data, tmp_path, capsys, monkeypatch, sets, needle):
     from conftest import tiny_overrides
 

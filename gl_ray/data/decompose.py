@@ -6,14 +6,14 @@ A document of n tokens becomes n // max_len chunks of max_len, then the binary d
 first (1,300 tokens with max_len 1,024: 1,024 + 256 + 16 + 4); chunks shorter than min_len are left out and
 counted. Bucket L lists its chunks' flat offsets (manifest order), in document order.
 
-Step s of the run draws its bucket by a seeded rule of (seed, s) from the odds of its stage: the buckets up to
-the stage's length, in proportion to their tokens (a ladder of stages is a length curriculum; one stage at the
-longest length is the paper's baseline, uniform by tokens). The k-th step that draws bucket L takes its next
+Step s of the run draws its bucket by a seeded rule from the curriculum's odds (`StepDraws`: a ladder of stages
+over the buckets up to each stage's length, uniform by tokens, the paper's Grow-P2 cycles, or odds of your own).
+The k-th step that draws bucket L takes its next
 tokens_per_step / L chunks, wrapping around a bucket it has used up (a later pass over it). Every worker and every
 resume computes the same draws, whatever the world size.
 
     buckets = Buckets.of(stream.doc_lengths, stream.doc_offsets, max_len=1024, min_len=16)
-    draws = StepDraws(buckets, [256, 1024], [100, 100], tokens_per_step=65536, seed=0)
+    draws = StepDraws(buckets, [256, 1024], [100, 100], tokens_per_step=65536, seed=0, curriculum="ladder")
     L, starts = draws.step_rows(step=12, rank=0, world_size=2)   # this worker's chunks of step 12
     rows = stream.flat_rows(starts, L)                            # int32 [len(starts), L]
 """
@@ -93,32 +93,75 @@ def check_lengths(max_len: int, min_len: int) -> None:
                         "every chunk would be left out")
 
 
-def stage_odds(buckets: Buckets, stage_len: int) -> dict[int, float]:
-    """A stage's bucket odds: the buckets up to its length, in proportion to their tokens."""
-    tokens = {L: t for L, t in buckets.tokens().items() if L <= stage_len}
+def token_odds(buckets: Buckets, up_to: int) -> dict[int, float]:
+    """The buckets up to a length, in proportion to their tokens."""
+    tokens = {L: t for L, t in buckets.tokens().items() if L <= up_to}
     total = sum(tokens.values())
     if not total:
-        raise UserError(f"data.packing=decompose: no chunk of {stage_len} tokens or shorter (raise the stage "
-                        "length or lower data.min_chunk)")
+        raise UserError(f"data.packing=decompose: no chunk of {up_to} tokens or shorter (raise the stage length or "
+                        "lower data.min_chunk)")
     return {L: t / total for L, t in tokens.items()}
 
 
+def check_odds(odds: dict[int, float], buckets: Buckets) -> None:
+    """data.bucket_odds: bucket lengths that exist, odds >= 0 summing to one."""
+    for L, p in odds.items():
+        if L not in buckets.starts:
+            raise UserError(f"data.bucket_odds: there is no bucket {L} (the buckets: "
+                            f"{', '.join(map(str, buckets.starts))})")
+        if p < 0:
+            raise UserError(f"data.bucket_odds.{L} is negative ({p})")
+    if abs(sum(odds.values()) - 1) > 1e-6:
+        raise UserError(f"data.bucket_odds sum to {sum(odds.values()):.6g}, not 1")
+
+
+def _draw(rng: np.random.Generator, odds: dict[int, float]) -> int:
+    choices, p = list(odds), np.array(list(odds.values()), dtype=np.float64)
+    return int(choices[rng.choice(len(choices), p=p / p.sum())])
+
+
 class StepDraws:
-    """The bucket of every step of a plan and the chunks it takes: a pure function of (buckets, plan, seed)."""
+    """The bucket of every step of a plan and the chunks it takes: a pure function of (buckets, plan, data config).
+
+    curriculum (data.curriculum):
+      ladder   stage k draws among the buckets up to its length, in proportion to their tokens
+      uniform  every step draws among all buckets in proportion to their tokens (the paper's baseline)
+      grow_p2  the run is cut into data.cycles cycles; each cycle holds every bucket's share of steps (by tokens)
+               and orders them by drawing without replacement with odds x 2 per halving of the length, so
+               short chunks come early in each cycle (the paper's Grow-P2; ml-dataset-decomposition's
+               32, 16, 8, 4, 2, 1 mix weights)
+      odds     every step draws with data.bucket_odds
+    """
 
     def __init__(self, buckets: Buckets, stage_lens: list[int], stage_steps: list[int], tokens_per_step: int,
-                 seed: int):
+                 seed: int, curriculum: str = "ladder", odds: dict[int, float] | None = None, cycles: int = 1):
         self.buckets, self.tokens_per_step = buckets, tokens_per_step
-        self.lengths = np.zeros(sum(stage_steps), dtype=np.int64)
-        self.odds = []
-        step = 0
-        for L_k, n in zip(stage_lens, stage_steps, strict=True):
-            odds = stage_odds(buckets, L_k)
-            self.odds.append(odds)
-            choices, p = np.array(list(odds)), np.array(list(odds.values()))
-            for s in range(step, step + n):  # seeded by (seed, step): the same on every worker and resume
-                self.lengths[s] = choices[np.random.default_rng([seed, s, 7]).choice(len(choices), p=p)]
-            step += n
+        total = sum(stage_steps)
+        self.lengths = np.zeros(total, dtype=np.int64)
+        if curriculum == "ladder":
+            self.odds = [token_odds(buckets, L_k) for L_k in stage_lens]
+            step = 0
+            for o, n in zip(self.odds, stage_steps, strict=True):
+                for s in range(step, step + n):  # seeded by (seed, step): the same on every worker and resume
+                    self.lengths[s] = _draw(np.random.default_rng([seed, s, 7]), o)
+                step += n
+        elif curriculum in ("uniform", "odds"):
+            o = token_odds(buckets, max(buckets.starts)) if curriculum == "uniform" else dict(odds or {})
+            if curriculum == "odds":
+                check_odds(o, buckets)
+            self.odds = [o]
+            for s in range(total):
+                self.lengths[s] = _draw(np.random.default_rng([seed, s, 7]), o)
+        elif curriculum == "grow_p2":
+            shares = token_odds(buckets, max(buckets.starts))
+            longest = max(shares)
+            self.odds = [shares]
+            bounds = np.linspace(0, total, cycles + 1).round().astype(int)
+            for c in range(cycles):
+                self.lengths[bounds[c]:bounds[c + 1]] = _cycle(shares, longest, bounds[c + 1] - bounds[c],
+                                                               np.random.default_rng([seed, c, 11]))
+        else:
+            raise UserError(f"data.curriculum={curriculum!r} is not one of ladder | uniform | grow_p2 | odds")
         for L in np.unique(self.lengths):
             if tokens_per_step % L:
                 raise UserError(f"data.packing=decompose: schedule.tokens_per_step={tokens_per_step} is not a "
@@ -128,7 +171,6 @@ class StepDraws:
         for L in np.unique(self.lengths):
             where = np.flatnonzero(self.lengths == L)
             self.nth[where] = np.arange(len(where))
-
     def step_rows(self, step: int, rank: int, world_size: int) -> tuple[int, np.ndarray]:
         """(bucket length, flat offsets of this worker's chunks) of a global step."""
         L = int(self.lengths[step])
@@ -149,18 +191,36 @@ class StepDraws:
         return out
 
 
+def _cycle(shares: dict[int, float], longest: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """One Grow-P2 cycle: each bucket's share of `steps` (largest remainders), ordered by drawing without
+    replacement with odds of remaining steps x 2 per halving of the length below the longest."""
+    exact = {L: steps * p for L, p in shares.items()}
+    count = {L: int(v) for L, v in exact.items()}
+    for L in sorted(exact, key=lambda L: count[L] - exact[L])[:steps - sum(count.values())]:
+        count[L] += 1
+    out = np.zeros(steps, dtype=np.int64)
+    for i in range(steps):
+        left = {L: n * (longest // L) for L, n in count.items() if n}
+        out[i] = _draw(rng, left)
+        count[int(out[i])] -= 1
+    return out
+
+
 _DRAWS: dict[tuple, StepDraws] = {}
 
 
-def draws_for(root: str, plan, seed: int, min_len: int) -> StepDraws:
-    """The run's StepDraws over a prepared dataset's train split, built once per process (the driver and each
-    worker compute the same)."""
+def draws_for(data, plan) -> StepDraws:
+    """The run's StepDraws over a prepared dataset's train split (data: the run's DataConfig), built once per
+    process (the driver and each worker compute the same)."""
     from gl_ray.data.stream import get_stream
 
-    key = (root, seed, min_len, tuple((st.seq_len, st.steps) for st in plan.stages), plan.tokens_per_step)
+    odds = tuple(sorted(data.bucket_odds.items()))
+    key = (data.path, data.seed, data.min_chunk, data.curriculum, odds, data.cycles,
+           tuple((st.seq_len, st.steps) for st in plan.stages), plan.tokens_per_step)
     if key not in _DRAWS:
-        stream = get_stream(root, "train", seed)
-        buckets = Buckets.of(stream.doc_lengths, stream.doc_offsets, max_len=plan.final_len, min_len=min_len)
+        stream = get_stream(data.path, "train", data.seed)
+        buckets = Buckets.of(stream.doc_lengths, stream.doc_offsets, max_len=plan.final_len, min_len=data.min_chunk)
         _DRAWS[key] = StepDraws(buckets, [st.seq_len for st in plan.stages], [st.steps for st in plan.stages],
-                                plan.tokens_per_step, seed)
+                                plan.tokens_per_step, data.seed, data.curriculum, dict(data.bucket_odds),
+                                data.cycles)
     return _DRAWS[key]

@@ -40,14 +40,13 @@ def stage_dataset(root: str, seed: int, layout: RowLayout):
         fn_kwargs={"root": root, "seed": seed, "layout": layout})
 
 
-def fetch_steps(batch: dict[str, np.ndarray], root: str, seed: int, min_len: int, plan, rank: int,
-                world_size: int) -> dict[str, np.ndarray]:
+def fetch_steps(batch: dict[str, np.ndarray], data, plan, rank: int, world_size: int) -> dict[str, np.ndarray]:
     """data.packing=decompose: global optimizer steps ("id") in; each step's rows of this worker flattened
     ("input_ids": int32 [n, tokens per worker and step], the same size whatever the bucket), its bucket length
     ("seq_len") and its stage-local step ("step") out."""
     from gl_ray.data.decompose import draws_for
 
-    draws, stream = draws_for(root, plan, seed, min_len), get_stream(root, "train", seed)
+    draws, stream = draws_for(data, plan), get_stream(data.path, "train", data.seed)
     steps = np.asarray(batch["id"], dtype=np.int64)
     rows, lens = [], []
     for s in steps:
@@ -59,15 +58,13 @@ def fetch_steps(batch: dict[str, np.ndarray], root: str, seed: int, min_len: int
             "step": steps - stage.start_step}
 
 
-def decomposed_dataset(root: str, seed: int, min_len: int, plan, stage, rank: int, world_size: int,
-                       start_step: int):
+def decomposed_dataset(data, plan, stage, rank: int, world_size: int, start_step: int):
     """data.packing=decompose: the lazy Ray Dataset of one worker's steps of a stage, from stage step start_step
-    on, one row per optimizer step; the twin of `stream.decomposed_steps`."""
+    on, one row per optimizer step (data: the run's DataConfig); the twin of `stream.decomposed_steps`."""
     import ray
 
     first, stop = stage.start_step + start_step, stage.end_step
     ds = ray.data.from_items([{"id": s} for s in range(first, stop)]) if stop > first else \
         ray.data.from_items([{"id": 0}]).limit(0)
     return ds.map_batches(fetch_steps, batch_size=1, batch_format="numpy",
-                          fn_kwargs={"root": root, "seed": seed, "min_len": min_len, "plan": plan, "rank": rank,
-                                     "world_size": world_size})
+                          fn_kwargs={"data": data, "plan": plan, "rank": rank, "world_size": world_size})

@@ -67,7 +67,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     plans = plans_by_world(cfg, cap_tokens=train_stream.tokens)  # one, but for an elastic run
     plan = plans[cfg.ray.num_workers]
     if cfg.data.packing == "decompose":  # every step's bucket, checked before anything is written
-        draws = draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)
+        draws = draws_for(cfg.data, plan)
         for w in plans:
             for s in range(plan.total_steps):
                 draws.step_rows(s, 0, max(1, w))
@@ -86,15 +86,16 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
 
 
 def decompose_accounting(cfg: Config, plan) -> dict:
-    """data.packing=decompose, for plan.json: the tokens of each bucket, what min_chunk left out, each stage's odds
-    and the tokens each bucket trains."""
+    """data.packing=decompose, for plan.json: the tokens of each bucket, what min_chunk left out, the curriculum's
+    odds and the tokens each bucket trains."""
     if cfg.data.packing != "decompose":
         return {}
-    draws = draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)
+    draws = draws_for(cfg.data, plan)
     b = draws.buckets
     return {"buckets": {"tokens": {str(k): v for k, v in b.tokens().items()}, "left_out_tokens": b.dropped_tokens,
                         "left_out_chunks": b.dropped_chunks, "min_chunk": cfg.data.min_chunk,
-                        "stage_odds": [{str(k): round(v, 6) for k, v in o.items()} for o in draws.odds],
+                        "curriculum": cfg.data.curriculum,  # odds: per stage (ladder), else the run's
+                        "odds": [{str(k): round(v, 6) for k, v in o.items()} for o in draws.odds],
                         "trained_tokens": {str(k): v for k, v in draws.bucket_tokens().items()}}}
 
 
@@ -128,7 +129,7 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
     if cfg.data.packing == "decompose":
-        for line in reuse_lines(draws_for(cfg.data.path, plan, cfg.data.seed, cfg.data.min_chunk)):
+        for line in reuse_lines(draws_for(cfg.data, plan)):
             say(line)
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
@@ -152,7 +153,7 @@ def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str |
 
         previous = preempt.install(run_uri)
         try:
-            draws = draws_for(cfg.data.path, plans[0], cfg.data.seed, cfg.data.min_chunk) \
+            draws = draws_for(cfg.data, plans[0]) \
                 if cfg.data.packing == "decompose" else None
             run_worker(cfg, plans[0], run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
                                                      async_write=cfg.train.async_checkpoint, draws=draws),

@@ -26,11 +26,12 @@ from gl_ray.errors import UserError
 GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
 FINGERPRINT_KEYS = ("model.preset", "model.rope_theta", "model.init_std", "model.position_mode",
                     "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step",
-                    "data.packing", "data.min_chunk")
+                    "data.packing", "data.min_chunk", "data.curriculum", "data.bucket_odds", "data.cycles")
 
 
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
+    fp["data.bucket_odds"] = {str(k): v for k, v in sorted(cfg.data.bucket_odds.items())}  # as JSON reads it back
     fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
     fp["stages"] = [{k: s[k] for k in GLOBAL_STAGE_KEYS} | ({"window": s["window"]} if "window" in s else {})
                     for s in plan.to_json()["stages"]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from gl_ray.config import Config
+from gl_ray.errors import UserError
 from gl_ray.data.decompose import check_lengths as check_chunk_lengths
 from gl_ray.devices import check_device
 from gl_ray.model import check_attention
@@ -32,6 +33,10 @@ def preflight(cfg: Config) -> Plan:
     plans_by_world(cfg)  # elastic: every world size the run may shrink to shares a step's rows out evenly
     if cfg.data.packing == "decompose":
         check_chunk_lengths(plan.final_len, cfg.data.min_chunk)
+        if cfg.data.curriculum != "ladder" and len(plan.stages) > 1:
+            raise UserError(f"data.curriculum={cfg.data.curriculum} draws from every bucket in every step's odds; "
+                            f"give one stage at the longest bucket (schedule.lengths=[{plan.final_len}]), or use "
+                            "data.curriculum=ladder for stages")
     if cfg.ray.num_workers == 0:  # Ray workers are checked where they run (ray.use_gpu reserves their GPU)
         check_device(cfg.train.device, "train.device")
     check_attention(cfg.model.attention, on_gpu=trains_on_gpu(cfg))

@@ -73,8 +73,7 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
             cur_stage, cur_step = cursor()
             start = cur_step if stage.index == cur_stage else 0
             if data.packing == "decompose":
-                return decomposed_dataset(data.path, data.seed, data.min_chunk, plan, stage, rank, plan.world_size,
-                                          start)
+                return decomposed_dataset(data, plan, stage, rank, plan.world_size, start)
             return stage_dataset(data.path, data.seed, RowLayout.of(stage, rank=rank, start_step=start))
         return build
 
