@@ -40,7 +40,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg)
-    print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+    if cfg.data.packing != "decompose":
+        print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
+        return 0
+    from gl_ray.data.decompose import accounting, draws_for, format_buckets
+
+    draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
+    print(json.dumps(plan.to_json() | {"buckets": accounting(draws, cfg.data)}, indent=2) if args.json else
+          format_plan(plan) + "\n" + format_buckets(draws, cfg.data))
     return 0
 
 

@@ -224,3 +224,30 @@ def draws_for(data, plan) -> StepDraws:
                                 plan.tokens_per_step, data.seed, data.curriculum, dict(data.bucket_odds),
                                 data.cycles)
     return _DRAWS[key]
+
+
+def accounting(draws: StepDraws, data) -> dict:
+    """For plan.json and `gl-ray plan --json`: the tokens of each bucket, what data.min_chunk left out, the
+    curriculum's odds (per stage for ladder, else the run's) and the tokens each bucket trains."""
+    b = draws.buckets
+    return {"tokens": {str(k): v for k, v in b.tokens().items()}, "left_out_tokens": b.dropped_tokens,
+            "left_out_chunks": b.dropped_chunks, "min_chunk": data.min_chunk, "curriculum": data.curriculum,
+            "odds": [{str(k): round(v, 6) for k, v in o.items()} for o in draws.odds],
+            "trained_tokens": {str(k): v for k, v in draws.bucket_tokens().items()}}
+
+
+def format_buckets(draws: StepDraws, data) -> str:
+    """The bucket table `gl-ray plan` and `gl-ray train` print, and one line per bucket trained more than once."""
+    b, trained = draws.buckets, draws.bucket_tokens()
+    odds_cols = [f"odds{k}" if len(draws.odds) > 1 else "odds" for k in range(len(draws.odds))]
+    rows = [f"{'bucket':>7} {'chunks':>10} {'tokens':>14} " + " ".join(f"{c:>7}" for c in odds_cols)
+            + f" {'trained':>14}"]
+    for L, starts in b.starts.items():
+        rows.append(f"{L:>7} {len(starts):>10,} {len(starts) * L:>14,} "
+                    + " ".join(f"{o.get(L, 0.0):>7.3f}" for o in draws.odds) + f" {trained.get(L, 0):>14,}")
+    rows.append(f"decompose ({data.curriculum}): {b.dropped_tokens:,} tokens in {b.dropped_chunks:,} chunks under "
+                f"data.min_chunk={data.min_chunk} left out")
+    have = b.tokens()
+    rows += [f"data.packing=decompose: bucket {L} trains {t:,} tokens but holds {have[L]:,}: its chunks are used "
+             f"{t / have[L]:.1f} times" for L, t in trained.items() if t > have[L]]
+    return "\n".join(rows)

@@ -12,7 +12,7 @@ import json
 
 from gl_ray import storage
 from gl_ray.config import Config
-from gl_ray.data.decompose import draws_for
+from gl_ray.data.decompose import accounting, draws_for, format_buckets
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.schedule import format_plan, plans_by_world
@@ -86,24 +86,8 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
 
 
 def decompose_accounting(cfg: Config, plan) -> dict:
-    """data.packing=decompose, for plan.json: the tokens of each bucket, what min_chunk left out, the curriculum's
-    odds and the tokens each bucket trains."""
-    if cfg.data.packing != "decompose":
-        return {}
-    draws = draws_for(cfg.data, plan)
-    b = draws.buckets
-    return {"buckets": {"tokens": {str(k): v for k, v in b.tokens().items()}, "left_out_tokens": b.dropped_tokens,
-                        "left_out_chunks": b.dropped_chunks, "min_chunk": cfg.data.min_chunk,
-                        "curriculum": cfg.data.curriculum,  # odds: per stage (ladder), else the run's
-                        "odds": [{str(k): round(v, 6) for k, v in o.items()} for o in draws.odds],
-                        "trained_tokens": {str(k): v for k, v in draws.bucket_tokens().items()}}}
-
-
-def reuse_lines(draws) -> list[str]:
-    """One line per bucket that the plan trains on more than once (its chunks start over): never silent."""
-    have = draws.buckets.tokens()
-    return [f"data.packing=decompose: bucket {L} trains {t:,} tokens but holds {have[L]:,}: its chunks are used "
-            f"{t / have[L]:.1f} times" for L, t in draws.bucket_tokens().items() if t > have[L]]
+    """plan.json's `buckets` with data.packing=decompose (gl_ray.data.decompose.accounting)."""
+    return {"buckets": accounting(draws_for(cfg.data, plan), cfg.data)} if cfg.data.packing == "decompose" else {}
 
 
 def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
@@ -129,8 +113,7 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
     if cfg.data.packing == "decompose":
-        for line in reuse_lines(draws_for(cfg.data, plan)):
-            say(line)
+        say(format_buckets(draws_for(cfg.data, plan), cfg.data))
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
     _fit(cfg, plans, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)

@@ -6,6 +6,7 @@
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
                     training FLOPs, all workers, PaLM's accounting), world_size (workers that trained the window)
+                    (+ bucket_lens with data.packing=decompose: each step's bucket length)
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
     .gl-ray.shared  a local run folder's token from the Ray driver, read back by every worker (gl_ray.train.ray_train)
     starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
@@ -15,6 +16,7 @@
                     notice was too short); between them one line per notice: notice, time, step, deadline
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
+                    (+ buckets with data.packing=decompose: trained_tokens per bucket, left_out_tokens/chunks)
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
     trackers.json   with train.loggers: tracker run ids and the last step logged (gl_ray.train.tracking), beside
                     tensorboard/, mlflow.db + mlartifacts/ (MLflow's default local store) and wandb/
@@ -313,6 +315,11 @@ class RunOutputs(RunHooks):
         export_final(self.run_uri, model, weights, self.tokenizer_uri)
         metrics = [json.loads(ln) for ln in self.log.lines]
         summary = build_summary(self.plan, state, metrics, final_val or (metrics[-1] if metrics else {}))
+        if self.cfg is not None and self.cfg.data.packing == "decompose":  # tokens trained per bucket, left out
+            from gl_ray.data.decompose import accounting, draws_for
+
+            acc = accounting(draws_for(self.cfg.data, self.plan), self.cfg.data)
+            summary["buckets"] = {k: acc[k] for k in ("trained_tokens", "left_out_tokens", "left_out_chunks")}
         storage.write_bytes(storage.join(self.run_uri, "summary.json"),
                             json.dumps(finite(summary), indent=1, allow_nan=False).encode())
         if self.trackers is not None:
