@@ -362,7 +362,8 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")
     p.add_argument("--ratios", default="", help="ratio ablation: ratio sets separated by ';'")
     p.add_argument("--modes", default="reshape",
-                   help="schedule modes of the GrowLength arms: reshape (default), window, or reshape,window")
+                   help="ways to grow the length of the GrowLength arms, comma-separated: reshape (default), window, "
+                        "decompose (data.packing=decompose)")
     p.add_argument("--seeds", type=int, default=1,
                    help="runs per arm (train.seed and data.seed + 0..N-1: weight init, data order)")
     p.add_argument("--workers", type=int, default=None, help="override ray.num_workers (0: no Ray)")

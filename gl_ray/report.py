@@ -92,9 +92,10 @@ def baseline_arms(data: dict[str, list[dict]], baseline: str | None) -> list[str
 
 def is_fixed(ms: list[dict]) -> bool:
     """A run trained at one length only (rows and attention: a window-mode run has one row length but a growing
-    window)."""
+    window, a decomposed run a bucket length per step)."""
     lengths = {m["seq_len"] for m in ms}
-    return len(lengths) == 1 and {m.get("window", ms[0]["seq_len"]) for m in ms} == lengths
+    buckets = {L for m in ms for L in m.get("bucket_lens", [m["seq_len"]])}  # decompose: each step's own length
+    return len(lengths) == 1 and {m.get("window", ms[0]["seq_len"]) for m in ms} == lengths == buckets
 
 
 def _ratio(a, b):

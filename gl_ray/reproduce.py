@@ -5,10 +5,11 @@ Runs go one after another into OUT/runs/; the comparison into OUT/eval.json (+ e
 context-use metrics) and OUT/report/ (with the eval's headline numbers and, with --seeds 2+, Welch's t-tests).
 
     gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --data data/stdlib --budget-time-s 90 \
-        --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--modes reshape,window] [--workers 0]
+        --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--modes reshape,window,decompose]
 
 `--modes reshape,window` adds, for every GrowLength arm, the same schedule in window mode (rows at the final
-length, attention growing through the stage lengths: SkyLadder-style), named ...-window.
+length, attention growing through the stage lengths: SkyLadder-style), named ...-window; `decompose` the same
+ladder over dataset-decomposition buckets (data.packing=decompose, curriculum ladder), named ...-decompose.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from gl_ray.schedule import normalise_ratios, stage_lengths
 from gl_ray.train.driver import launch_run
 from gl_ray.train.preflight import preflight
 
-MODES = ("reshape", "window")
+MODES = ("reshape", "window", "decompose")
 
 
 def parse_ratio_sets(text: str, stages: int) -> list[list[float]]:
@@ -64,9 +65,12 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
     for i, ratios in enumerate(ratio_sets or [default_ratios]):
         tag = "growlength" if not ratio_sets or len(ratio_sets) == 1 else f"growlength-r{i}"
         for mode in modes:
-            sets = [f"schedule.ratios={ratios}", "schedule.warmup_fraction=0", f"schedule.mode={mode}"]
-            arms.append((f"{prefix}-{tag}" + ("-window" if mode == "window" else ""), sets))
-    fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape"]
+            packing = "decompose" if mode == "decompose" else "concat"
+            sets = [f"schedule.ratios={ratios}", "schedule.warmup_fraction=0",
+                    f"schedule.mode={'window' if mode == 'window' else 'reshape'}", f"data.packing={packing}"]
+            arms.append((f"{prefix}-{tag}" + (f"-{mode}" if mode != "reshape" else ""), sets))
+    fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape",
+             "data.packing=concat"]
     for L in (lengths[0], lengths[-1]):
         arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", *fixed]))
     if seeds == 1:

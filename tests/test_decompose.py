@@ -162,3 +162,37 @@ def test_bad_decompose_settings_are_one_line(tiny_data, tmp_path, capsys, monkey
     r = cli_inprocess(capsys, monkeypatch, "train", *args)
     assert_user_error(r, needle)
     assert not (tmp_path / "runs").exists()
+
+
+def test_reproduce_has_a_decompose_arm_and_the_report_never_takes_it_for_a_fixed_length(tiny_data, decomposed):
+    from gl_ray.report import find_baseline, is_fixed
+    from gl_ray.reproduce import run_variants
+
+    variants = run_variants("pipelines/configs/tiny-growlength.yaml", [f"data.path={tiny_data}"], [],
+                            modes=("reshape", "window", "decompose"))
+    arms = {next(o[5:] for o in v if o.startswith("name=")): v for v in variants}
+    assert list(arms) == ["tiny-growlength-growlength", "tiny-growlength-growlength-window",
+                          "tiny-growlength-growlength-decompose", "tiny-growlength-fixed64", "tiny-growlength-fixed512"]
+    assert "data.packing=decompose" in arms["tiny-growlength-growlength-decompose"]
+    assert all("data.packing=concat" in v for name, v in arms.items() if not name.endswith("decompose"))
+    ms = metrics(decomposed[2])
+    one_stage = [m | {"seq_len": 64} for m in ms]  # one stage, steps of several bucket lengths
+    assert not is_fixed(one_stage)
+    assert find_baseline({"dd": one_stage, "fixed": [{"seq_len": 64}]}) == "fixed"
+
+
+def test_a_compiled_decomposed_run_keeps_one_graph_per_bucket_length(decomposed, tiny_data, tmp_path, monkeypatch):
+    """train.compile with data.packing=decompose: one static graph per bucket length (dynamo's recompile limit
+    raised to hold them), the losses of the eager run. aot_eager: no C++ codegen on this CPU."""
+    import torch._dynamo.utils as dynamo_utils
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager", **kw))
+    dynamo_utils.counters.clear()
+    run_tiny(tiny_data, tmp_path, "ddc", **DECOMPOSE, **{"train.compile": True})
+    got, want = metrics(tmp_path / "ddc"), metrics(decomposed[2])
+    lengths = {x for m in want for x in m["bucket_lens"]}
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == len(lengths) and len(lengths) >= 3
+    assert torch._dynamo.config.recompile_limit >= 16
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)

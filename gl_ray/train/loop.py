@@ -37,6 +37,17 @@ NOTICE_GRACE_S = 60.0  # how long after a preemption notice's deadline the worke
 NOTICE_NO_DEADLINE_S = 120.0  # Ray Train's deadline for a notice that gives none (DEFAULT_PREEMPTION_DEADLINE_S)
 
 
+BUCKET_LENGTHS = 16  # data.packing=decompose: bucket lengths a run can have (powers of two from 1 to 32,768)
+
+
+def allow_graphs(n: int) -> None:
+    """Let torch.compile keep n static graphs of the model (a stage length, or a decomposed bucket length, each)
+    before it falls back to eager (dynamo's recompile limit, 8 by default)."""
+    import torch._dynamo.config as dynamo
+
+    dynamo.recompile_limit = max(dynamo.recompile_limit, n)
+
+
 def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """Stateless per-micro-batch generator, so PoSE position ids replay exactly after a resume."""
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1009 + rank) * 101 + micro)
@@ -147,7 +158,8 @@ class Trainer:
         self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
         if restored:
             apply_skip(io.run_uri, self.state, plan.tokens_per_step)  # a rewind's --skip-steps, if it is this one
-        if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length.
+        if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length
+            allow_graphs(len(plan.stages) + (BUCKET_LENGTHS if cfg.data.packing == "decompose" else 0))  # or bucket
             self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
         self.final_val: dict = {}
