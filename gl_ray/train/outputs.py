@@ -319,7 +319,12 @@ class RunOutputs(RunHooks):
             from gl_ray.data.decompose import accounting, draws_for
 
             acc = accounting(draws_for(self.cfg.data, self.plan), self.cfg.data)
-            summary["buckets"] = {k: acc[k] for k in ("trained_tokens", "left_out_tokens", "left_out_chunks")}
+            trained: dict[str, int] = {}  # the steps taken (in time mode the plan's steps are an upper bound)
+            for m in metrics:
+                for length in m.get("bucket_lens", []):
+                    trained[str(length)] = trained.get(str(length), 0) + self.plan.tokens_per_step
+            summary["buckets"] = {"trained_tokens": dict(sorted(trained.items(), key=lambda kv: int(kv[0]))),
+                                  "left_out_tokens": acc["left_out_tokens"], "left_out_chunks": acc["left_out_chunks"]}
         storage.write_bytes(storage.join(self.run_uri, "summary.json"),
                             json.dumps(finite(summary), indent=1, allow_nan=False).encode())
         if self.trackers is not None:
