@@ -196,3 +196,36 @@ def test_a_compiled_decomposed_run_keeps_one_graph_per_bucket_length(decomposed,
     assert torch._dynamo.config.recompile_limit >= 16
     for a, b in zip(got, want, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_one_bucket_trains_what_a_fixed_length_masked_run_trains_on_the_same_documents(tiny_data, tmp_path):
+    """Documents of exactly 64 tokens (each ending with EOS): decompose has one bucket (64) whose chunks are the
+    documents in order, concat packs the same rows; with document masking on the concat run both attend within
+    each document, so the two runs take the same steps."""
+    import pyarrow.parquet as pq
+
+    from gl_ray.data.manifest import load_manifest
+    from gl_ray.data.prepare import write_shard
+
+    data = tmp_path / "docs64"
+    shutil.copytree(tiny_data, data)
+    manifest = load_manifest(str(data))
+    tokens = np.concatenate([np.asarray(d, np.int32) for sh in manifest.shards("train")
+                             for d in pq.read_table(sh.uri, columns=["input_ids"]).column(0).to_pylist()])
+    docs = tokens[: len(tokens) // 64 * 64].reshape(-1, 64).copy()
+    docs[:, -1] = manifest.eos_token_id
+    for sh in manifest.shards("train"):
+        (data / sh.path).unlink()
+    write_shard(str(data / "train" / "docs64.parquet"), list(docs))
+    raw = json.loads((data / "manifest.json").read_text())
+    raw["splits"]["train"] = {"documents": len(docs), "tokens": docs.size,
+                              "shards": [{"path": "train/docs64.parquet", "rows": len(docs), "tokens": docs.size}]}
+    (data / "manifest.json").write_text(json.dumps(raw))
+    one = {"schedule.lengths": "[64]", "schedule.ratios": "[1.0]"}
+    run_tiny(str(data), tmp_path, "dd64", **one, **DECOMPOSE, **{"data.curriculum": "uniform"})
+    run_tiny(str(data), tmp_path, "masked64", **one, **{"data.document_masking": True})
+    got, want = metrics(tmp_path / "dd64"), metrics(tmp_path / "masked64")
+    assert {x for m in got for x in m["bucket_lens"]} == {64}
+    assert [m["step"] for m in got] == [m["step"] for m in want] == list(range(1, 17))
+    for a, b in zip(got, want, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

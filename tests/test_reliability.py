@@ -185,6 +185,15 @@ def test_document_masking_needs_eos_boundaries(tiny_data, tmp_path, capsys, monk
     assert_user_error(r, "do not end with the EOS token")
 
 
+def test_the_eos_check_reads_documents_in_manifest_order_whatever_the_data_seed(tiny_data):
+    """data.seed shuffles epoch 0's order (by blocks of documents); the EOS check looks at the documents' own ends
+    (it read the shuffled stream at the manifest's offsets before, and refused every seeded masked run)."""
+    from gl_ray.data.stream import check_document_ends, get_stream
+
+    for seed in (0, 1, 2):
+        check_document_ends(get_stream(tiny_data, "train", seed))
+
+
 def test_reproduce_bad_input(tmp_path, capsys, monkeypatch):
     """`gl-ray reproduce` answers a bad input like every other command (it had its own main before)."""
     r = cli_inprocess(capsys, monkeypatch, "reproduce", "--config", CONFIG, "--data", str(tmp_path / "none"),

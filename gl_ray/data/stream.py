@@ -130,8 +130,8 @@ def check_document_ends(stream: TokenStream, docs: int = 256) -> None:
     n = min(docs, len(stream.doc_lengths))
     if n == 0:
         return
-    ends = stream.doc_offsets[:n] + stream.doc_lengths[:n] - 1
-    tokens = stream.read(0, int(ends[-1]) + 1)
+    ends = stream.doc_offsets[:n] + stream.doc_lengths[:n] - 1  # flat (manifest-order) offsets: whatever data.seed
+    tokens = stream._read_flat(0, int(ends[-1]) + 1)
     missing = int((tokens[ends] != stream.manifest.eos_token_id).sum())
     if missing:
         raise UserError(f"data.document_masking: {missing} of the first {n} {stream.split} documents of "
