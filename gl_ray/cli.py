@@ -47,7 +47,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
     print(json.dumps(plan.to_json() | {"buckets": accounting(draws, cfg.data)}, indent=2) if args.json else
-          format_plan(plan) + "\n" + format_buckets(draws, cfg.data))
+          format_plan(plan) + "\n" + format_buckets(draws, cfg.data, plan.time_mode))
     return 0
 
 

@@ -236,18 +236,20 @@ def accounting(draws: StepDraws, data) -> dict:
             "trained_tokens": {str(k): v for k, v in draws.bucket_tokens().items()}}
 
 
-def format_buckets(draws: StepDraws, data) -> str:
-    """The bucket table `gl-ray plan` and `gl-ray train` print, and one line per bucket trained more than once."""
+def format_buckets(draws: StepDraws, data, time_mode: bool = False) -> str:
+    """The bucket table `gl-ray plan` and `gl-ray train` print, and one line per bucket trained more than once
+    (time_mode: the plan's steps are caps, so these are the most each bucket can train)."""
     b, trained = draws.buckets, draws.bucket_tokens()
+    most = "at most " if time_mode else ""
     odds_cols = [f"odds{k}" if len(draws.odds) > 1 else "odds" for k in range(len(draws.odds))]
     rows = [f"{'bucket':>7} {'chunks':>10} {'tokens':>14} " + " ".join(f"{c:>7}" for c in odds_cols)
-            + f" {'trained':>14}"]
+            + f" {'trained' + (' (max)' if time_mode else ''):>14}"]
     for L, starts in b.starts.items():
         rows.append(f"{L:>7} {len(starts):>10,} {len(starts) * L:>14,} "
                     + " ".join(f"{o.get(L, 0.0):>7.3f}" for o in draws.odds) + f" {trained.get(L, 0):>14,}")
     rows.append(f"decompose ({data.curriculum}): {b.dropped_tokens:,} tokens in {b.dropped_chunks:,} chunks under "
                 f"data.min_chunk={data.min_chunk} left out")
     have = b.tokens()
-    rows += [f"data.packing=decompose: bucket {L} trains {t:,} tokens but holds {have[L]:,}: its chunks are used "
-             f"{t / have[L]:.1f} times" for L, t in trained.items() if t > have[L]]
+    rows += [f"data.packing=decompose: bucket {L} trains {most}{t:,} tokens but holds {have[L]:,}: its chunks are "
+             f"used {most}{t / have[L]:.1f} times" for L, t in trained.items() if t > have[L]]
     return "\n".join(rows)

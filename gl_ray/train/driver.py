@@ -113,7 +113,7 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
     if cfg.data.packing == "decompose":
-        say(format_buckets(draws_for(cfg.data, plan), cfg.data))
+        say(format_buckets(draws_for(cfg.data, plan), cfg.data, plan.time_mode))
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
     _fit(cfg, plans, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
