@@ -259,8 +259,8 @@ def test_steps_that_do_not_log_read_nothing_back_from_the_device(tiny_data, tmp_
 
 
 def test_workers_meet_only_at_report_steps_and_stage_ends(tiny_data, tmp_path, monkeypatch):
-    """The stop vote (and time mode's clock vote) is one host all-reduce held at report steps and at each stage's
-    last step, not at every step."""
+    """The stop vote (with time mode's clock vote and the preemption notice) is one host all-reduce held at report
+    steps and at each stage's last step, not at every step."""
     from gl_ray.train.io import LocalIO
 
     calls = []
@@ -270,7 +270,7 @@ def test_workers_meet_only_at_report_steps_and_stage_ends(tiny_data, tmp_path, m
     _, summary = run_tiny(tiny_data, tmp_path, "meet", **{"train.log_every_steps": 3})
     # by hand: 16 steps in two stages of 8; reports every 3 steps (3, 6, 9, 12, 15), stage ends at 8 and 16
     assert summary["steps"] == 16 and len(calls) == 7
-    assert calls[0] == [0.0, 0.0]  # no stop asked, not in time mode
+    assert calls[0] == [0.0, 0.0, 0.0, 0.0]  # no stop asked, not in time mode, no notice (nor its deadline)
 
 
 def test_a_tilde_in_storage_and_data_paths_means_home(tiny_data, tmp_path, monkeypatch):
