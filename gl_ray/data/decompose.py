@@ -171,13 +171,19 @@ class StepDraws:
         for L in np.unique(self.lengths):
             where = np.flatnonzero(self.lengths == L)
             self.nth[where] = np.arange(len(where))
+    def check_world(self, world_size: int, lengths=None) -> None:
+        """Every drawn bucket's rows of a step (or those of `lengths`) split evenly over world_size workers."""
+        for L in np.unique(self.lengths if lengths is None else lengths):
+            rows = self.tokens_per_step // int(L)
+            if rows % world_size:
+                raise UserError(f"data.packing=decompose: bucket {L} gives {rows} rows per step, which do not "
+                                f"split over {world_size} workers; raise schedule.tokens_per_step")
+
     def step_rows(self, step: int, rank: int, world_size: int) -> tuple[int, np.ndarray]:
         """(bucket length, flat offsets of this worker's chunks) of a global step."""
         L = int(self.lengths[step])
+        self.check_world(world_size, [L])
         rows = self.tokens_per_step // L
-        if rows % world_size:
-            raise UserError(f"data.packing=decompose: bucket {L} gives {rows} rows per step, which do not split "
-                            f"over {world_size} workers; raise schedule.tokens_per_step")
         per = rows // world_size
         pool = self.buckets.starts[L]
         first = int(self.nth[step]) * rows + rank * per

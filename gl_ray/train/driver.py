@@ -69,8 +69,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     if cfg.data.packing == "decompose":  # every step's bucket, checked before anything is written
         draws = draws_for(cfg.data, plan)
         for w in plans:
-            for s in range(plan.total_steps):
-                draws.step_rows(s, 0, max(1, w))
+            draws.check_world(max(1, w))
     if plan.time_mode and plan.total_steps < len(plan.stages):
         raise UserError(f"time mode: the token cap ({train_stream.tokens:,} train tokens) gives fewer than one "
                         "step per stage; set schedule.budget_tokens or use more data")
