@@ -3,6 +3,7 @@ through the model as training calls it, with and without document masks; the exp
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GPTNeoXForCausalLM
 
 from gl_ray.loss import IGNORE, linear_cross_entropy
@@ -99,3 +100,59 @@ def test_without_grad_only_the_loss_is_computed(monkeypatch):
     with torch.no_grad():
         assert linear_cross_entropy(hidden, weight, targets).item() == pytest.approx(want, abs=1e-6)
     assert asked == [{"grad_hidden": False, "grad_weight": False}]
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts the dtype casts of a [V, H] tensor or its [H, V] transpose (the unembedding, a copy of it or its
+    gradient), by target dtype."""
+
+    def __init__(self, shape: torch.Size):
+        super().__init__()
+        self.shapes, self.to = {tuple(shape), tuple(reversed(shape))}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten._to_copy.default:
+            src, dst = args[0], out
+        elif func in (torch.ops.aten.copy_.default, torch.ops.aten.copy.default):
+            dst, src = args[0], args[1]
+        else:
+            return out
+        if tuple(src.shape) in self.shapes and src.dtype != dst.dtype:
+            self.to[dst.dtype] = self.to.get(dst.dtype, 0) + 1
+        return out
+
+
+def test_bf16_autocast_casts_the_unembedding_once_per_micro_batch():
+    """Under autocast the final LayerNorm gives fp32 hidden states; the [V, H] weight is cast to bf16 once per
+    call, not in every chunk, and its fp32 gradient is not cast per chunk either (8 chunks here)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(64, 16, generator=g, requires_grad=True)
+    weight = (0.1 * torch.randn(96, 16, generator=g)).requires_grad_()
+    targets = torch.randint(0, 96, (64,), generator=g)
+    casts = WeightCasts(weight.shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16), casts:
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=8)
+        loss.backward()
+    assert casts.to.get(torch.bfloat16, 0) <= 1 and casts.to.get(torch.float32, 0) <= 1, casts.to
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+
+
+def test_bf16_autocast_equals_fp32_cross_entropy_of_bf16_operands():
+    """The loss under bf16 autocast is the fp32 loss of the bf16-rounded hidden states and weight (logits made in
+    bf16, softmax in fp32), and the gradients stay near the fp32 ones."""
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(256, 32, generator=g, requires_grad=True)
+    weight = (0.1 * torch.randn(500, 32, generator=g)).requires_grad_()
+    targets = torch.randint(0, 500, (256,), generator=g)
+    targets[::7] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_tokens=32)
+    loss.backward()
+    h, w = hidden.detach().bfloat16().float().requires_grad_(), weight.detach().bfloat16().float().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), targets, ignore_index=IGNORE)
+    ref.backward()
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    for got, want in ((hidden.grad, h.grad), (weight.grad, w.grad)):
+        assert torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
