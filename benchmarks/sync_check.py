@@ -8,14 +8,18 @@ On CUDA each combination runs its measured steps under `torch.cuda.set_sync_debu
 synchronising call (a `.item()`, `nonzero`, a blocking copy) raises and is reported with its message. On CPU, where
 that mode does not exist, the same steps count tensor reads to the host (item, float, bool, int, tolist; not
 AdamW's reads of its CPU step counters, which exist only on CPU). The first --warmup steps of each combination
-(allocators, compiled block masks, fused AdamW's first step) are not checked. Backends: sdpa always; flex and
-flash_attention_2 on CUDA (flex has no backward on CPU; flash only with the flash_attn package). Prints a Markdown
-table; --out writes the JSON. No Ray.
+(allocators, compiled block masks, fused AdamW's first step) are not checked. A combination that fails anywhere
+(building the model, warm-up, the checked steps) is recorded with its error and the others still run; `all_clean`
+is then false (the script still exits 0: it has measured). Backends: sdpa, flex and flash_attention_2 (on CUDA
+flash only with the flash_attn package; on CPU flex and flash run sdpa-backed stub kernels,
+benchmarks/stub_kernels.py, so everything of theirs but the kernel is checked). Prints a Markdown table; --out
+writes the JSON. No Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -24,6 +28,7 @@ import sys
 import numpy as np
 import torch
 
+from benchmarks.stub_kernels import stub_kernels
 from gl_ray.config import OptimConfig
 from gl_ray.devices import autocast_for, pick_device
 from gl_ray.model import POSITION_MODES, build_model
@@ -35,9 +40,10 @@ EOS = 0
 
 
 def backends(device: torch.device) -> list[str]:
-    if device.type != "cuda":
-        return ["sdpa"]
-    return ["sdpa", "flex"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+    """Every backend; on CUDA flash only with the flash_attn package (on CPU flex and flash run stub kernels)."""
+    if device.type == "cuda" and not importlib.util.find_spec("flash_attn"):
+        return ["sdpa", "flex"]
+    return ["sdpa", "flex", "flash_attention_2"]
 
 
 def stage_of(schedule_mode: str, final_len: int, micro_batch: int, grad_accum: int) -> Stage:
@@ -83,7 +89,24 @@ class HostReads:
 def check(*, preset: str, vocab: int, final_len: int, micro_batch: int, grad_accum: int, position_mode: str,
           masking: bool, attention: str, schedule_mode: str, device: torch.device, dtype: str, warmup: int,
           steps: int) -> dict:
-    """One combination: `warmup` steps, then `steps` checked ones. Returns {"syncs": int or None, "error": str}."""
+    """One combination: `warmup` steps, then `steps` checked ones. Returns {"syncs": int or None, "error": str};
+    any exception (a sync under CUDA's debug mode, or a backend that fails) gives syncs None and "Type: message"."""
+    kernels = stub_kernels() if device.type != "cuda" else contextlib.nullcontext()  # CPU: flex, flash stubbed
+    try:
+        with kernels:
+                return checked_steps(preset=preset, vocab=vocab, final_len=final_len, micro_batch=micro_batch,
+                                 grad_accum=grad_accum, position_mode=position_mode, masking=masking,
+                                 attention=attention, schedule_mode=schedule_mode, device=device, dtype=dtype,
+                                 warmup=warmup, steps=steps)
+    except Exception as e:  # this combination's result; the others still run (not BaseException: ^C stops all)
+        first = (str(e).splitlines() or [""])[0]
+        return {"syncs": None, "error": f"{type(e).__name__}: {first}"[:200]}
+
+
+def checked_steps(*, preset: str, vocab: int, final_len: int, micro_batch: int, grad_accum: int,
+                  position_mode: str, masking: bool, attention: str, schedule_mode: str, device: torch.device,
+                  dtype: str, warmup: int, steps: int) -> dict:
+    """check's work, raising whatever fails."""
     stage = stage_of(schedule_mode, final_len, micro_batch, grad_accum)
     torch.manual_seed(0)
     model = build_model(preset, vocab, final_len, eos_token_id=EOS, attention=attention).to(device)
@@ -109,22 +132,19 @@ def check(*, preset: str, vocab: int, final_len: int, micro_batch: int, grad_acc
 
     for step in range(warmup):
         one_step(step)
-    try:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                for step in range(warmup, warmup + steps):
-                    one_step(step)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-            return {"syncs": 0, "error": ""}
-        with HostReads() as reads:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
             for step in range(warmup, warmup + steps):
                 one_step(step)
-        return {"syncs": reads.count, "error": ""}
-    except RuntimeError as e:
-        return {"syncs": None, "error": str(e).splitlines()[0][:200]}
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return {"syncs": 0, "error": ""}
+    with HostReads() as reads:
+        for step in range(warmup, warmup + steps):
+            one_step(step)
+    return {"syncs": reads.count, "error": ""}
 
 
 def combinations(device: torch.device) -> list[dict]:

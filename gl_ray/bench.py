@@ -8,22 +8,25 @@ Table 3: the largest micro batch (tokens) whose forward+backward fits --memory-b
          size that failed is never reported.
 Also: analytic training FLOPs per token and, on GPU, model FLOPs utilisation (MFU) against --peak-tflops; and
 the cost of a token at each length relative to the shortest (the bound on GrowLength's saving).
-The model is built as training builds it (--attention, --activation-checkpointing); --document-masking gives
-rows real document boundaries (--data: a prepared dataset's documents; --mean-doc-len: random documents).
+The model is built as training builds it (--attention, --activation-checkpointing; masked rows on CUDA run flex,
+as in training: gl_ray.attention.attention_route); --document-masking gives rows real document boundaries
+(--data: a prepared dataset's documents; --mean-doc-len: random documents). Every timed step gets rows of its own,
+so with documents a compiled model meets as many layouts as a run does (one repeated micro batch would hide
+recompiles).
 """
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing as mp
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from gl_ray.config import OptimConfig
+from gl_ray.attention import attention_route, check_attention_here
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
 from gl_ray.data.stream import check_document_ends, get_stream
@@ -37,11 +40,26 @@ from gl_ray.model import (
     lm_loss,
 )
 from gl_ray.schedule import micro_batch_for
+from gl_ray.train.compiling import compile_model
 from gl_ray.train.micro_batch import largest_fitting, peak_rss_bytes
 from gl_ray.train.step import make_optimizer, train_step
 
-# dense bf16 peak TFLOP/s by device name fragment, for MFU
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 tensor-core peak TFLOP/s (no 2:4 sparsity; NVIDIA's datasheets print the sparse figure, twice this) by
+# the exact torch.cuda.get_device_name, for MFU. Exact names: a fragment gave H100 PCIe and NVL the SXM figure and
+# an L40 the L4's. Any other device: --peak-tflops. (A10G is left out: no NVIDIA datasheet gives its figure.)
+PEAK_TFLOPS = {
+    "NVIDIA B200": 2250.0, "NVIDIA GB200": 2500.0,  # HGX B200 18 PF / 8 GPUs; GB200 NVL72 180 PF / 72 GPUs
+    "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0,
+    "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,  # H100 SXM5, PCIe, NVL
+    "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0, "NVIDIA L40": 181.0, "NVIDIA L4": 121.0, "NVIDIA A40": 149.7, "NVIDIA A10": 125.0,
+}
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a GPU by its exact torch.cuda.get_device_name; None for any other name."""
+    return PEAK_TFLOPS.get(device_name.strip())
 
 
 @dataclass(frozen=True)
@@ -63,11 +81,14 @@ class BenchModel:
                            attention=self.attention, activation_checkpointing=self.activation_checkpointing
                            ).to(device)
 
-    def batch(self, seqs: int, seq_len: int) -> np.ndarray:
-        """Token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop."""
+    def batch(self, seqs: int, seq_len: int, step: int = 0) -> np.ndarray:
+        """Token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop; each `step` other rows
+        (with documents, other layouts: a compiled model meets as many as a run does)."""
         if self.data:
-            return get_stream(self.data, "train").read(0, seqs * seq_len).reshape(seqs, seq_len).copy()
-        rng = np.random.default_rng(seqs * 7919 + seq_len)
+            stream, n = get_stream(self.data, "train"), seqs * seq_len
+            start = step * n % max(1, stream.tokens - n + 1)
+            return stream.read(start, n).reshape(seqs, seq_len).copy()
+        rng = np.random.default_rng((seqs * 7919 + seq_len) * 1009 + step)
         ids = rng.integers(1, self.vocab, (seqs, seq_len), dtype=np.int32)  # never EOS (id 0) by chance
         if self.mean_doc_len:
             ends = np.cumsum(rng.exponential(self.mean_doc_len, seqs * seq_len // 2 + 2).astype(np.int64) + 1) - 1
@@ -110,11 +131,15 @@ def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_ba
     `train_step` (`use_compile`: train.compile; the compile itself falls in the warm-up steps)."""
     module = model.build(seq_len, device)
     optimizer = make_optimizer(module, OptimConfig(lr=1e-4))
-    net = torch.compile(module, dynamic=False) if use_compile else module
+    if use_compile:  # as training compiles; a fresh cache per length, so lengths do not share dynamo's limit
+        torch._dynamo.reset()
+        net = compile_model(module, module, graphs=1)
+    else:
+        net = module
     seqs = tokens_per_step // seq_len
     mb = micro_batch_for(seqs, seq_len, max(seq_len, micro_batch_tokens))
-    x = model.batch(mb, seq_len)
-    batches = itertools.repeat(np.concatenate([x] * (seqs // mb)))  # one step's rows: the micro batch, repeated
+    batches = iter([model.batch(seqs, seq_len, step=i) for i in range(warmup + steps)])  # new rows every step
+    x = model.batch(seqs, seq_len, step=0)
     amp = autocast_for(device, dtype)
     times = []
     for i in range(warmup + steps):
@@ -204,13 +229,17 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
     dev = pick_device(device)
+    route = attention_route(model.attention, masked=model.document_masking, on_gpu=dev.type == "cuda")
+    check_attention_here(route.attention, dev, "--attention")
+    asked, model = model.attention, replace(model, attention=route.attention)  # the backend training would run
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak_tflops = peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0.0)  # given: any device
+    peak_tflops = peak_tflops or peak_tflops_for(name) or 0.0  # given: any device
     res = {"preset": model.preset, "device": dev.type, "device_name": name, "dtype": resolved_precision(dev, dtype),
            "tokens_per_step": tokens_per_step, "micro_batch_tokens": micro_batch_tokens,
            "memory_micro_batch_seqs": memory_micro_batch_seqs, "memory_budget_bytes": memory_budget,
            "peak_tflops": peak_tflops or None, "vocab_size": model.vocab, "compile": use_compile,
-           "attention": model.attention, "activation_checkpointing": model.activation_checkpointing,
+           "attention": model.attention, "attention_asked": asked,
+           "activation_checkpointing": model.activation_checkpointing,
            "document_masking": model.document_masking, "data": model.data or None,
            "mean_doc_len": model.mean_doc_len or None, "lengths": []}
     t0, order = time.perf_counter(), sorted(lengths)
@@ -257,4 +286,6 @@ def format_bench(res: dict) -> str:
                     f"{r.get('cost_vs_first', 1.0):.2f}x | "
                     f"{r['micro_batch_seqs']} x {r['grad_accum']} | {mem} | {mx} | {r['flops_per_token'] / 1e9:.3f} | "
                     f"{r['achieved_tflops']:.3f} | {mfu} |")
+    if not res.get("peak_tflops"):
+        rows += ["", f"MFU left out: no dense bf16 peak known for {res['device_name']!r}; pass --peak-tflops."]
     return "\n".join(rows)

@@ -38,16 +38,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from gl_ray.config import load_config
     from gl_ray.schedule import format_plan, make_plan
 
+    from gl_ray.train.preflight import attention_plan
+
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg)
-    if cfg.data.packing != "decompose":
-        print(json.dumps(plan.to_json(), indent=2) if args.json else format_plan(plan))
-        return 0
-    from gl_ray.data.decompose import accounting, draws_for, format_buckets
+    attention, line = attention_plan(cfg, plan)
+    doc, text = plan.to_json() | {"attention": attention}, format_plan(plan) + (f"\n{line}" if line else "")
+    if cfg.data.packing == "decompose":
+        from gl_ray.data.decompose import accounting, draws_for, format_buckets
 
-    draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
-    print(json.dumps(plan.to_json() | {"buckets": accounting(draws, cfg.data)}, indent=2) if args.json else
-          format_plan(plan) + "\n" + format_buckets(draws, cfg.data, plan.time_mode))
+        draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
+        doc["buckets"] = accounting(draws, cfg.data)
+        text += "\n" + format_buckets(draws, cfg.data, plan.time_mode)
+    print(json.dumps(doc, indent=2) if args.json else text)
     return 0
 
 
@@ -317,7 +320,8 @@ def _add_bench(sub) -> None:
     p.add_argument("--memory-budget", default=None, help="memory budget for Table 3, e.g. 16GiB (off if unset)")
     p.add_argument("--vocab-size", type=int, default=0,
                    help="embedding rows (default: Pythia's 50304 on cuda, 8192 on cpu; --data: the dataset's)")
-    p.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (default: by GPU name)")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="dense bf16 peak TFLOP/s for MFU (default: by exact GPU name, gl_ray.bench.PEAK_TFLOPS)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for Table 1, as train.compile")
     p.add_argument("--attention", default="sdpa", help="sdpa | flex | flash_attention_2, as model.attention")
     p.add_argument("--activation-checkpointing", action="store_true",

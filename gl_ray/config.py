@@ -25,7 +25,7 @@ from gl_ray.sizes import parse_size
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
 Preset = Literal["tiny", "pythia-14m", "pythia-70m", "pythia-160m", "pythia-410m"]  # see gl_ray.model.PRESETS
-Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.model.ATTENTION
+Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.attention.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
 Strategy = Literal["ddp", "fsdp"]  # see gl_ray.train.parallel

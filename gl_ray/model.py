@@ -20,14 +20,13 @@ final_len / seq_len; pose, 0..n-1 with the row's one random skip applied from th
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface, GPTNeoXConfig, GPTNeoXForCausalLM
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from gl_ray.attention import block_mask, causal_block_mask, check_attention
 from gl_ray.errors import UserError
 from gl_ray.loss import linear_cross_entropy
 
@@ -50,13 +49,6 @@ PRESETS: dict[str, Preset] = {
 }
 
 POSITION_MODES = ("extrapolate", "interpolate", "pose")
-# transformers' own sdpa, registered under a name that has no mask builder: transformers then passes no mask
-# (causal, the fast kernels) or our document mask as given, instead of checking on every forward whether position
-# ids look packed, a device-to-host read that stalls the GPU each micro batch. Saved configs do not keep the name.
-SDPA_NO_SYNC = "gl_ray_sdpa"
-AttentionInterface.register(SDPA_NO_SYNC, sdpa_attention_forward)
-# model.attention -> transformers' attn_implementation
-ATTENTION = {"sdpa": SDPA_NO_SYNC, "flex": "flex_attention", "flash_attention_2": "flash_attention_2"}
 
 
 def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
@@ -69,26 +61,6 @@ def check_preset(preset: str, what: str = "model.preset") -> Preset:
     if preset not in PRESETS:
         raise UserError(f"{what} {preset!r} unknown; choose one of {', '.join(PRESETS)}")
     return PRESETS[preset]
-
-
-def check_attention(attention: str, what: str = "model.attention", on_gpu: bool | None = None) -> str:
-    """transformers' name of an attention backend; UserError if it is unknown or cannot run here. `on_gpu`: whether
-    it will train on a GPU (flex has no CPU backward); None: it only runs forward (eval, bench forward)."""
-    if attention not in ATTENTION:
-        raise UserError(f"{what}={attention!r} is not one of {' | '.join(ATTENTION)}")
-    if attention == "flex" and on_gpu is False:
-        raise UserError(f"{what}=flex trains on CUDA only (torch's flex attention has no CPU backward): set "
-                        "ray.use_gpu=true or train.device=cuda, or use sdpa")
-    if attention == "flex" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        raise UserError(f"{what}=flex needs torch.nn.attention.flex_attention (torch >= 2.5); this torch "
-                        f"{torch.__version__} has none: upgrade torch or use sdpa")
-    if attention == "flash_attention_2":
-        from transformers.utils import is_flash_attn_2_available
-
-        if not is_flash_attn_2_available():
-            raise UserError(f"{what}=flash_attention_2 needs the flash-attn package and a CUDA GPU: "
-                            "pip install flash-attn --no-build-isolation (or use sdpa)")
-    return ATTENTION[attention]
 
 
 def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
@@ -268,27 +240,26 @@ def _mask_on(device: torch.device, starts: torch.Tensor, doc: torch.Tensor, posi
              attention: str, window: int, one_doc_per_row: bool) -> DocumentMask:
     batch, seq_len = starts.shape
     if attention == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
+        if one_doc_per_row:  # the causal (or banded) block mask every row shares, made once per stage
+            kwargs = {"attention_mask": causal_block_mask(seq_len, window, device)}
+        else:
+            doc_d = to_device(doc, device)
 
-        doc_d = to_device(doc, device)
+            def same_doc_causal(b, h, q, kv):
+                keep = (q >= kv) & (doc_d[b, q] == doc_d[b, kv])
+                return keep & (q - kv < window) if window else keep
 
-        def same_doc_causal(b, h, q, kv):
-            keep = (q >= kv) & (doc_d[b, q] == doc_d[b, kv])
-            return keep & (q - kv < window) if window else keep
-
-        # compiled on GPU: the eager build evaluates the mask function over every (q, kv) pair, per micro batch
-        block = create_block_mask(same_doc_causal, B=batch, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device,
-                                  _compile=device.type == "cuda")
-        kwargs = {"attention_mask": block}
+            kwargs = {"attention_mask": block_mask(same_doc_causal, batch, seq_len, device)}
     elif attention == "flash_attention_2":  # variable-length kernel over the flattened batch*seq_len tokens
         if window:
             raise UserError("an attention window needs model.attention sdpa or flex")
         flat_starts = torch.nonzero(starts.reshape(-1)).reshape(-1)  # on the host in training: no device sync
-        cu = torch.cat([flat_starts, flat_starts.new_tensor([batch * seq_len])]).to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        cu = to_device(cu, device)
-        kwargs = {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
-                  "max_length_k": longest}
+        cu = to_device(torch.cat([flat_starts, flat_starts.new_tensor([batch * seq_len])]).to(torch.int32), device)
+        # cu's length is the documents + 1, different in every micro batch: a dynamic dimension for torch.compile,
+        # and the row length as the longest document (an upper bound the kernel accepts): one graph per stage
+        torch._dynamo.maybe_mark_dynamic(cu, 0)
+        kwargs = {"attention_mask": None, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": seq_len,
+                  "max_length_k": seq_len}
     else:  # sdpa: an explicit boolean [batch, 1, q, kv] mask (True: attend), used by transformers as given
         causal = causal_mask(seq_len, window, device)
         if one_doc_per_row:  # one [1, 1, q, kv] mask for every row
@@ -308,7 +279,8 @@ def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len
     attention backend takes. Computed where x is and handed to `device` (default: x's): training passes the
     host rows, so building them never waits for the device (see document_mask)."""
     device = torch.device(device) if device is not None else x.device
-    masked = eos_id is not None or 0 < window < seq_len
+    # flex always gets a block mask: without one it would attend to every key, causal or not
+    masked = eos_id is not None or 0 < window < seq_len or attention == "flex"
     if not masked:
         pos = position_ids(position_mode, x.shape[0], seq_len, final_len, generator)
         return {"pos": None if pos is None else to_device(pos, device), "docs": None}

@@ -161,6 +161,23 @@ def test_bench_mfu_at_every_length_with_a_given_peak(monkeypatch):
         assert r["mfu"] == pytest.approx(r["achieved_tflops"] / 0.5)
 
 
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0),
+                                        ("NVIDIA L4", 121.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA GeForce RTX 4090", None), ("NVIDIA A10G", None), ("cpu", None)])
+def test_bench_peak_by_exact_device_name(name, peak):
+    """The MFU peak is looked up by the exact device name (a name fragment once gave H100 PCIe and NVL the SXM
+    figure and an L40 the L4's); an unknown name has none, and the table says to pass --peak-tflops."""
+    from gl_ray.bench import peak_tflops_for
+
+    assert peak_tflops_for(name) == peak
+    row = {"seq_len": 32, "step_time_s": 1.0, "tokens_per_s": 1.0, "micro_batch_seqs": 1, "grad_accum": 1,
+           "peak_memory_bytes": 1, "flops_per_token": 1e9, "achieved_tflops": 0.5, "mfu": 0.5 / peak if peak else None}
+    table = format_bench({"device_name": name, "peak_tflops": peak, "lengths": [row]})
+    assert ("pass --peak-tflops" in table) == (peak is None)
+    assert table.splitlines()[2].endswith(f"| {100 * 0.5 / peak:.1f}% |" if peak else "| - |")
+
+
 def test_bench_with_document_masking_and_activation_checkpointing(tiny_data, monkeypatch):
     """--document-masking takes rows with real documents (a prepared dataset's, or random ones of a mean length)
     and times them with the masks training builds; --activation-checkpointing builds the model as training does."""
@@ -186,23 +203,26 @@ def test_bench_with_document_masking_and_activation_checkpointing(tiny_data, mon
     assert "cost/token vs first" in format_bench(res)
 
 
-def test_bench_compile_times_the_compiled_model(monkeypatch):
-    """--compile: Table 1 times the model as train.compile runs it (aot_eager here: no C++ codegen on CPU)."""
+def test_bench_compile_times_the_compiled_model_over_new_layouts(monkeypatch):
+    """--compile: Table 1 times the model as train.compile runs it, and every timed step has rows of its own: with
+    flash's document masks (stub kernels on CPU) the steps' different layouts keep one graph, as in training."""
+    import numpy as np
     import torch
+    from torch._dynamo.testing import CompileCounter
 
+    from benchmarks.stub_kernels import stub_kernels
     from gl_ray import bench
+    from gl_ray.train import compiling
 
-    real_compile, compiled = torch.compile, []
-
-    def spy(model, **kw):
-        compiled.append(kw)
-        return real_compile(model, backend="aot_eager", **kw)
-
-    monkeypatch.setattr(torch, "compile", spy)
-    row = bench.step_time(model=bench.bench_model(preset="tiny", vocab=512), seq_len=32, tokens_per_step=1024,
-                          micro_batch_tokens=512,
-                          device=torch.device("cpu"), dtype="fp32", steps=2, warmup=1, use_compile=True)
-    assert compiled == [{"dynamic": False}] and row["step_time_s"] > 0 and row["grad_accum"] == 2
+    counter = CompileCounter()
+    monkeypatch.setattr(compiling, "BACKEND", counter)
+    model = bench.bench_model(preset="tiny", vocab=512, attention="flash_attention_2", document_masking=True,
+                              mean_doc_len=8)
+    assert len({tuple(np.flatnonzero(model.batch(32, 32, step=i) == 0)) for i in range(3)}) == 3
+    with stub_kernels():
+        row = bench.step_time(model=model, seq_len=32, tokens_per_step=1024, micro_batch_tokens=512,
+                              device=torch.device("cpu"), dtype="fp32", steps=2, warmup=1, use_compile=True)
+    assert counter.frame_count == 1 and row["step_time_s"] > 0 and row["grad_accum"] == 2
 
 
 def test_bench_max_batch_never_reports_a_size_that_did_not_fit(monkeypatch):

@@ -115,7 +115,8 @@ def test_config_choices_match_the_code_that_uses_them():
     from typing import get_args
 
     from gl_ray.config import Attention, PositionMode, Preset
-    from gl_ray.model import ATTENTION, POSITION_MODES, PRESETS
+    from gl_ray.attention import ATTENTION
+    from gl_ray.model import POSITION_MODES, PRESETS
 
     assert get_args(PositionMode) == POSITION_MODES
     assert get_args(Attention) == tuple(ATTENTION)

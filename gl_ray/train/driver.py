@@ -19,7 +19,7 @@ from gl_ray.schedule import format_plan, plans_by_world
 from gl_ray.train import preempt
 from gl_ray.lock import run_lock
 from gl_ray.train.outputs import format_summary
-from gl_ray.train.preflight import preflight
+from gl_ray.train.preflight import attention_plan, preflight
 
 
 def run_uri_of(cfg: Config) -> str:
@@ -107,10 +107,13 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
         rewind(run_uri, plan, rewind_to, skip_steps, say)
     for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
+    attention, attention_line = attention_plan(cfg, plan)
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}
-                          | decompose_accounting(cfg, plan), indent=1)
+                          | decompose_accounting(cfg, plan) | {"attention": attention}, indent=1)
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
+    if attention_line:
+        say(attention_line)
     if cfg.data.packing == "decompose":
         say(format_buckets(draws_for(cfg.data, plan), cfg.data, plan.time_mode))
     say(f"run folder: {run_uri}")

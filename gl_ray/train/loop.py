@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gl_ray.attention import attention_route, check_attention_here
 from gl_ray.config import Config
 from gl_ray.errors import TrainingDiverged
 from gl_ray.devices import autocast_for, pick_device
@@ -24,9 +25,10 @@ from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, tra
 from gl_ray.schedule import Plan, Stage, lr_at, micro_batch_for
 from gl_ray.sizes import parse_size
 from gl_ray.train.checkpoint import TrainState
+from gl_ray.train.compiling import compile_model, graph_budget
 from gl_ray.train.faults import maybe_fail, maybe_poison, maybe_spike
 from gl_ray.train.io import RunHooks, WorkerIO
-from gl_ray.train.micro_batch import find_micro_batch, too_small, try_fits
+from gl_ray.train.micro_batch import probe_micro_batch
 from gl_ray.train.parallel import full_state_dict, is_sharded
 from gl_ray.train.rewind import REWIND_HINT, apply_skip
 from gl_ray.train.step import make_optimizer, train_step
@@ -35,17 +37,6 @@ from gl_ray.train.validation import Evaluator
 
 NOTICE_GRACE_S = 60.0  # how long after a preemption notice's deadline the workers wait for the restart
 NOTICE_NO_DEADLINE_S = 120.0  # Ray Train's deadline for a notice that gives none (DEFAULT_PREEMPTION_DEADLINE_S)
-
-
-BUCKET_LENGTHS = 16  # data.packing=decompose: bucket lengths a run can have (powers of two from 1 to 32,768)
-
-
-def allow_graphs(n: int) -> None:
-    """Let torch.compile keep n static graphs of the model (a stage length, or a decomposed bucket length, each)
-    before it falls back to eager (dynamo's recompile limit, 8 by default)."""
-    import torch._dynamo.config as dynamo
-
-    dynamo.recompile_limit = max(dynamo.recompile_limit, n)
 
 
 def pose_generator(seed: int, step: int, rank: int, micro: int) -> torch.Generator:
@@ -148,8 +139,13 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         m = cfg.model
         self.eos_id = eos_id if cfg.data.document_masking else None  # None: documents are not masked
+        # the backend this worker runs (masked rows on CUDA: flex, not sdpa), checked here, where it runs
+        self.attention = attention_route(m.attention, masked=cfg.data.document_masking or plan.window_mode,
+                                         on_gpu=self.device.type == "cuda").attention
+        check_attention_here(self.attention, self.device)
+        evaluator.attention = self.attention
         self.model = build_model(m.preset, vocab_size, m.max_position_embeddings, m.rope_theta, m.init_std, eos_id,
-                                 seed=cfg.train.seed, attention=m.attention,
+                                 seed=cfg.train.seed, attention=self.attention,
                                  activation_checkpointing=cfg.train.activation_checkpointing).to(self.device)
         self.net = io.wrap_model(self.model)  # DDP wraps it; FSDP shards it in place (so before the optimizer)
         self.optimizer = make_optimizer(self.model, cfg.optim)
@@ -158,9 +154,8 @@ class Trainer:
         self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
         if restored:
             apply_skip(io.run_uri, self.state, plan.tokens_per_step)  # a rewind's --skip-steps, if it is this one
-        if cfg.train.compile:  # after DDP, so it can overlap gradient all-reduce; one static graph per stage length
-            allow_graphs(len(plan.stages) + (BUCKET_LENGTHS if cfg.data.packing == "decompose" else 0))  # or bucket
-            self.net = torch.compile(self.net, dynamic=False)  # Checkpoints, eval and export use the plain `model`.
+        if cfg.train.compile:  # after DDP or FSDP (gl_ray.train.compiling); eval and export use the plain `model`
+            self.net = compile_model(self.net, self.model, graphs=graph_budget(plan, cfg))
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s
         self.final_val: dict = {}
         self.vocab_size = vocab_size
@@ -302,33 +297,26 @@ class Trainer:
                 "stopped. Lower optim.lr or check the data")
 
     def micro_batch(self, st: Stage) -> int:
-        """Sequences per forward pass in this stage: the plan's, or with micro_batch_tokens auto the largest that
-        fits on every worker (gl_ray.train.micro_batch), found now and logged with every report."""
+        """Sequences per forward pass in this stage: the plan's, or with micro_batch_tokens auto the largest whose
+        step fits on every worker (gl_ray.train.micro_batch), found now and logged with every report."""
         if not self.plan.auto_micro_batch:
             return st.micro_batch
         budget = parse_size(self.cfg.train.memory_budget, "train.memory_budget") if self.cfg.train.memory_budget \
             else 0
         x = torch.arange(st.rows_per_rank_step * st.seq_len).reshape(-1, st.seq_len) % self.vocab_size
-
-        def fits_everywhere(seqs: int) -> bool:
-            ok = try_fits(lambda: self.try_micro_batch(x[:seqs].to(self.device), st), seqs, self.device, budget)
-            failed = self.io.all_reduce_sum(torch.tensor([0.0 if ok else 1.0], device=self.device))
-            return float(failed) == 0  # every worker takes the same path through the search
-
-        seqs = find_micro_batch(st.rows_per_rank_step, fits_everywhere)
-        if seqs == 0:
-            raise too_small(budget, st.seq_len, sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
-                                                    for p in self.model.parameters()))
+        seqs = probe_micro_batch(self.model, self.optimizer, rows_per_step=st.rows_per_rank_step, seq_len=st.seq_len,
+                                 run=lambda n: self.try_micro_batch(x[:n].to(self.device), st), device=self.device,
+                                 budget_bytes=budget, host_sum=self.io.all_reduce_host_sum)
         self.evaluator.micro_batch_tokens = seqs * st.seq_len
         return seqs
 
     def try_micro_batch(self, x: torch.Tensor, st: Stage) -> None:
         """One forward+backward of x as a step would run it, gradients then dropped: weights, optimizer, RNG and
-        the data are untouched, so trying does not change the run. On the unwrapped model: no DDP all-reduce,
-        no recompile (FSDP's own gathers remain, and every worker tries the same sizes in step)."""
+        the data are untouched, so trying does not change the run. On the unwrapped model: no DDP all-reduce, no
+        recompile; FSDP's gathers run locally during a try (probe_micro_batch), so it runs no collective."""
         inputs = batch_inputs(x, position_mode=self.cfg.model.position_mode, seq_len=st.seq_len,
                               final_len=self.plan.final_len, generator=torch.Generator().manual_seed(0),
-                              eos_id=self.eos_id, attention=self.cfg.model.attention, window=st.window)
+                              eos_id=self.eos_id, attention=self.attention, window=st.window)
         try:
             with self.amp():
                 loss = lm_loss(self.model, x, **inputs)
@@ -350,7 +338,7 @@ class Trainer:
         inputs, pairs = step_inputs(x, st, micro, position_mode=self.cfg.model.position_mode,
                                     seed=self.cfg.train.seed, step=self.state.step, rank=self.io.rank,
                                     final_len=self.plan.final_len, eos_id=self.eos_id,
-                                    attention=self.cfg.model.attention, device=self.device)
+                                    attention=self.attention, device=self.device)
         self.step_pairs += pairs
         return inputs
 

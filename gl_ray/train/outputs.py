@@ -2,7 +2,8 @@
 
     config.yaml     resolved config of the first start (no secrets: the config holds none; credentials come from
                     the environment); fingerprint.json and config_history.jsonl: see gl_ray.train.identity
-    plan.json       the stage plan and per-stage data accounting
+    plan.json       the stage plan and per-stage data accounting; attention: {asked, runs, why}, the backend the
+                    workers run (masked rows on CUDA: flex, not sdpa; gl_ray.attention.attention_route)
     metrics.jsonl   one JSON object per report: step, stage, seq_len, tokens, loss, lr, tokens_per_s,
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
                     training FLOPs, all workers, PaLM's accounting), world_size (workers that trained the window)
