@@ -64,9 +64,11 @@ def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):
     assert "| 32 |" in md and "| 64 |" in md and "tokens/s" in md and "FSDP2 in one process" in md
     assert "stock vs chunked loss" in md
     sync = doc["sync"]  # every position mode x masking x schedule mode (sdpa on CPU), reads counted on the host
-    assert sync["all_clean"] and len(sync["combinations"]) == 12
-    assert {(c["position_mode"], c["masking"], c["schedule_mode"]) for c in sync["combinations"]} == {
-        (m, k, s) for m in ("extrapolate", "interpolate", "pose") for k in (False, True) for s in ("reshape", "window")}
+    assert sync["all_clean"] and len(sync["combinations"]) == 30  # sdpa and flex 12 each, flash 6 (no window)
+    assert {(c["position_mode"], c["masking"], c["attention"], c["schedule_mode"]) for c in sync["combinations"]} == {
+        (m, k, a, s) for m in ("extrapolate", "interpolate", "pose") for k in (False, True)
+        for a in ("sdpa", "flex", "flash_attention_2") for s in ("reshape", "window")
+        if not (a == "flash_attention_2" and s == "window")}
     ckpt = doc["checkpoint"]
     assert ckpt["preset"] == "tiny" and ckpt["host_copy_s"][0] > 0 and ckpt["write_s"][0] > 0
     assert "Host syncs in" in md and "holds the loop up" in md
@@ -92,3 +94,58 @@ def test_the_sync_check_catches_a_read_back_in_the_step(monkeypatch):
                    masking=True, attention="sdpa", schedule_mode="reshape", device=torch.device("cpu"), dtype="fp32",
                    warmup=1, steps=2)
     assert got == {"syncs": 4, "error": ""}  # one read per micro batch: 2 steps x 2 micro batches
+
+
+def test_a_failing_backend_is_recorded_and_the_other_combinations_still_run(monkeypatch, tmp_path):
+    """A backend that raises anything (here a ValueError, in the warm-up steps) is its combination's result, not
+    the end of the check: the other combinations run, the JSON and the table are written, all_clean is false."""
+    import benchmarks.sync_check as sc
+
+    real = sc.build_model
+
+    def build(*args, attention: str, **kwargs):
+        model = real(*args, attention="sdpa", **kwargs)
+        if attention == "broken":
+            def fail(*a, **k):
+                raise ValueError("no kernel for this shape\n(more detail)")
+            model.forward = fail
+        return model
+
+    monkeypatch.setattr(sc, "build_model", build)
+    monkeypatch.setattr(sc, "combinations", lambda device: [
+        {"position_mode": "extrapolate", "masking": False, "attention": name, "schedule_mode": "reshape"}
+        for name in ("broken", "sdpa")])
+    out = tmp_path / "sync.json"
+    monkeypatch.setattr(sys, "argv", ["sync_check", "--device", "cpu", "--dtype", "fp32", "--vocab", "256",
+                                      "--final-len", "32", "--warmup", "1", "--steps", "1", "--out", str(out)])
+    sc.main()
+    res = json.loads(out.read_text())
+    broken, sdpa = res["combinations"]
+    assert broken["syncs"] is None and broken["error"] == "ValueError: no kernel for this shape"
+    assert sdpa["syncs"] == 0 and sdpa["error"] == ""
+    assert not res["all_clean"] and "error: ValueError: no kernel for this shape" in sc.format_table(res)
+
+
+def test_a_failed_check_is_summarised_and_the_others_still_run(tmp_path, no_ray_python):
+    """gpu_check.sh goes on past a check that fails (here the bench: a length that does not divide the tokens per
+    step, exit status 2): the sync check after it still runs, gpu_check.{json,md} record the failure with the end
+    of its log next to what the others measured, and only then does the script exit non-zero."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = {**os.environ, **no_ray_python, "OUT": str(out), "WORK": str(work), "PY": sys.executable,
+           "DEVICE": "cpu", "DTYPE": "fp32", "PRESET": "tiny", "LENGTHS": "33", "STEPS": "1", "BUDGET": "",
+           "TOKENS_PER_STEP": "1024", "MICRO_BATCH_TOKENS": "512", "DATA": str(tmp_path / "no-data"),
+           "TRAIN": "0", "FSDP": "0", "LOSS_CHECK": "0", "CKPT_CHECK": "0", "INDUCTION_CHECK": "0", "SYNC_LEN": "32"}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "[gpu_check] failed: bench" in r.stderr
+    assert {p.name for p in out.iterdir()} == {"env.txt", "bench.log", "train.log", "gpu_check.json", "gpu_check.md"}
+    doc = json.loads((out / "gpu_check.json").read_text())
+    (failed,) = doc["failed"]
+    assert failed["check"] == "bench" and failed["exit_status"] == 2
+    assert any("must divide --tokens-per-step" in line for line in failed["log_tail"])
+    assert doc["bench"] is None and doc["train"] is None
+    assert doc["sync"]["all_clean"] and len(doc["sync"]["combinations"]) == 12  # ran after the failure
+    md = (out / "gpu_check.md").read_text()
+    assert md.startswith("**Checks that failed: bench**") and "must divide --tokens-per-step" in md
+    assert "Host syncs in" in md
