@@ -26,14 +26,13 @@ import numpy as np
 import torch
 
 from gl_ray.config import OptimConfig
-from gl_ray.attention import attention_route, check_attention_here
+from gl_ray.attention import attention_route, check_attention, check_attention_here
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
 from gl_ray.data.stream import check_document_ends, get_stream
 from gl_ray.model import (
     batch_inputs,
     build_model,
-    check_attention,
     check_preset,
     document_pairs,
     flops_per_token,
@@ -85,9 +84,8 @@ class BenchModel:
         """Token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop; each `step` other rows
         (with documents, other layouts: a compiled model meets as many as a run does)."""
         if self.data:
-            stream, n = get_stream(self.data, "train"), seqs * seq_len
-            start = step * n % max(1, stream.tokens - n + 1)
-            return stream.read(start, n).reshape(seqs, seq_len).copy()
+            n = seqs * seq_len  # the stream goes on into later epochs past the split's end
+            return get_stream(self.data, "train").read(step * n, (step + 1) * n).reshape(seqs, seq_len).copy()
         rng = np.random.default_rng((seqs * 7919 + seq_len) * 1009 + step)
         ids = rng.integers(1, self.vocab, (seqs, seq_len), dtype=np.int32)  # never EOS (id 0) by chance
         if self.mean_doc_len:
@@ -229,6 +227,7 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
     if not lengths or any(L <= 0 or tokens_per_step % L for L in lengths):
         raise UserError(f"--lengths {lengths}: each must divide --tokens-per-step {tokens_per_step}")
     dev = pick_device(device)
+    check_attention(model.attention, "--attention", on_gpu=dev.type == "cuda")  # Table 1 trains: flex needs CUDA
     route = attention_route(model.attention, masked=model.document_masking, on_gpu=dev.type == "cuda")
     check_attention_here(route.attention, dev, "--attention")
     asked, model = model.attention, replace(model, attention=route.attention)  # the backend training would run

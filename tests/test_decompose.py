@@ -186,8 +186,9 @@ def test_a_compiled_decomposed_run_keeps_one_graph_per_bucket_length(decomposed,
     raised to hold them), the losses of the eager run. aot_eager: no C++ codegen on this CPU."""
     import torch._dynamo.utils as dynamo_utils
 
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager", **kw))
+    from gl_ray.train import compiling
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     dynamo_utils.counters.clear()
     run_tiny(tiny_data, tmp_path, "ddc", **DECOMPOSE, **{"train.compile": True})
     got, want = metrics(tmp_path / "ddc"), metrics(decomposed[2])

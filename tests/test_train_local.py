@@ -124,9 +124,11 @@ def test_masked_compiled_run_compiles_once_per_stage_length(tiny_data, tmp_path,
     import torch._dynamo
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    from gl_ray.train import compiling
+
     torch._dynamo.reset()
-    counter, real_compile = CompileCounterWithBackend("aot_eager"), torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real_compile(model, backend=counter, **kw))
+    counter = CompileCounterWithBackend("aot_eager")
+    monkeypatch.setattr(compiling, "BACKEND", counter)
     run_tiny(tiny_data, tmp_path, "masked-compiled", **MASKED, **{"train.compile": True})
     assert counter.frame_count == 2  # stages 32 and 64; 16 steps with changing masks add no recompile
     got, want = metrics(tmp_path / "masked-compiled"), metrics(masked_baseline[2])
@@ -216,16 +218,19 @@ def test_compiled_training_matches_eager(baseline, tiny_data, tmp_path, monkeypa
     """train.compile runs the loop through torch.compile: here with its aot_eager backend (the same graph capture
     and compiled autograd as inductor, without minutes of C++ codegen on CPU). Losses match eager, and checkpoints
     and the export hold the plain module's keys, so a compiled run resumes and loads like any other."""
+    from gl_ray.train import compiling
+
     real_compile, calls = torch.compile, []
 
     def spy(model, **kw):
         calls.append(kw)
-        return real_compile(model, backend="aot_eager", **kw)
+        return real_compile(model, **kw)
 
     monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
     _, _, base = baseline
     run_tiny(tiny_data, tmp_path, "compiled", **{"train.compile": True})
-    assert calls == [{"dynamic": False}]  # one compiled module; one static graph per stage length
+    assert calls == [{"backend": "aot_eager", "dynamic": False}]  # one compiled module; a static graph per length
     got, want = metrics(tmp_path / "compiled"), metrics(base)
     assert [m["step"] for m in got] == [m["step"] for m in want]
     for a, b in zip(got, want):
