@@ -134,12 +134,13 @@ def test_gpu_refuses_a_model_whose_first_sequence_does_not_fit(monkeypatch):
                              run=lambda n: None, device=torch.device("cuda"), budget_bytes=0, host_sum=lambda v: v)
 
 
-def probe_on_rank(rank: int, *, world_size: int, init_file: str, out_dir: str, rows: int, limit: int) -> None:
+def probe_on_rank(rank: int, *, world_size: int, init_file: str, out_dir: str, rows: int,
+                  limits: tuple[int, ...]) -> None:
     """One of two gloo ranks (a spawned process): the tiny model sharded with FSDP2, whose block 1 raises
-    OutOfMemoryError on rank 1 alone, inside its forward, in every try above `limit` sequences. Writes to
-    out_dir/RANK.json the agreed micro batch (or the UserError); before and after that probe, the loss and
-    gradient norm of one step on this rank's own row, taken with the real collectives; and the UserError of a
-    probe before any forward, whose every try fails (GL_RAY_OOM_ABOVE_SEQS=0)."""
+    OutOfMemoryError on rank 1 alone, inside its forward, in every try above a limit of sequences. Writes to
+    out_dir/RANK.json the agreed micro batch (or the UserError) of a probe per limit; before and after them,
+    the loss and gradient norm of one step on this rank's own row, taken with the real collectives; and the
+    UserError of a probe before any forward, whose every try fails (GL_RAY_OOM_ABOVE_SEQS=0)."""
     import torch.distributed as dist
 
     from gl_ray.model import build_model, lm_loss
@@ -150,10 +151,10 @@ def probe_on_rank(rank: int, *, world_size: int, init_file: str, out_dir: str, r
     shard_model(model, bf16=False)
     optimizer = torch.optim.AdamW(model.parameters())
     x = torch.arange(rows * 32).reshape(rows, 32) % 256  # [rows, seq_len 32]
-    trying = [0]
+    trying, limit = [0], [0]
 
     def oom_in_block_1(module, args):  # runs after FSDP's own pre-forward hook has gathered the block
-        if rank == 1 and trying[0] > limit:
+        if rank == 1 and trying[0] > limit[0]:
             raise torch.OutOfMemoryError(f"injected on rank 1 in block 1: {trying[0]} sequences")
 
     transformer_blocks(model)[1].register_forward_pre_hook(oom_in_block_1)
@@ -190,7 +191,9 @@ def probe_on_rank(rank: int, *, world_size: int, init_file: str, out_dir: str, r
     out |= {"before": step(), "unseen": mb.unseen_step_bytes(model, optimizer, accumulates=True),
             "local": sum(p.to_local().numel() for p in model.parameters()),
             "full": sum(p.numel() for p in model.parameters())}
-    out["seqs"] = probe()
+    out["seqs"] = []
+    for limit[0] in limits:
+        out["seqs"].append(probe())
     trying[0] = 0  # the probe is over: no more injected errors
     out["after"] = step()
     with open(f"{out_dir}/{rank}.json", "w") as f:
@@ -198,16 +201,15 @@ def probe_on_rank(rank: int, *, world_size: int, init_file: str, out_dir: str, r
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("limit, want", [(3, 2), (0, 0)])
-def test_fsdp_ranks_agree_when_one_runs_out_of_memory_mid_forward(tmp_path, limit, want):
-    """Two gloo ranks, FSDP2: rank 1 alone runs out of memory inside block 1's forward in every try above `limit`
+def test_fsdp_ranks_agree_when_one_runs_out_of_memory_mid_forward(tmp_path):
+    """Two gloo ranks, FSDP2: rank 1 alone runs out of memory inside block 1's forward in every try above a limit
     of the 8 rows per step. Both end within the timeout (no rank is left inside a collective the other abandoned)
-    with the same answer: the largest divisor of 8 up to `limit`, or (limit 0) the same one-line UserError. After
-    the probe both train with the real collectives and a clean FSDP state (each rank's loss and gradient norm as
-    before it)."""
+    with the same answer: the largest divisor of 8 up to the limit (3: 2), or (limit 0) the same one-line
+    UserError. After the probes both train with the real collectives and a clean FSDP state (each rank's loss
+    and gradient norm as before them)."""
     spawn = multiprocessing.get_context("spawn")
     procs = [spawn.Process(target=probe_on_rank, args=(rank,), kwargs={
-        "world_size": 2, "init_file": str(tmp_path / "init"), "out_dir": str(tmp_path), "rows": 8, "limit": limit})
+        "world_size": 2, "init_file": str(tmp_path / "init"), "out_dir": str(tmp_path), "rows": 8, "limits": (3, 0)})
         for rank in range(2)]
     for p in procs:
         p.start()
@@ -222,10 +224,9 @@ def test_fsdp_ranks_agree_when_one_runs_out_of_memory_mid_forward(tmp_path, limi
     assert [p.exitcode for p in procs] == [0, 0]
     out = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
     assert out[0]["seqs"] == out[1]["seqs"]
-    if want:
-        assert out[0]["seqs"] == want
-    else:
-        assert out[0]["seqs"].startswith("one sequence of 32 tokens") and "\n" not in out[0]["seqs"]
+    fits, none = out[0]["seqs"]
+    assert fits == 2
+    assert none.startswith("one sequence of 32 tokens") and "\n" not in none
     for o in out:
         assert o["unready"].startswith("one sequence of 32 tokens")
         assert o["after"] == pytest.approx(o["before"], rel=1e-6)
