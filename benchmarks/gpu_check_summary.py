@@ -23,7 +23,7 @@ from pathlib import Path
 
 def train_rows(summary: dict, preset: str, vocab_size: int, peak_tflops: float | None) -> list[dict]:
     """Per-stage throughput of a training summary (stage wall time includes data waits and stage switches)."""
-    from gl_ray.model import flops_per_token
+    from gl_ray.model import flops_per_token, preset_shape
 
     rows = []
     for st in summary["stages"]:
@@ -31,7 +31,7 @@ def train_rows(summary: dict, preset: str, vocab_size: int, peak_tflops: float |
         if st.get("flops") and st["wall_s"]:  # counted by the loop (pairs inside documents when masked)
             tflops = st["flops"] / st["wall_s"] / 1e12
         else:
-            tflops = flops_per_token(preset, vocab_size, st["seq_len"]) * tps / 1e12
+            tflops = flops_per_token(preset_shape(preset, vocab_size), st["seq_len"]) * tps / 1e12
         rows.append({"seq_len": st["seq_len"], "steps": st["steps"], "tokens": st["tokens"], "wall_s": st["wall_s"],
                      "step_time_s": st["wall_s"] / st["steps"] if st["steps"] else None, "tokens_per_s": tps,
                      "achieved_tflops": tflops, "mfu": tflops / peak_tflops if peak_tflops else None,

@@ -22,6 +22,8 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -30,14 +32,8 @@ from gl_ray.attention import attention_route, check_attention, check_attention_h
 from gl_ray.devices import autocast_for, pick_device, resolved_precision
 from gl_ray.errors import UserError
 from gl_ray.data.stream import check_document_ends, get_stream
-from gl_ray.model import (
-    batch_inputs,
-    build_model,
-    check_preset,
-    document_pairs,
-    flops_per_token,
-    lm_loss,
-)
+from gl_ray.architectures import PRESETS, ModelSpec, check_preset, model_spec
+from gl_ray.model import batch_inputs, build_from_spec, document_pairs, flops_per_token, lm_loss
 from gl_ray.schedule import micro_batch_for
 from gl_ray.train.compiling import compile_model
 from gl_ray.train.micro_batch import largest_fitting, peak_rss_bytes
@@ -63,10 +59,11 @@ def peak_tflops_for(device_name: str) -> float | None:
 
 @dataclass(frozen=True)
 class BenchModel:
-    """The model and batches a bench measures: a preset as training builds it, and rows as the loop receives
-    them (random ids; with document masking, documents cut from a prepared dataset or of a given mean length)."""
+    """The model and batches a bench measures: a preset (or an HF config folder) as training builds it, and rows
+    as the loop receives them (random ids; with document masking, documents cut from a prepared dataset or of a
+    given mean length)."""
 
-    preset: str
+    preset: str  # a preset name or a folder with an HF config.json (gl_ray.architectures)
     vocab: int = 50304
     attention: str = "sdpa"
     activation_checkpointing: bool = False
@@ -75,10 +72,14 @@ class BenchModel:
     mean_doc_len: int = 0  # else: random documents of this mean length (exponential), each ending with EOS
     eos_id: int = 0
 
+    def spec(self, seq_len: int = 2048) -> ModelSpec:
+        folder = "" if self.preset in PRESETS else self.preset
+        return model_spec(preset=self.preset if not folder else "tiny", config=folder, vocab_size=self.vocab,
+                          eos_id=self.eos_id, max_positions=max(seq_len, 2048), final_len=seq_len)
+
     def build(self, seq_len: int, device: torch.device) -> torch.nn.Module:
-        return build_model(self.preset, self.vocab, max(seq_len, 2048), eos_token_id=self.eos_id,
-                           attention=self.attention, activation_checkpointing=self.activation_checkpointing
-                           ).to(device)
+        return build_from_spec(self.spec(seq_len), attention=self.attention,
+                               activation_checkpointing=self.activation_checkpointing).to(device)
 
     def batch(self, seqs: int, seq_len: int, step: int = 0) -> np.ndarray:
         """Token ids, int32 [seqs, seq_len], as the data pipeline hands them to the loop; each `step` other rows
@@ -105,8 +106,8 @@ class BenchModel:
 def bench_model(*, preset: str, vocab: int = 50304, attention: str = "sdpa", activation_checkpointing: bool = False,
                 document_masking: bool = False, data: str = "", mean_doc_len: int = 0) -> BenchModel:
     """A checked BenchModel; with `data`, its vocab and EOS are the dataset's."""
-    check_preset(preset, "--preset")
-    check_attention(attention, "--attention")
+    if preset not in PRESETS and not Path(preset).is_dir():
+        check_preset(preset, "--preset")  # neither a preset nor a folder: one line naming the presets
     if mean_doc_len < 0:
         raise UserError(f"--mean-doc-len {mean_doc_len} must be >= 0")
     eos = 0
@@ -118,9 +119,12 @@ def bench_model(*, preset: str, vocab: int = 50304, attention: str = "sdpa", act
     elif document_masking and not mean_doc_len:
         raise UserError("--document-masking needs document boundaries: --data DATASET (its documents) or "
                         "--mean-doc-len N (random documents of that mean length)")
-    return BenchModel(preset=preset, vocab=vocab, attention=attention,
-                      activation_checkpointing=activation_checkpointing, document_masking=document_masking,
-                      data=data, mean_doc_len=mean_doc_len, eos_id=eos)
+    check_attention(attention, "--attention")
+    model = BenchModel(preset=preset, vocab=vocab, attention=attention,
+                       activation_checkpointing=activation_checkpointing, document_masking=document_masking,
+                       data=data, mean_doc_len=mean_doc_len, eos_id=eos)
+    model.spec()  # a config folder is checked now (one line if gl-ray cannot train it)
+    return model
 
 
 def step_time(*, model: BenchModel, seq_len: int, tokens_per_step: int, micro_batch_tokens: int,
@@ -258,7 +262,7 @@ def run_bench(*, model: BenchModel, lengths: list[int], tokens_per_step: int, mi
                  "tokens/s)")
         row["tokens_per_s"] = tokens_per_step / row["step_time_s"]
         row["cost_vs_first"] = res["lengths"][0]["tokens_per_s"] / row["tokens_per_s"] if res["lengths"] else 1.0
-        row["flops_per_token"] = flops_per_token(model.preset, model.vocab, L, row["keys_per_token"])
+        row["flops_per_token"] = flops_per_token(model.spec().shape, L, row["keys_per_token"])
         row["achieved_tflops"] = row["flops_per_token"] * row["tokens_per_s"] / 1e12
         row["mfu"] = row["achieved_tflops"] / peak_tflops if peak_tflops else None
         peak_bytes = row["peak_memory_bytes"] = peak_memory(model, memory_micro_batch_seqs, L, dev, dtype)

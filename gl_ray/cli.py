@@ -158,7 +158,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                     peak_tflops=args.peak_tflops, use_compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "-".join(["bench", args.preset, res["device"]] + (["masked"] if args.document_masking else [])
+    stem = "-".join(["bench", Path(args.preset).name, res["device"]] + (["masked"] if args.document_masking else [])
                     + (["ac"] if args.activation_checkpointing else []))
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     table = format_bench(res)
@@ -305,7 +305,7 @@ def _context_args(p: argparse.ArgumentParser) -> None:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="time, memory and max batch per length: the paper's Tables 1-3 (no Ray)")
-    p.add_argument("--preset", default="pythia-160m", help="model preset")
+    p.add_argument("--preset", default="pythia-160m", help="model preset, or a folder with an HF config.json")
     p.add_argument("--lengths", default="128,256,512,1024,2048", help="comma-separated sequence lengths")
     p.add_argument("--tokens-per-step", type=int, default=0,
                    help="tokens per optimizer step (Table 1; default 65536 on cuda, 8192 on cpu)")

@@ -24,7 +24,8 @@ from gl_ray.errors import UserError
 from gl_ray.sizes import parse_size
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
-Preset = Literal["tiny", "pythia-14m", "pythia-70m", "pythia-160m", "pythia-410m"]  # see gl_ray.model.PRESETS
+Preset = Literal["tiny", "tiny-llama", "pythia-14m", "pythia-70m", "pythia-160m",
+                 "pythia-410m"]  # see gl_ray.architectures.PRESETS
 Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.attention.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
 Precision = Literal["auto", "fp32", "bf16"]
@@ -69,12 +70,18 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    preset: Preset = _f("tiny", "architecture preset: tiny | pythia-14m | pythia-70m | pythia-160m | pythia-410m")
+    preset: Preset = _f("tiny", "architecture preset: tiny | tiny-llama | pythia-14m | pythia-70m | pythia-160m | "
+                                "pythia-410m (model.config / model.init_from take its place when given)")
+    config: str = _f("", "a local folder with an HF config.json (any RoPE decoder of gl_ray.architectures.FAMILIES: "
+                         "gpt_neox, llama, mistral, qwen2, qwen3), trained from a fresh init")
+    init_from: str = _f("", "continued pretraining: a local HF model folder (config, safetensors, tokenizer) whose "
+                            "weights the run starts from; a resume ignores it (its checkpoint wins)")
     max_position_embeddings: int = _f(2048, "longest length the model is meant for (RoPE has no position table, so "
                                             "any value works); must be >= the last stage length")
     position_mode: PositionMode = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")
     rope_theta: float = _f(10000.0, "RoPE base frequency; raise it for long final lengths (e.g. 500000 at 8k+) so "
-                                    "the slowest rotary dimensions do not wrap around within the context")
+                                    "the slowest rotary dimensions do not wrap around within the context (a loaded "
+                                    "config keeps its own base unless this is set to another value)")
     attention: Attention = _f("sdpa", "attention kernel: sdpa | flex (torch flex_attention, GPU for training) | "
                                       "flash_attention_2 (needs the flash-attn package)")
     init_std: float = _f(0.02, "std of the normal weight init")
@@ -99,6 +106,8 @@ class ScheduleConfig:
     budget_tokens: int = _f(0, "total training tokens (0 with budget_time_s: cap that sizes each stage's data)")
     budget_time_s: float = _f(0.0, "wall-time budget in seconds; stages switch at their fractions of it (0: off)")
     tokens_per_step: int = _f(65536, "global tokens per optimizer step, the same in every stage")
+    rope_theta: list[float] = _f([], "RoPE base per stage, one per stage (adjusted base frequency, as Llama 3's "
+                                     "long-context stage; empty: model.rope_theta throughout)")
 
 
 @dataclass

@@ -1,7 +1,8 @@
-"""Pythia (GPT-NeoX) RoPE models, GrowLength position ids and document masks. Single-device code: torch and
-transformers only.
+"""RoPE decoder models (Pythia presets, or any family of gl_ray.architectures), GrowLength position ids and
+document masks. Single-device code: torch and transformers only.
 
     model = build_model("pythia-70m", vocab_size=50277, max_position_embeddings=2048, attention="sdpa")
+    model = build_from_spec(model_spec(config="my-llama/", ...), attention="sdpa", seed=0)   # any family
     pos = position_ids("pose", batch=8, seq_len=128, final_len=1024, generator=g)  # LongTensor [8, 128]
     loss = lm_loss(model, input_ids, pos)
     docs = document_mask(input_ids, eos_id=0, attention="sdpa")                   # packed rows, masked
@@ -23,96 +24,102 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from gl_ray.architectures import (  # noqa: F401 (the presets are the model's public names too)
+    PRESETS,
+    ModelShape,
+    ModelSpec,
+    Preset,
+    check_preset,
+    model_shape,
+    padded_vocab,
+    preset_config,
+)
 from gl_ray.attention import block_mask, causal_block_mask, check_attention
 from gl_ray.errors import UserError
 from gl_ray.loss import linear_cross_entropy
 
-
-@dataclass(frozen=True)
-class Preset:
-    layers: int
-    hidden: int
-    heads: int
-
-
-# Pythia sizes (Biderman et al. 2023) plus two CPU-sized ones. All: rotary pct 0.25, parallel residual, untied
-# embeddings, MLP 4x hidden.
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(2, 64, 4),
-    "pythia-14m": Preset(6, 128, 4),
-    "pythia-70m": Preset(6, 512, 8),
-    "pythia-160m": Preset(12, 768, 12),
-    "pythia-410m": Preset(24, 1024, 16),
-}
-
 POSITION_MODES = ("extrapolate", "interpolate", "pose")
 
 
-def padded_vocab(vocab_size: int, multiple: int = 128) -> int:
-    """Embedding rows: the tokenizer's vocab padded up to a multiple of 128 (Pythia pads 50277 to 50304)."""
-    return -(-vocab_size // multiple) * multiple
-
-
-def check_preset(preset: str, what: str = "model.preset") -> Preset:
-    """The preset of that name; UserError naming `what` (the config key or flag) if there is none."""
-    if preset not in PRESETS:
-        raise UserError(f"{what} {preset!r} unknown; choose one of {', '.join(PRESETS)}")
-    return PRESETS[preset]
-
-
 def model_config(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
-                 init_std: float = 0.02, eos_token_id: int = 0, attention: str = "sdpa") -> GPTNeoXConfig:
-    """RoPE has no position table: max_position_embeddings only records the longest length trained or meant."""
-    p = check_preset(preset)
-    return GPTNeoXConfig(
-        vocab_size=padded_vocab(vocab_size),
-        hidden_size=p.hidden,
-        num_hidden_layers=p.layers,
-        num_attention_heads=p.heads,
-        intermediate_size=4 * p.hidden,
-        max_position_embeddings=max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.25},
-        use_parallel_residual=True,
-        tie_word_embeddings=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        initializer_range=init_std,
-        bos_token_id=eos_token_id,
-        eos_token_id=eos_token_id,
-        use_cache=False,  # training and loss evaluation only; generate() turns the cache on itself
-        attn_implementation=check_attention(attention),
-    )
+                 init_std: float = 0.02, eos_token_id: int = 0, attention: str = "sdpa") -> PretrainedConfig:
+    """The transformers config of a preset (gl_ray.architectures.preset_config) with the attention backend set."""
+    cfg = preset_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id)
+    cfg._attn_implementation = check_attention(attention)
+    return cfg
 
 
-class GrowLengthLM(GPTNeoXForCausalLM):
-    """GPT-NeoX whose forward with `labels` returns only the loss, computed by gl_ray.loss.linear_cross_entropy
+class GrowLengthMixin:
+    """A causal LM whose forward with `labels` returns only the loss, computed by gl_ray.loss.linear_cross_entropy
     from the last hidden states: the [tokens, vocab] logits never exist whole (no fp32 copy of them either).
-    Without labels it is the stock forward (logits for eval and generation). The same modules and state dict as
-    GPTNeoXForCausalLM; a run's final/ folder is saved as the stock class."""
+    Without labels it is the stock forward (logits for eval and generation). Mixed into the family's own class
+    (`lm_class`): the same modules and state dict; a run's final/ folder is saved as the stock class."""
 
     def forward(self, input_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
         if labels is None:
             return super().forward(input_ids=input_ids, **kwargs)
-        hidden = self.gpt_neox(input_ids, **kwargs).last_hidden_state  # [batch, seq_len, hidden]
+        base = getattr(self, self.base_model_prefix)  # the decoder stack: gpt_neox, model, ...
+        hidden = base(input_ids, **kwargs).last_hidden_state  # [batch, seq_len, hidden]
         h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts the label at t + 1 (HF's shift)
         loss = linear_cross_entropy(h, self.get_output_embeddings().weight, labels[:, 1:].reshape(-1))
         return CausalLMOutputWithPast(loss=loss)
 
 
+@functools.cache
+def lm_class(config_class: type) -> type[PreTrainedModel]:
+    """GrowLengthMixin over the family's causal LM class (GPTNeoXForCausalLM, LlamaForCausalLM, ...)."""
+    stock = MODEL_FOR_CAUSAL_LM_MAPPING[config_class]
+    cls = type(f"GrowLength{stock.__name__}", (GrowLengthMixin, stock), {"__module__": __name__})
+    globals()[cls.__name__] = cls  # found by name, as pickle looks a class up
+    return cls
+
+
+GrowLengthLM = lm_class(type(preset_config("tiny", 256, 64)))  # GPT-NeoX's, the presets' family
+
+
 def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,
                 init_std: float = 0.02, eos_token_id: int = 0, seed: int = 0, *, attention: str = "sdpa",
-                activation_checkpointing: bool = False) -> GrowLengthLM:
-    """A freshly initialised model; the same seed gives the same weights (whatever the attention backend).
+                activation_checkpointing: bool = False) -> PreTrainedModel:
+    """A freshly initialised model of a preset; the same seed gives the same weights (whatever the attention
+    backend). activation_checkpointing: see build_from_spec."""
+    cfg = model_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id, attention)
+    return _finish(_fresh(cfg, seed), activation_checkpointing)
+
+
+def build_from_spec(spec: ModelSpec, *, attention: str = "sdpa", seed: int = 0,
+                    activation_checkpointing: bool = False) -> PreTrainedModel:
+    """The model of a run's spec (gl_ray.architectures): its init_from weights (fp32), else a fresh init by `seed`.
 
     activation_checkpointing: recompute each transformer block's activations in the backward pass instead of
     keeping them (less memory, about one more forward pass of compute); gradients are unchanged."""
-    cfg = model_config(preset, vocab_size, max_position_embeddings, rope_theta, init_std, eos_token_id, attention)
+    cfg = spec.hf_config(check_attention(attention))
+    if not spec.init_from:
+        return _finish(_fresh(cfg, seed), activation_checkpointing)
+    from transformers import AutoModelForCausalLM
+
+    # the stock loader (its key renames for old checkpoints, sharded safetensors, tied weights), in fp32 master
+    # weights; then the same object as gl-ray's class (which adds only the loss-only forward)
+    model, info = AutoModelForCausalLM.from_pretrained(spec.init_from, config=cfg, dtype=torch.float32,
+                                                       local_files_only=True, output_loading_info=True)
+    if info["missing_keys"] or info.get("mismatched_keys"):
+        bad = sorted(info["missing_keys"]) or [str(m[0] if isinstance(m, tuple) else m)
+                                               for m in info["mismatched_keys"]]
+        raise UserError(f"model.init_from {spec.init_from!r}: its weights do not fit its config.json "
+                        f"({'missing' if info['missing_keys'] else 'mismatched'}: {', '.join(bad[:3])})")
+    model.__class__ = lm_class(type(cfg))
+    return _finish(model, activation_checkpointing)
+
+
+def _fresh(cfg: PretrainedConfig, seed: int) -> PreTrainedModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = GrowLengthLM(cfg)
+        return lm_class(type(cfg))(cfg)
+
+
+def _finish(model: PreTrainedModel, activation_checkpointing: bool) -> PreTrainedModel:
     if activation_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
         if enable is not None:
@@ -122,29 +129,45 @@ def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope
     return model
 
 
-def flops_per_token(preset: str, vocab_size: int, seq_len: int, keys_per_token: float | None = None) -> float:
+def set_rope_theta(model: PreTrainedModel, theta: float) -> None:
+    """Set the RoPE base of a live model (schedule.rope_theta, adjusted base frequency per stage): its config and
+    every rotary module's inverse frequencies, in place (same shapes: no recompile, FSDP leaves buffers whole)."""
+    rope = dict(model.config.rope_parameters)
+    if rope.get("rope_theta") == theta:
+        return
+    rope["rope_theta"] = theta
+    model.config.rope_parameters = rope
+    for module in model.modules():
+        if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "config"):
+            module.config.rope_parameters = rope
+            with torch.device("cpu"):
+                fresh = type(module)(module.config)  # the family's own init: partial rotary, rope type
+            with torch.no_grad():
+                module.inv_freq.copy_(fresh.inv_freq)
+                if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+                    module.original_inv_freq.copy_(fresh.inv_freq)
+
+
+def flops_per_token(shape: ModelShape, seq_len: int, keys_per_token: float | None = None) -> float:
     """Training FLOPs per token (forward + backward = 3x forward), PaLM's accounting (Chowdhery et al. 2022,
-    appendix B): 6 * N + 12 * layers * hidden * T, N the matmul parameters (blocks + unembedding).
+    appendix B): 6 * N + 12 * layers * width * T, N the matmul parameters (blocks + unembedding), width the
+    attention's (heads x head dim; the hidden size in Pythia).
 
     T is the keys each query is counted against: seq_len for a dense row (PaLM counts the whole T x T score
     matrix); with document masking only pairs inside documents are attended, so T is their number per token,
     sum of n_d^2 over the row's documents / seq_len (`document_pairs`)."""
-    return training_flops(preset, vocab_size, tokens=1, pairs=seq_len if keys_per_token is None else keys_per_token)
+    return training_flops(shape, tokens=1, pairs=seq_len if keys_per_token is None else keys_per_token)
 
 
-def param_count(preset: str, vocab_size: int) -> int:
-    """About how many parameters a preset has (blocks, embedding and unembedding; biases and norms left out)."""
-    p = PRESETS[preset]
-    return p.layers * 12 * p.hidden * p.hidden + 2 * padded_vocab(vocab_size) * p.hidden
-
-
-def training_flops(preset: str, vocab_size: int, tokens, pairs):
+def training_flops(shape: ModelShape, tokens, pairs):
     """FLOPs to train on `tokens` tokens whose queries meet `pairs` keys in all (numbers or tensors): 6 N tokens
-    + 12 layers hidden pairs, the accounting of flops_per_token."""
-    p = PRESETS[preset]
-    per_layer = 12 * p.hidden * p.hidden  # qkv+out (4 h^2) + MLP (8 h^2)
-    matmul_params = p.layers * per_layer + padded_vocab(vocab_size) * p.hidden
-    return 6.0 * matmul_params * tokens + 12.0 * p.layers * p.hidden * pairs
+    + 12 layers width pairs, the accounting of flops_per_token."""
+    return 6.0 * shape.matmul_params * tokens + 12.0 * shape.layers * shape.attention_width * pairs
+
+
+def preset_shape(preset: str, vocab_size: int) -> ModelShape:
+    """The ModelShape of a preset for a tokenizer of vocab_size tokens."""
+    return model_shape(preset_config(preset, vocab_size, 2048))
 
 
 def document_pairs(starts: torch.Tensor, window: int = 0) -> torch.Tensor:
@@ -293,7 +316,7 @@ def batch_inputs(x: torch.Tensor, *, position_mode: str, seq_len: int, final_len
     return {"pos": None if pos is None else to_device(pos, device), "docs": docs}
 
 
-def lm_forward(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
+def lm_forward(model: PreTrainedModel, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
                docs: DocumentMask | None = None):
     """The model's output, given labels, for a [batch, seq_len] block of tokens, and the scored targets bool
     [batch, seq_len - 1] (column t - 1 predicts token t). `.loss` is the mean next-token cross-entropy over the
@@ -312,13 +335,13 @@ def lm_forward(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Te
     return out, torch.ones_like(input_ids[:, 1:], dtype=torch.bool)
 
 
-def lm_loss(model: GPTNeoXForCausalLM, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
+def lm_loss(model: PreTrainedModel, input_ids: torch.Tensor, pos: torch.Tensor | None = None,
             docs: DocumentMask | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy over a [batch, seq_len] block of tokens (see lm_forward)."""
     return lm_forward(model, input_ids, pos, docs)[0].loss
 
 
-def window_forward(model: GPTNeoXForCausalLM, x: torch.Tensor, *, eos_id: int | None = None,
+def window_forward(model: PreTrainedModel, x: torch.Tensor, *, eos_id: int | None = None,
                    attention: str = "sdpa"):
     """lm_forward of evaluation windows x [batch, L], each read from position 0 (with `eos_id`, masked by its
     documents as in training). `.loss * batch`, summed over batches and divided by the windows, is the window

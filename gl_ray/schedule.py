@@ -19,7 +19,7 @@ plan says so. Time budget: stage k runs until elapsed wall time reaches the cumu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 from gl_ray.errors import UserError
@@ -38,6 +38,7 @@ class Stage:
     start_token: int  # tokens before this stage (offset of its slice in the train stream)
     time_s: float  # wall-time share in time mode, else 0
     window: int = 0  # attention window in tokens (schedule.mode window), 0: plain causal attention
+    rope_theta: float = 0.0  # RoPE base of this stage (schedule.rope_theta), 0: the model's own
 
     @property
     def rows_per_rank_step(self) -> int:
@@ -99,7 +100,8 @@ class Plan:
         windowed = self.window_mode
         out = {
             "stages": [{k: asdict(s)[k] for k in keys} | ({"time_s": s.time_s} if self.time_mode else {})
-                       | ({"window": s.window} if windowed else {}) for s in self.stages],
+                       | ({"window": s.window} if windowed else {})
+                       | ({"rope_theta": s.rope_theta} if s.rope_theta else {}) for s in self.stages],
             "total_tokens": self.total_tokens,
             "total_steps": self.total_steps,
             "tokens_per_step": self.tokens_per_step,
@@ -365,11 +367,25 @@ def make_plan(cfg, cap_tokens: int = 0, workers: int | None = None) -> Plan:
         raise UserError(
             f"last stage length {lengths[-1]} exceeds model.max_position_embeddings="
             f"{cfg.model.max_position_embeddings}; raise it or shorten the schedule")
-    return plan_stages(lengths=lengths, ratios=ratios, tokens_per_step=s.tokens_per_step,
+    plan = plan_stages(lengths=lengths, ratios=ratios, tokens_per_step=s.tokens_per_step,
                        micro_batch_tokens=cfg.train.micro_batch_tokens,
                        num_workers=cfg.ray.num_workers if workers is None else workers,
                        budget_tokens=s.budget_tokens, budget_time_s=s.budget_time_s, cap_tokens=cap_tokens,
                        mode=s.mode)
+    return with_rope_thetas(plan, s.rope_theta)
+
+
+def with_rope_thetas(plan: Plan, thetas: list[float]) -> Plan:
+    """The plan with schedule.rope_theta's base on each stage (empty: unchanged); UserError unless there is one
+    positive base per stage."""
+    if not thetas:
+        return plan
+    if len(thetas) != len(plan.stages):
+        raise UserError(f"schedule.rope_theta has {len(thetas)} values for {len(plan.stages)} stages "
+                        f"({', '.join(str(st.seq_len) for st in plan.stages)}): give one RoPE base per stage")
+    if any(not t > 0 for t in thetas):
+        raise UserError(f"schedule.rope_theta values must be positive, got {thetas}")
+    return replace(plan, stages=tuple(replace(st, rope_theta=float(t)) for st, t in zip(plan.stages, thetas)))
 
 
 def plans_by_world(cfg, cap_tokens: int = 0) -> dict[int, Plan]:

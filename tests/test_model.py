@@ -12,6 +12,7 @@ from gl_ray.model import (
     lm_loss,
     padded_vocab,
     position_ids,
+    preset_shape,
 )
 
 
@@ -89,7 +90,7 @@ def test_jumping_positions_do_not_cut_attention():
 
 
 def test_flops_per_token_grows_with_length():
-    assert flops_per_token("pythia-160m", 50277, 2048) > flops_per_token("pythia-160m", 50277, 128) > 0
+    assert flops_per_token(preset_shape("pythia-160m", 50277), 2048) > flops_per_token(preset_shape("pythia-160m", 50277), 128) > 0
 
 
 # ---- document masking (data.document_masking) and attention backends ----
@@ -211,8 +212,10 @@ def test_attention_backend_errors():
 
 def test_flops_follow_palm_and_count_only_pairs_inside_documents():
     p = PRESETS["pythia-160m"]
-    base = flops_per_token("pythia-160m", 50277, 0)  # 6N alone
-    assert flops_per_token("pythia-160m", 50277, 2048) - base == pytest.approx(12 * p.layers * p.hidden * 2048)
+    shape = preset_shape("pythia-160m", 50277)
+    base = flops_per_token(shape, 0)  # 6N alone
+    assert base == pytest.approx(6 * (p.layers * 12 * p.hidden ** 2 + padded_vocab(50277) * p.hidden))
+    assert flops_per_token(shape, 2048) - base == pytest.approx(12 * p.layers * p.hidden * 2048)
     x = torch.tensor([[5, 6, EOS, 7, EOS, 8, 9, 10]])  # documents of 3, 2 and 3 tokens
     assert float(document_pairs(document_mask(x, EOS).starts)) == 9 + 4 + 9
     assert float(document_pairs(document_mask(torch.ones(2, 8, dtype=torch.long), EOS).starts)) == 2 * 64

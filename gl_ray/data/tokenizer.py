@@ -55,3 +55,26 @@ def encode_documents(texts: list[str], tokenizer_json: str, eos_id: int) -> list
         _BACKENDS[key] = Tokenizer.from_str(tokenizer_json)
     encs = _BACKENDS[key].encode_batch(texts, add_special_tokens=False)
     return [np.array(e.ids + [eos_id], dtype=np.int32) for e in encs]
+
+
+PROBES = ("Hello, world!", "def grow(length: int) -> int:\n    return 2 * length", "  naïve café 1234567890 <|x|>",
+          "GrowLength trains short rows first.\n\nThen longer ones.")
+
+
+def check_same_tokenizer(dataset_tokenizer_json: str, model_folder: str, what: str = "model.init_from") -> None:
+    """UserError unless the model folder's tokenizer (tokenizer.json) is the dataset's: the same vocab size and the
+    same ids for a few probe texts. dataset_tokenizer_json: the dataset tokenizer's tokenizer.json text."""
+    path = Path(model_folder) / "tokenizer.json"
+    if not path.is_file():
+        raise UserError(f"{what} {model_folder!r} has no tokenizer.json: gl-ray checks that the dataset was "
+                        "tokenized with the model's tokenizer (save the tokenizer into the folder)")
+    ours, theirs = Tokenizer.from_str(dataset_tokenizer_json), Tokenizer.from_file(str(path))
+    n_ours, n_theirs = ours.get_vocab_size(with_added_tokens=True), theirs.get_vocab_size(with_added_tokens=True)
+    if n_ours != n_theirs:
+        raise UserError(f"{what} {model_folder!r} has a tokenizer of {n_theirs} tokens, the dataset's has {n_ours}: "
+                        "prepare the data with the model's tokenizer (gl-ray prepare --tokenizer FOLDER)")
+    for text in PROBES:
+        a, b = ours.encode(text, add_special_tokens=False).ids, theirs.encode(text, add_special_tokens=False).ids
+        if a != b:
+            raise UserError(f"{what} {model_folder!r} tokenizes {text[:24]!r} as {b[:6]}..., the dataset's tokenizer "
+                            f"as {a[:6]}...: prepare the data with the model's tokenizer (--tokenizer FOLDER)")

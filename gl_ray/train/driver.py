@@ -15,10 +15,12 @@ from gl_ray.config import Config
 from gl_ray.data.decompose import accounting, draws_for, format_buckets
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
+from gl_ray.architectures import ModelSpec, model_line
 from gl_ray.schedule import format_plan, plans_by_world
 from gl_ray.train import preempt
 from gl_ray.lock import run_lock
 from gl_ray.train.outputs import format_summary
+from gl_ray.train.identity import check_resumable, record_model, record_run, run_model
 from gl_ray.train.preflight import attention_plan, preflight
 
 
@@ -26,15 +28,14 @@ def run_uri_of(cfg: Config) -> str:
     return storage.join(storage.absolute(cfg.ray.storage_path), cfg.name)
 
 
-def check_memory_budget(cfg: Config, vocab_size: int) -> None:
-    """train.memory_budget must at least hold the weights, gradients and AdamW state of this worker's share."""
+def check_memory_budget(cfg: Config, params: int) -> None:
+    """train.memory_budget must at least hold the weights, gradients and AdamW state of this worker's share of the
+    model's `params` parameters."""
     if cfg.train.micro_batch_tokens != "auto" or not cfg.train.memory_budget:
         return
     from gl_ray.sizes import parse_size
-    from gl_ray.model import param_count
     from gl_ray.train.micro_batch import BYTES_PER_PARAM, too_small
 
-    params = param_count(cfg.model.preset, vocab_size)
     share = params // max(1, cfg.ray.num_workers) if cfg.ray.strategy == "fsdp" else params
     budget = parse_size(cfg.train.memory_budget, "train.memory_budget")
     if budget < BYTES_PER_PARAM * share:
@@ -76,12 +77,13 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
     if val.tokens < plan.final_len:
         raise UserError(f"val split of {cfg.data.path!r} has {val.tokens} tokens, fewer than one row of the final "
                         f"length {plan.final_len}; prepare with a larger --val-fraction")
-    check_memory_budget(cfg, train_stream.manifest.vocab_size)
     run_uri = run_uri_of(cfg)
+    spec = run_model(run_uri, cfg, train_stream.manifest, plan.final_len)  # reads only; checked again under the lock
+    check_memory_budget(cfg, spec.shape.params)
     storage.check_writable(run_uri)
     with run_lock(run_uri):  # one trainer per run, from before anything of the run is read back or written
-        return _train(cfg, plans, run_uri, train_stream, address=address, say=say, callbacks=callbacks, quiet=quiet,
-                      verbose=verbose, rewind_to=rewind_to, skip_steps=skip_steps)
+        return _train(cfg, plans, run_uri, train_stream, spec, address=address, say=say, callbacks=callbacks,
+                      quiet=quiet, verbose=verbose, rewind_to=rewind_to, skip_steps=skip_steps)
 
 
 def decompose_accounting(cfg: Config, plan) -> dict:
@@ -89,16 +91,16 @@ def decompose_accounting(cfg: Config, plan) -> dict:
     return {"buckets": accounting(draws_for(cfg.data, plan), cfg.data)} if cfg.data.packing == "decompose" else {}
 
 
-def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, say, callbacks: list | None,
-           quiet: bool, verbose: bool, rewind_to: int | None, skip_steps: int) -> dict:
+def _train(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec, *, address: str | None, say,
+           callbacks: list | None, quiet: bool, verbose: bool, rewind_to: int | None, skip_steps: int) -> dict:
     """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
     from gl_ray.train.checkpoint import remove_leftovers
-    from gl_ray.train.identity import check_resumable, record_run
 
     plan = plans[cfg.ray.num_workers]
 
     manifest_bytes = storage.read_bytes(storage.join(cfg.data.path, "manifest.json"))
     check_resumable(run_uri, cfg, plan, manifest_bytes)
+    spec = run_model(run_uri, cfg, train_stream.manifest, plan.final_len)  # as the lock holder sees the run
     for name in remove_leftovers(run_uri):
         say(f"removed {name} from {run_uri}: left incomplete by an interrupted run")
     if rewind_to is not None:
@@ -107,18 +109,20 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
         rewind(run_uri, plan, rewind_to, skip_steps, say)
     for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
+    record_model(run_uri, spec)
     attention, attention_line = attention_plan(cfg, plan)
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}
                           | decompose_accounting(cfg, plan) | {"attention": attention}, indent=1)
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
+    say(model_line(spec, plan.stages[0].seq_len))
     if attention_line:
         say(attention_line)
     if cfg.data.packing == "decompose":
         say(format_buckets(draws_for(cfg.data, plan), cfg.data, plan.time_mode))
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
-    _fit(cfg, plans, run_uri, train_stream, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
+    _fit(cfg, plans, run_uri, train_stream, spec, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
     summary_uri = storage.join(run_uri, "summary.json")
     if preempt.was_requested(run_uri) and not storage.exists(summary_uri):
         raise preempt.Preempted(preempt.stopped_message(run_uri))
@@ -128,8 +132,8 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str
     return summary
 
 
-def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str | None, callbacks: list | None,
-         quiet: bool, verbose: bool) -> None:
+def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec, *, address: str | None,
+         callbacks: list | None, quiet: bool, verbose: bool) -> None:
     """Train in this process (ray.num_workers: 0) or on Ray Train, with SIGTERM turned into a stop request (set
     after ray.init, whose own handler would exit at once)."""
     if cfg.ray.num_workers == 0:
@@ -142,7 +146,7 @@ def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str |
                 if cfg.data.packing == "decompose" else None
             run_worker(cfg, plans[0], run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
                                                      async_write=cfg.train.async_checkpoint, draws=draws),
-                       print_progress=not quiet)
+                       print_progress=not quiet, spec=spec)
         finally:
             preempt.restore(previous)
         return
@@ -154,6 +158,6 @@ def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, *, address: str |
                resources={k: v * cfg.ray.num_workers for k, v in cfg.ray.worker_resources.items()})
     previous = preempt.install(run_uri)
     try:
-        fit_trainer(cfg, plans, run_uri, callbacks=callbacks, progress=not quiet, verbose=verbose)
+        fit_trainer(cfg, plans, run_uri, spec, callbacks=callbacks, progress=not quiet, verbose=verbose)
     finally:
         preempt.restore(previous)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -23,8 +24,12 @@ from gl_ray import storage
 from gl_ray.config import Config, dump_config
 from gl_ray.errors import UserError
 
+if TYPE_CHECKING:
+    from gl_ray.architectures import ModelSpec
+
 GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what the data and the steps depend on
-FINGERPRINT_KEYS = ("model.preset", "model.rope_theta", "model.init_std", "model.position_mode",
+FINGERPRINT_KEYS = ("model.preset", "model.config", "model.rope_theta", "model.init_std", "model.position_mode",
+                    "schedule.rope_theta",
                     "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step",
                     "data.packing", "data.min_chunk", "data.curriculum", "data.bucket_odds", "data.cycles")
 
@@ -101,3 +106,44 @@ def append_history(run_uri: str, record: dict) -> None:
     line = json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds")} | record)
     old = storage.read_bytes(uri).decode() if storage.exists(uri) else ""
     storage.write_bytes(uri, (old + line + "\n").encode())
+
+
+def run_model(run_uri: str, cfg: Config, manifest, final_len: int) -> ModelSpec:
+    """The model a launch trains (gl_ray.architectures). A run that has RUN/model.json keeps it: a preset or
+    model.config must still describe the same architecture, and model.init_from is not read again once a checkpoint
+    exists (the checkpoint has the weights). Otherwise the config's model, checked against the dataset (an init_from
+    folder's tokenizer must be the dataset's). Reads only; the driver writes RUN/model.json (`record_model`)."""
+    from gl_ray.architectures import ModelSpec, spec_for
+    from gl_ray.train.checkpoint import find_resume_checkpoint
+
+    uri = storage.join(run_uri, "model.json")
+    if storage.exists(uri):
+        try:
+            stored = ModelSpec.from_json(storage.read_json(uri))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{uri} is not a gl-ray model record ({e}); restore it from a copy or choose a new "
+                            "run name") from None
+        if not cfg.model.init_from:
+            now = spec_for(cfg.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_token_id,
+                           final_len=final_len)
+            diff = sorted(k for k in set(now.config) | set(stored.config) if k != "max_position_embeddings"
+                          and now.config.get(k) != stored.config.get(k))
+            if diff:
+                raise UserError(f"run {run_uri!r} trains {stored.source}; this config's {now.source} differs in "
+                                f"{', '.join(diff[:4])}. Resume with the run's own config.yaml or choose a new name")
+        has_checkpoint = find_resume_checkpoint(run_uri, warn=lambda _: None) is not None
+        return stored.without_weights() if has_checkpoint or not stored.init_from else stored
+    spec = spec_for(cfg.model, vocab_size=manifest.vocab_size, eos_id=manifest.eos_token_id, final_len=final_len)
+    if spec.init_from:
+        from gl_ray.data.tokenizer import check_same_tokenizer
+
+        check_same_tokenizer(storage.read_bytes(storage.join(manifest.tokenizer_uri, "tokenizer.json")).decode(),
+                             spec.init_from)
+    return spec
+
+
+def record_model(run_uri: str, spec: ModelSpec) -> None:
+    """RUN/model.json at a run's first start (never overwritten)."""
+    uri = storage.join(run_uri, "model.json")
+    if not storage.exists(uri):
+        storage.write_bytes(uri, json.dumps(spec.to_json(), indent=1).encode())

@@ -21,7 +21,8 @@ from gl_ray.attention import attention_route, check_attention_here
 from gl_ray.config import Config
 from gl_ray.errors import TrainingDiverged
 from gl_ray.devices import autocast_for, pick_device
-from gl_ray.model import batch_inputs, build_model, document_pairs, lm_loss, training_flops
+from gl_ray.architectures import ModelSpec, spec_for
+from gl_ray.model import batch_inputs, build_from_spec, document_pairs, lm_loss, set_rope_theta, training_flops
 from gl_ray.schedule import Plan, Stage, lr_at, micro_batch_for
 from gl_ray.sizes import parse_size
 from gl_ray.train.checkpoint import TrainState
@@ -131,7 +132,8 @@ class Trainer:
     """Model, optimizer and state of one worker, built and restored once; `train()` runs what is left of the plan."""
 
     def __init__(self, cfg: Config, plan: Plan, io: WorkerIO, *, vocab_size: int, eos_id: int,
-                 evaluator: Evaluator, hooks: RunHooks | None = None):
+                 evaluator: Evaluator, hooks: RunHooks | None = None, spec: ModelSpec | None = None):
+        """spec: the run's model (RUN/model.json); None: model.preset's."""
         self.cfg, self.plan, self.io, self.evaluator = cfg, plan, io, evaluator
         self.hooks = hooks or RunHooks()
         self.device = pick_device(cfg.train.device)
@@ -144,9 +146,9 @@ class Trainer:
                                          on_gpu=self.device.type == "cuda").attention
         check_attention_here(self.attention, self.device)
         evaluator.attention = self.attention
-        self.model = build_model(m.preset, vocab_size, m.max_position_embeddings, m.rope_theta, m.init_std, eos_id,
-                                 seed=cfg.train.seed, attention=self.attention,
-                                 activation_checkpointing=cfg.train.activation_checkpointing).to(self.device)
+        self.spec = spec or spec_for(m, vocab_size=vocab_size, eos_id=eos_id, final_len=plan.final_len)
+        self.model = build_from_spec(self.spec, attention=self.attention, seed=cfg.train.seed,
+                                     activation_checkpointing=cfg.train.activation_checkpointing).to(self.device)
         self.net = io.wrap_model(self.model)  # DDP wraps it; FSDP shards it in place (so before the optimizer)
         self.optimizer = make_optimizer(self.model, cfg.optim)
         restored = io.restore(self.model, self.optimizer)
@@ -194,6 +196,8 @@ class Trainer:
         if state.stage_step >= st.steps and not self.plan.time_mode:  # finished before a restart
             state.stage, state.stage_step = st.index + 1, 0
             return
+        if st.rope_theta:  # schedule.rope_theta: this stage's base (also after a resume into the stage)
+            set_rope_theta(self.model, st.rope_theta)
         micro_batch = self.micro_batch(st)
         batches = self.io.batches(st, state.stage_step)
         stage_t0, stage_wall0 = time.perf_counter(), state.stage_wall_s[st.index]
@@ -210,7 +214,7 @@ class Trainer:
                              skip_nonfinite=self.cfg.train.nonfinite == "skip")
             if poison is not None:
                 poison.remove()
-            flops = training_flops(self.cfg.model.preset, self.vocab_size, st.rows_per_rank_step * st.seq_len,
+            flops = training_flops(self.spec.shape, st.rows_per_rank_step * st.seq_len,
                                    self.step_pairs)
             self.step_pairs = 0
             tokens_before = state.tokens

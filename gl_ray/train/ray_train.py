@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from gl_ray import storage
+from gl_ray.architectures import ModelSpec
 from gl_ray.config import Config, DataConfig, config_from_dict
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, decomposed_dataset, stage_dataset
@@ -338,7 +339,7 @@ def ray_worker_loop(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     plan = Plan.from_dict(config["plans"][ray.train.get_context().get_world_size()])  # elastic: this world's
     io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
-    run_worker(cfg, plan, config["run_uri"], io, print_progress=False)
+    run_worker(cfg, plan, config["run_uri"], io, print_progress=False, spec=ModelSpec.from_json(config["model"]))
 
 
 def ray_train_env(r) -> dict[str, str]:
@@ -347,10 +348,11 @@ def ray_train_env(r) -> dict[str, str]:
             "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": f"{r.notice_poll_s:g}"}
 
 
-def fit_trainer(cfg: Config, plans: dict[int, Plan], run_uri: str, callbacks: list | None = None, *,
+def fit_trainer(cfg: Config, plans: dict[int, Plan], run_uri: str, spec: ModelSpec, callbacks: list | None = None, *,
                 progress: bool = True, verbose: bool = False) -> None:
     """Driver function: build and fit the TorchTrainer (the caller has connected to Ray). plans: the plan of each
-    world size the run may train with (gl_ray.schedule.plans_by_world); progress: print rank 0's progress lines
+    world size the run may train with (gl_ray.schedule.plans_by_world); spec: the model (gl_ray.architectures);
+    progress: print rank 0's progress lines
     here (gl_ray.train.relay); verbose: Ray Train's and Ray Data's INFO lines too."""
     import contextlib
 
@@ -376,7 +378,7 @@ def fit_trainer(cfg: Config, plans: dict[int, Plan], run_uri: str, callbacks: li
         trainer = TorchTrainer(
             ray_worker_loop,
             train_loop_config={"cfg": cfg.to_dict(), "plans": {w: p.to_dict() for w, p in plans.items()},
-                               "run_uri": run_uri,
+                               "run_uri": run_uri, "model": spec.to_json(),
                                "shared_token": mark_shared(run_uri),
                                "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=r.use_gpu,
