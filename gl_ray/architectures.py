@@ -255,8 +255,7 @@ def model_line(spec: ModelSpec, first_len: int) -> str:
     """The line printed with the plan: family, source, size, and for init_from where the stages start from."""
     line = f"model: {spec.family} ({spec.source}), {spec.shape.params / 1e6:.1f}M parameters"
     if spec.init_from:
-        line += f", weights from {spec.init_from}"
+        line += f"; made for {spec.trained_len} tokens, stages from {first_len}" if spec.trained_len else ""
         if spec.trained_len and first_len < spec.trained_len:
-            line += (f"; note: the first stage ({first_len}) is shorter than the {spec.trained_len} tokens its "
-                     "config was made for (GrowLength continues from the trained length upward)")
+            line += " (shorter: GrowLength usually continues from the trained length upward)"
     return line

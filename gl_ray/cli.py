@@ -34,16 +34,34 @@ def _config_epilog() -> str:
     return "config keys (section.key = default: doc):\n" + describe_keys()
 
 
+def plan_model(cfg, final_len: int):
+    """The model of a config as `gl-ray plan` shows it, for the dataset's vocab when it is prepared (else a folder's
+    own, or Pythia's 50277 for a preset)."""
+    from gl_ray import storage
+    from gl_ray.architectures import spec_for
+    from gl_ray.data.manifest import load_manifest
+
+    vocab, eos = (1 if cfg.model.config or cfg.model.init_from else 50277), 0
+    if storage.exists(storage.join(cfg.data.path, "manifest.json")):
+        manifest = load_manifest(cfg.data.path)
+        vocab, eos = manifest.vocab_size, manifest.eos_token_id
+    return spec_for(cfg.model, vocab_size=vocab, eos_id=eos, final_len=final_len)
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     from gl_ray.config import load_config
     from gl_ray.schedule import format_plan, make_plan
 
+    from gl_ray.architectures import model_line
     from gl_ray.train.preflight import attention_plan
 
     cfg = load_config(args.config, args.overrides)
     plan = make_plan(cfg)
     attention, line = attention_plan(cfg, plan)
     doc, text = plan.to_json() | {"attention": attention}, format_plan(plan) + (f"\n{line}" if line else "")
+    spec = plan_model(cfg, plan.final_len)
+    doc["model"] = {"family": spec.family, "source": spec.source, "params": spec.shape.params}
+    text += "\n" + model_line(spec, plan.stages[0].seq_len)
     if cfg.data.packing == "decompose":
         from gl_ray.data.decompose import accounting, draws_for, format_buckets
 

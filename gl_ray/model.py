@@ -99,7 +99,9 @@ def build_from_spec(spec: ModelSpec, *, attention: str = "sdpa", seed: int = 0,
     if not spec.init_from:
         return _finish(_fresh(cfg, seed), activation_checkpointing)
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a bar per load in every worker's output otherwise
     # the stock loader (its key renames for old checkpoints, sharded safetensors, tied weights), in fp32 master
     # weights; then the same object as gl-ray's class (which adds only the loss-only forward)
     model, info = AutoModelForCausalLM.from_pretrained(spec.init_from, config=cfg, dtype=torch.float32,

@@ -11,9 +11,9 @@ import torch
 from conftest import NEOX_TOKENIZER, cli_inprocess, metrics, run_tiny, tiny_overrides, weights
 from test_model import EOS, packed_row, summed_loss
 
-from gl_ray.architectures import ModelSpec, model_spec
+from gl_ray.architectures import ModelSpec, model_line, model_spec
 from gl_ray.errors import UserError
-from gl_ray.model import build_from_spec, document_mask, position_ids, set_rope_theta, training_flops
+from gl_ray.model import build_from_spec, document_mask, lm_loss, position_ids, set_rope_theta, training_flops
 from gl_ray.train.faults import InjectedFault
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
@@ -119,6 +119,34 @@ def test_a_new_rope_base_equals_a_model_built_with_it(family, tmp_path):
     assert a.config.rope_parameters["rope_theta"] == 5e5
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_checkpointing_and_compile_keep_each_familys_loss_and_gradients(family, tmp_path):
+    """Activation checkpointing and torch.compile (one graph, counted) on a family's model: the loss and the
+    gradients of the plain model (Qwen3: tied embeddings, so the chunked loss reads the embedding matrix)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from gl_ray.train.compiling import compile_model
+
+    spec = model_spec(config=save_config(tmp_path, family), vocab_size=256, eos_id=EOS, max_positions=64)
+    x = torch.randint(1, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads(net, model):
+        loss = lm_loss(net, x)
+        loss.backward()
+        return loss.item(), {n: p.grad for n, p in model.named_parameters()}
+
+    plain = build_from_spec(spec, seed=1).train()
+    want, grads = loss_and_grads(plain, plain)
+    for ckpt in (True, False):
+        model = build_from_spec(spec, seed=1, activation_checkpointing=ckpt).train()
+        counter = CompileCounter()
+        net = model if ckpt else compile_model(model, model, graphs=2, backend=counter)
+        got, got_grads = loss_and_grads(net, model)
+        assert got == pytest.approx(want, abs=1e-5)
+        assert all(torch.allclose(got_grads[n], g, atol=1e-5) for n, g in grads.items())
+        assert ckpt or counter.frame_count == 1
+
+
 def test_model_folders_gl_ray_cannot_train_are_one_line(tmp_path):
     def refused(match, **kw):
         with pytest.raises(UserError, match=match) as e:
@@ -217,6 +245,8 @@ def test_init_from_starts_from_the_folders_weights(baseline, tiny_data, tmp_path
     _, _, run = baseline
     spec = model_spec(init_from=str(run / "final"), vocab_size=1000, eos_id=0, max_positions=256)
     assert spec.trained_len == 128 and spec.family == "gpt_neox"
+    assert model_line(spec, 128).endswith("made for 128 tokens, stages from 128")
+    assert "(shorter: GrowLength usually continues" in model_line(spec, 64)
     ours, stock = build_from_spec(spec).eval(), AutoModelForCausalLM.from_pretrained(run / "final").eval()
     x = torch.randint(1, 1000, (2, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

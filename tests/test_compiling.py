@@ -37,7 +37,8 @@ def test_eight_stages_stay_compiled_in_every_position_mode(mode, schedule_mode, 
     assert counter.frame_count == graphs <= limit
 
 
-def test_fsdp_compiles_each_block_in_place(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_fsdp_compiles_each_block_in_place(preset, tmp_path):
     """A one-rank gloo group: after fully_shard, each block's forward is compiled (one graph the blocks share),
     the root is not, the state dict keys are the uncompiled model's, and loss and gradients are unchanged."""
     import torch.distributed as dist
@@ -48,10 +49,10 @@ def test_fsdp_compiles_each_block_in_place(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
     try:
         x = torch.randint(1, 256, (2, 32), generator=torch.Generator().manual_seed(0))
-        plain = build_model("tiny", 256, 64, seed=1)
+        plain = build_model(preset, 256, 64, seed=1)
         want = lm_loss(plain, x)
         want.backward()
-        model = shard_model(build_model("tiny", 256, 64, seed=1), bf16=False)
+        model = shard_model(build_model(preset, 256, 64, seed=1), bf16=False)
         keys = list(model.state_dict())
         counter = CompileCounter()
         net = compiling.compile_model(model, model, graphs=4, backend=counter)

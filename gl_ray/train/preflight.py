@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from gl_ray.architectures import spec_for
 from gl_ray.attention import Route, attention_route, check_attention, check_attention_here
 from gl_ray.config import Config
 from gl_ray.errors import UserError
@@ -58,4 +59,6 @@ def preflight(cfg: Config) -> Plan:
         check_device(cfg.train.device, "train.device")
         check_attention_here(attention_for(cfg, plan).attention, pick_device(cfg.train.device))
     check_loggers(cfg.train.loggers)
+    if cfg.model.config or cfg.model.init_from:  # the folder and its family; the vocab is checked with the data
+        spec_for(cfg.model, vocab_size=1, eos_id=0, final_len=plan.final_len)
     return plan
