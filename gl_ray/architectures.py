@@ -194,7 +194,8 @@ def model_spec(*, preset: str = "tiny", config: str = "", init_from: str = "", v
     if not (config or init_from):
         return ModelSpec(config=config_json(preset_config(preset, vocab_size, max_positions, rope_theta, init_std,
                                                           eos_id)), source=f"preset {preset}")
-    key, folder = ("model.init_from", init_from) if init_from else ("model.config", config)
+    key, name = ("model.init_from", init_from) if init_from else ("model.config", config)
+    folder = local_folder(name, key)
     cfg = load_folder_config(folder, key)
     check_family(cfg, key, folder, final_len)
     if cfg.vocab_size < vocab_size:
@@ -207,16 +208,29 @@ def model_spec(*, preset: str = "tiny", config: str = "", init_from: str = "", v
     if rope.get("rope_type", "default") in ("default", "linear"):  # there it is only a record
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_positions)
     trained = load_folder_config(folder, key).max_position_embeddings if init_from else 0
-    return ModelSpec(config=config_json(cfg), source=f"{key.split('.')[1]} {folder}", init_from=init_from,
-                     trained_len=trained)
+    return ModelSpec(config=config_json(cfg), source=f"{key.split('.')[1]} {name}",
+                     init_from=folder if init_from else "", trained_len=trained)
+
+
+def local_folder(name: str, key: str) -> str:
+    """A local folder: `name` itself, or the snapshot of a hub name (org/model) in the local Hugging Face cache;
+    nothing is downloaded. UserError naming `key` otherwise."""
+    if Path(name).is_dir():
+        return name
+    if name.count("/") == 1 and not Path(name).exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(name, local_files_only=True)
+        except Exception:  # not cached (LocalEntryNotFoundError), or not a valid repo id
+            pass
+    raise UserError(f"{key} {name!r} is not a folder, nor a model in the local Hugging Face cache (gl-ray downloads "
+                    "nothing: give a local folder with an HF config.json)")
 
 
 def load_folder_config(folder: str, key: str) -> PretrainedConfig:
-    """The transformers config of an HF folder (config.json), read locally only; UserError naming `key`."""
+    """The transformers config of a local HF folder (config.json); UserError naming `key`."""
     path = Path(folder)
-    if not path.is_dir():
-        raise UserError(f"{key} {folder!r} is not a folder (give a local folder with an HF config.json; gl-ray "
-                        "downloads nothing)")
     if not (path / "config.json").is_file():
         raise UserError(f"{key} {folder!r} has no config.json (give a save_pretrained folder or one holding an "
                         "HF config.json)")

@@ -72,10 +72,11 @@ class DataConfig:
 class ModelConfig:
     preset: Preset = _f("tiny", "architecture preset: tiny | tiny-llama | pythia-14m | pythia-70m | pythia-160m | "
                                 "pythia-410m (model.config / model.init_from take its place when given)")
-    config: str = _f("", "a local folder with an HF config.json (any RoPE decoder of gl_ray.architectures.FAMILIES: "
-                         "gpt_neox, llama, mistral, qwen2, qwen3), trained from a fresh init")
-    init_from: str = _f("", "continued pretraining: a local HF model folder (config, safetensors, tokenizer) whose "
-                            "weights the run starts from; a resume ignores it (its checkpoint wins)")
+    config: str = _f("", "a local folder with an HF config.json, or an org/model name in the local HF cache (a RoPE "
+                         "decoder: gpt_neox, llama, mistral, qwen2, qwen3), trained from a fresh init")
+    init_from: str = _f("", "continued pretraining: a local HF model folder (config, safetensors, tokenizer) or a "
+                            "cached org/model whose weights the run starts from; a resume ignores it (its "
+                            "checkpoint wins)")
     max_position_embeddings: int = _f(2048, "longest length the model is meant for (RoPE has no position table, so "
                                             "any value works); must be >= the last stage length")
     position_mode: PositionMode = _f("extrapolate", "position ids in short stages: extrapolate | interpolate | pose")

@@ -153,7 +153,8 @@ def test_model_folders_gl_ray_cannot_train_are_one_line(tmp_path):
             model_spec(vocab_size=1000, eos_id=0, max_positions=256, final_len=256, **kw)
         assert "\n" not in str(e.value)
 
-    refused("is not a folder", config=str(tmp_path / "missing"))
+    refused("is not a folder, nor a model in the local Hugging Face cache", config=str(tmp_path / "missing"))
+    refused("nor a model in the local Hugging Face cache", init_from="acme/not-cached")
     (tmp_path / "empty").mkdir()
     refused("has no config.json", config=str(tmp_path / "empty"))
     refused("model without RoPE of type 'gpt2'", config=save_config(tmp_path / "gpt2", "gpt2"))
@@ -165,6 +166,19 @@ def test_model_folders_gl_ray_cannot_train_are_one_line(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     refused("cannot be read", config=str(tmp_path / "bad"))
+
+
+def test_a_hub_name_is_read_from_the_local_cache_only(tmp_path, monkeypatch):
+    """org/model names resolve to their snapshot in the local HF cache (HF_HUB_CACHE), never a download."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # HF_HUB_CACHE, as read at import
+    repo = tmp_path / "models--acme--tiny-llama"
+    save_config(repo / "snapshots" / "abc123", "llama")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    spec = model_spec(config="acme/tiny-llama", vocab_size=1000, eos_id=0, max_positions=64)
+    assert spec.family == "llama" and spec.source == "config acme/tiny-llama"
 
 
 def test_spec_round_trips_through_json(tmp_path):
