@@ -83,7 +83,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                        shard_tokens=args.shard_tokens, max_docs=args.max_docs, address=args.address,
                        overwrite=args.overwrite, resume=args.resume, no_ray=args.no_ray, workers=args.workers,
                        text_column=args.text_column, tokenizer_sample_bytes=sample, recall=recall,
-                       verbose=args.verbose)
+                       verbose=args.verbose, token_dtype=args.token_dtype)
     tr, va = manifest["splits"]["train"], manifest["splits"]["val"]
     print(f"wrote {args.out}: vocab {manifest['vocab_size']}, train {tr['documents']} docs / {tr['tokens']:,} "
           f"tokens in {len(tr['shards'])} shards, val {va['documents']} docs / {va['tokens']:,} tokens")
@@ -249,7 +249,9 @@ def _add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="tokenize a corpus into Parquet token shards")
     p.add_argument("--source", default="stdlib",
                    help="stdlib (default), a folder, file or glob (.txt/.md/.rst/.py, .jsonl, .parquet, .arrow; "
-                        "text and .jsonl may be .gz or .zst), a `datasets` save_to_disk folder, or s3://bucket/prefix")
+                        "text and .jsonl may be .gz or .zst), a `datasets` save_to_disk folder, s3://bucket/prefix, "
+                        "or tokens:PATH (pre-tokenized .npy/.bin id arrays, EOS between documents; with --tokenizer "
+                        "FOLDER)")
     p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix")
     p.add_argument("--tokenizer", default="train:8192",
                    help="train:VOCAB (byte-level BPE trained on a sample of the corpus), a local HF folder, or a "
@@ -257,6 +259,8 @@ def _add_prepare(sub) -> None:
     p.add_argument("--tokenizer-sample-bytes", default="32MiB",
                    help="corpus text the BPE trainer reads with train:VOCAB (a deterministic sample; e.g. 256MiB)")
     p.add_argument("--text-column", default="text", help="the text field of .jsonl and column of Parquet/Arrow")
+    p.add_argument("--token-dtype", default="auto", help="tokens:PATH: the ids' type in raw files, uint16 | uint32 "
+                                                         "(auto: an .npy header's, else uint16)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the val split")
     p.add_argument("--shard-tokens", type=int, default=1 << 24, help="target tokens per Parquet shard")
     p.add_argument("--max-docs", type=int, default=0, help="use only the first N documents (0: all)")

@@ -244,10 +244,20 @@ def test_a_config_folder_trains_on_ray_as_without(family_runs, tiny_data, tmp_pa
 
 
 def test_resuming_with_another_architecture_is_refused(family_runs, tiny_data, tmp_path):
-    folder, base, extra = family_runs["qwen3"]
-    other = save_config(tmp_path / "wider", "qwen3", intermediate_size=256)
-    with pytest.raises(UserError, match="differs in intermediate_size"):
-        family_run(tiny_data, base.parent, "qwen3", other)
+    """Another config folder is refused by the fingerprint; the same folder edited to another shape by the model
+    record (RUN/model.json), each before anything is written."""
+    folder, base, _ = family_runs["qwen3"]
+    shutil.copytree(base, tmp_path / "qwen3")
+    with pytest.raises(UserError, match="was started with model.config="):
+        family_run(tiny_data, tmp_path, "qwen3", save_config(tmp_path / "other", "qwen3"))
+    original = (Path(folder) / "config.json").read_text()
+    try:
+        save_config(Path(folder), "qwen3", intermediate_size=256)
+        with pytest.raises(UserError, match="differs in intermediate_size"):
+            family_run(tiny_data, tmp_path, "qwen3", folder)
+    finally:
+        (Path(folder) / "config.json").write_text(original)
+    assert len(metrics(tmp_path / "qwen3")) == len(metrics(base))
 
 
 # ---- continued pretraining: model.init_from ----

@@ -37,6 +37,7 @@ from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
 from gl_ray.data.recall import (RECALL_COLUMNS, Inserted, RecallItems, RecallSpec, count_document, document_rng,
                                 insert_recall, merge_counts, new_counts, resolve_items)
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
+from gl_ray.data.tokens import DTYPES, is_tokens, open_tokens, token_files, token_units, unit_documents
 from gl_ray.errors import UserError, unwrap_user_errors
 from gl_ray.lock import output_lock
 
@@ -106,8 +107,10 @@ def units_of(files: list[SourceFile], unit_bytes: int) -> list[list[str]]:
 
 
 def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fraction: float, shard_tokens: int,
-               text_column: str, max_docs: int = 0, recall: RecallItems | None = None) -> dict:
-    """Tokenize one unit's files and write its shards; returns (and stores under _units/) its statistics.
+               text_column: str, max_docs: int = 0, recall: RecallItems | None = None, token_dtype: str = "auto",
+               vocab_size: int = 0) -> dict:
+    """Tokenize one unit's files (or take a token unit's documents: gl_ray.data.tokens) and write its shards;
+    returns (and stores under _units/) its statistics.
 
     A Ray Data task on a cluster, or a plain call. Documents keep source order within each split; the train
     document with the smallest split hash is remembered so the driver can give a tiny corpus a val document."""
@@ -119,7 +122,10 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
     batch: list[tuple[str, str]] = []
 
     def encode() -> None:
-        for (key, _), ids in zip(batch, encode_documents([t for _, t in batch], tokenizer_json, eos_id)):
+        texts = [t for _, t in batch if isinstance(t, str)]
+        encoded = iter(encode_documents(texts, tokenizer_json, eos_id) if texts else [])
+        for key, doc in batch:
+            ids = next(encoded) if isinstance(doc, str) else doc  # a token unit's documents are ids already
             h = stable_hash("split:" + key)
             split = "val" if h < val_fraction else "train"
             columns = None
@@ -135,7 +141,20 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
         batch.clear()
 
     size = 0
-    for uri in unit["files"]:
+    if "tokens" in unit:  # a pre-tokenized range: its documents as they are
+        st["appended_eos"] = 0
+        arr = open_tokens(unit["tokens"], token_dtype)
+        for offset, ids, appended in unit_documents(arr, unit["start"], unit["stop"], eos_id, vocab_size,
+                                                    unit["tokens"]):
+            if max_docs and st["documents"] + len(batch) >= max_docs:
+                break
+            st["appended_eos"] += appended
+            batch.append((f"{unit['tokens']}#{offset}", ids))
+            size += 4 * len(ids)
+            if size >= ENCODE_BYTES:
+                encode()
+                size = 0
+    for uri in unit.get("files", []):
         for key, text, bad in read_documents(uri, text_column):
             st["replaced_chars"] += bad
             if not text.strip():
@@ -209,6 +228,7 @@ def _check_out(out: str, source: str, overwrite: bool) -> None:
         storage.check_writable(out)
         return
     dest = Path(out).expanduser().resolve()
+    source = source.removeprefix("tokens:")
     if source != "stdlib" and "://" not in source and not any(c in source for c in "*?["):
         src = Path(source).expanduser().resolve()
         if dest == src or dest in src.parents or src in dest.parents:
@@ -273,10 +293,12 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
             shard_tokens: int = 1 << 24, max_docs: int = 0, address: str | None = None,
             overwrite: bool = False, resume: bool = False, no_ray: bool = False, text_column: str = "text",
             tokenizer_sample_bytes: int = SAMPLE_BYTES, unit_bytes: int = UNIT_BYTES, workers: int = 0,
-            recall: RecallSpec | None = None, verbose: bool = False) -> dict:
+            recall: RecallSpec | None = None, verbose: bool = False, token_dtype: str = "auto") -> dict:
     """Tokenize `source` into a dataset at `out`; returns the manifest. Raises UserError on bad input.
     verbose: Ray's INFO lines too (Ray Data's per-dataset lines; off by default, its warnings and errors stay).
-    `recall`: insert key-value recall items into every document (gl_ray.data.recall)."""
+    `recall`: insert key-value recall items into every document (gl_ray.data.recall). A `tokens:PATH` source is
+    already tokenized (gl_ray.data.tokens): `tokenizer` must be the folder of the tokenizer that made it, and
+    token_dtype says how raw files hold the ids."""
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction {val_fraction} must be in [0, 1)")
     if shard_tokens <= 0 or max_docs < 0 or tokenizer_sample_bytes <= 0 or unit_bytes <= 0 or workers < 0:
@@ -284,6 +306,11 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
                         ">= 0")
     if not text_column:
         raise UserError("--text-column must not be empty")
+    if token_dtype not in ("auto", *DTYPES):
+        raise UserError(f"--token-dtype {token_dtype!r} is not one of auto | {' | '.join(DTYPES)}")
+    if is_tokens(source) and tokenizer.startswith("train:"):
+        raise UserError(f"--source {source!r} is already tokenized: give --tokenizer FOLDER, the tokenizer that made "
+                        "its ids (the dataset keeps it)")
     _check_out(out, source, overwrite)
     if not no_ray and not max_docs:
         from gl_ray.ray_utils import check_address
@@ -294,16 +321,17 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
                                shard_tokens=shard_tokens, max_docs=max_docs, address=address, overwrite=overwrite,
                                resume=resume, no_ray=no_ray, text_column=text_column,
                                tokenizer_sample_bytes=tokenizer_sample_bytes, unit_bytes=unit_bytes, workers=workers,
-                               recall=recall, verbose=verbose)
+                               recall=recall, verbose=verbose, token_dtype=token_dtype)
 
 
 def _prepare_locked(source: str, out: str, *, tokenizer: str, val_fraction: float, shard_tokens: int,
                     max_docs: int, address: str | None, overwrite: bool, resume: bool, no_ray: bool,
                     text_column: str, tokenizer_sample_bytes: int, unit_bytes: int, workers: int,
-                    recall: RecallSpec | None, verbose: bool) -> dict:
+                    recall: RecallSpec | None, verbose: bool, token_dtype: str) -> dict:
     """The part of prepare that reads or writes the staging folder and the output, under the output's lock."""
-    files = list_source(source)
-    one_doc_files = all(f.uri.endswith(ONE_DOC_EXTS) for f in files)
+    tokens = is_tokens(source)
+    files = token_files(source) if tokens else list_source(source)
+    one_doc_files = not tokens and all(f.uri.endswith(ONE_DOC_EXTS) for f in files)
     if max_docs and one_doc_files:  # the first N files are the first N documents: no count to stop at
         files, max_docs_per_unit = files[:max_docs], 0
     else:
@@ -311,7 +339,8 @@ def _prepare_locked(source: str, out: str, *, tokenizer: str, val_fraction: floa
     settings = _settings(source, files, tokenizer, text_column=text_column, val_fraction=val_fraction,
                          shard_tokens=shard_tokens, max_docs=max_docs, unit_bytes=unit_bytes,
                          tokenizer_sample_bytes=tokenizer_sample_bytes,
-                         **({"recall": recall.to_json()} if recall else {}))
+                         **({"recall": recall.to_json()} if recall else {}),
+                         **({"token_dtype": token_dtype} if tokens else {}))
     staging = _staging(out)
     done = _start_or_resume(staging, settings, resume, overwrite)
     if storage.is_s3(out) and overwrite and storage.exists(storage.join(out, "manifest.json")):
@@ -326,10 +355,14 @@ def _prepare_locked(source: str, out: str, *, tokenizer: str, val_fraction: floa
                 tok.save_pretrained(tmp)
                 _upload_dir(tmp, storage.join(staging, "tokenizer"))
             storage.write_bytes(storage.join(staging, UNITS_DIR, "prepare.json"), json.dumps(settings).encode())
-        units = [{"index": i, "files": u} for i, u in enumerate(units_of(files, unit_bytes))]
+        if tokens:  # ranges of about unit_bytes of ids (4 bytes each in memory)
+            units = [{"index": i, **u} for i, u in enumerate(token_units(files, token_dtype, max(1, unit_bytes // 4)))]
+        else:
+            units = [{"index": i, "files": u} for i, u in enumerate(units_of(files, unit_bytes))]
         kw = {"out": staging, "tokenizer_json": tok.backend_tokenizer.to_str(), "eos_id": int(tok.eos_token_id),
               "val_fraction": val_fraction, "shard_tokens": shard_tokens, "text_column": text_column,
-              "recall": resolve_items(recall, len(tok), tok.all_special_ids) if recall else None}
+              "recall": resolve_items(recall, len(tok), tok.all_special_ids) if recall else None,
+              **({"token_dtype": token_dtype, "vocab_size": len(tok)} if tokens else {})}
         stats = _run_units(units, done, kw, staging, max_docs=max_docs_per_unit, address=address, no_ray=no_ray,
                            workers=workers, verbose=verbose)
         manifest = _finish(stats, tok, source, staging, val_fraction, kw["recall"])
@@ -473,6 +506,7 @@ def _finish(stats: list[dict], tok, source: str, staging: str, val_fraction: flo
         "format": FORMAT, "tokenizer": "tokenizer", "vocab_size": len(tok), "eos_token_id": int(tok.eos_token_id),
         "source": source, "replaced_chars": sum(s["replaced_chars"] for s in stats),
         "skipped_empty": sum(s["skipped_empty"] for s in stats),
+        **({"appended_eos": sum(s["appended_eos"] for s in stats)} if any("appended_eos" in s for s in stats) else {}),
         "splits": {split: {"documents": sum(sh["rows"] for sh in shards[split]),
                            "tokens": sum(sh["tokens"] for sh in shards[split]), "shards": shards[split]}
                    for split in SPLITS},

@@ -109,8 +109,8 @@ def append_history(run_uri: str, record: dict) -> None:
 
 
 def run_model(run_uri: str, cfg: Config, manifest, final_len: int) -> ModelSpec:
-    """The model a launch trains (gl_ray.architectures). A run that has RUN/model.json keeps it: a preset or
-    model.config must still describe the same architecture, and model.init_from is not read again once a checkpoint
+    """The model a launch trains (gl_ray.architectures). A run that has RUN/model.json keeps it: the same preset or
+    model.config folder must still describe the same architecture (another one is refused by the fingerprint), and model.init_from is not read again once a checkpoint
     exists (the checkpoint has the weights). Otherwise the config's model, checked against the dataset (an init_from
     folder's tokenizer must be the dataset's). Reads only; the driver writes RUN/model.json (`record_model`)."""
     from gl_ray.architectures import ModelSpec, spec_for
@@ -128,7 +128,7 @@ def run_model(run_uri: str, cfg: Config, manifest, final_len: int) -> ModelSpec:
                            final_len=final_len)
             diff = sorted(k for k in set(now.config) | set(stored.config) if k != "max_position_embeddings"
                           and now.config.get(k) != stored.config.get(k))
-            if diff:
+            if diff and now.source == stored.source:  # another preset or path: the fingerprint says so, by key
                 raise UserError(f"run {run_uri!r} trains {stored.source}; this config's {now.source} differs in "
                                 f"{', '.join(diff[:4])}. Resume with the run's own config.yaml or choose a new name")
         has_checkpoint = find_resume_checkpoint(run_uri, warn=lambda _: None) is not None
