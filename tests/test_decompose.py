@@ -108,7 +108,8 @@ def test_a_decomposed_run_trains_one_bucket_per_step_and_accounts_for_its_tokens
     vocab = load_manifest(tiny_data).vocab_size
     flops = [0.0] + [m["flops"] for m in got]  # each step's attention: (1024 / L) chunks of L^2 pairs
     for i, x in enumerate(lens):
-        assert flops[i + 1] - flops[i] == pytest.approx(training_flops(preset_shape("tiny", vocab), 1024, 1024 * x[0]), rel=1e-9)
+        want = training_flops(preset_shape("tiny", vocab), 1024, 1024 * x[0])
+        assert flops[i + 1] - flops[i] == pytest.approx(want, rel=1e-9)
     assert plan["curriculum"] == "ladder" and len(plan["odds"]) == 2
     assert all(abs(sum(o.values()) - 1) < 1e-5 for o in plan["odds"])
 

@@ -15,12 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_ray_python(tmp_path) -> dict:
-    """PYTHONPATH entries that make `import ray` and `import boto3` fail as on a machine without them."""
+    """PYTHONPATH entries that make `import ray` and `import boto3` fail as on a machine without them; one torch
+    thread per check (tiny models: a second thread gains nothing, and on two cores shared with the session's Ray
+    processes torch's spinning intra-op threads made the script up to 10x slower, e.g. sync_check 13 s -> 147 s)."""
     blocked = tmp_path / "blocked"
     for name in ("ray", "boto3"):
         (blocked / name).mkdir(parents=True)
         (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on this machine')\n")
-    return {"PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)])}
+    return {"PYTHONPATH": os.pathsep.join([str(blocked), str(REPO)]), "OMP_NUM_THREADS": "1"}
 
 
 def test_gpu_check_script_runs_without_ray(tiny_data, tmp_path, no_ray_python):

@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gl_ray"
 LAYERS = {  # module (or package prefix) -> layer; a module may import its own layer or lower ones
     "gl_ray": 0, "gl_ray.errors": 0, "gl_ray.sizes": 0, "gl_ray.storage": 0, "gl_ray.plots": 0, "gl_ray.lock": 0,
     "gl_ray.config": 1,
-    "gl_ray.model": 2, "gl_ray.architectures": 2, "gl_ray.attention": 2, "gl_ray.schedule": 2, "gl_ray.devices": 2, "gl_ray.ray_utils": 2,
+    "gl_ray.model": 2, "gl_ray.architectures": 2,
+    "gl_ray.attention": 2, "gl_ray.schedule": 2, "gl_ray.devices": 2, "gl_ray.ray_utils": 2,
     "gl_ray.context": 2, "gl_ray.data": 2,
     "gl_ray.train": 3,
     "gl_ray.evaluate": 4, "gl_ray.bench": 4, "gl_ray.report": 4, "gl_ray.reproduce": 4, "gl_ray.tune": 4,

@@ -39,7 +39,10 @@ class LocalCluster:
         self.temp_dir, self.port, self.dashboard_port = temp_dir, free_port(), free_port()
         self.env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
                     # the session's Ray keeps to one node on loopback (gl_ray.ray_utils.ensure_ray); this one has more
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+                    # the GCS declares a killed node dead after 5 failed health checks 1 s apart, not 3 s apart
+                    # (Ray's default: 15 s); a live node still has each check's 10 s timeout to answer
+                    "RAY_health_check_period_ms": "1000"}
         self.env.pop("RAY_ADDRESS", None)
         self.env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)  # off in the session's own local Ray: on here
         self.added = 0  # worker nodes started so far
@@ -213,9 +216,11 @@ def test_an_elastic_run_shrinks_on_a_preemption_notice_and_grows_back(local_clus
     once, with the losses of the one-process run whatever the world size."""
     cluster = local_cluster
     run = f"s3://{bucket}/runs/elastic"
+    # ray.start_timeout_s 6: a start that waits for a node already gone (Ray Data's resource view lags up to 20 s)
+    # gives up and tries again sooner; such retries are free (FailureConfig.controller_failure_limit: -1)
     sets = tiny_overrides(upload(tiny_data, bucket), f"s3://{bucket}/runs", "elastic",
                           **ACROSS_NODES | {"ray.num_workers": "[1,2]", "ray.resize_check_s": 2, "ray.max_failures": 1,
-                                            "ray.start_timeout_s": 10, "ray.notice_poll_s": 1})
+                                            "ray.start_timeout_s": 6, "ray.notice_poll_s": 1})
     driver = subprocess.Popen([sys.executable, "-m", "gl_ray", "train", "--address", f"127.0.0.1:{cluster.port}",
                                *[x for s in sets for x in ("--set", s)]], cwd=REPO,
                               env={**cluster.env, "GL_RAY_SLOW_STEP_S": "2.5"}, stdout=subprocess.PIPE,
