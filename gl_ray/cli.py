@@ -250,6 +250,7 @@ def _add_prepare(sub) -> None:
     p.add_argument("--source", default="stdlib",
                    help="stdlib (default), a folder, file or glob (.txt/.md/.rst/.py, .jsonl, .parquet, .arrow; "
                         "text and .jsonl may be .gz or .zst), a `datasets` save_to_disk folder, s3://bucket/prefix, "
+                        "hf:NAME[:CONFIG][@SPLIT] (a `datasets` stream: hub name, local folder or data file), "
                         "or tokens:PATH (pre-tokenized .npy/.bin id arrays, EOS between documents; with --tokenizer "
                         "FOLDER)")
     p.add_argument("--out", required=True, help="destination folder or s3://bucket/prefix")

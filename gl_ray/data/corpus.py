@@ -1,7 +1,7 @@
 """Corpus sources for `gl-ray prepare`: listing files and streaming their documents (no Ray).
 
 SRC is `stdlib` (the running Python's standard-library .py files: the embedded corpus, no download), a local
-folder, file or glob, or `s3://bucket/prefix`. Files:
+folder, file or glob, `s3://bucket/prefix`, or `hf:NAME[:CONFIG][@SPLIT]` (gl_ray.data.hf_source). Files:
 
     .txt .md .rst .py     one document per file; bytes that are not UTF-8 are replaced (U+FFFD) and counted
     .jsonl                one document per line, a JSON object whose text field (--text-column) is a string
@@ -94,9 +94,10 @@ def _hf_saved(src: str) -> list[SourceFile] | None:
 def list_source(src: str) -> list[SourceFile]:
     """Document files of a source, in a deterministic order shuffled by path hash (so topics mix); a
     `save_to_disk` folder keeps its own order."""
-    if src.startswith("hf:"):
-        raise UserError(f"source {src!r}: hub datasets are not supported in this build; download the data "
-                        "(`datasets` save_to_disk) and pass its folder")
+    if src.startswith("hf:"):  # streamed through `datasets`: one pseudo-file per shard (gl_ray.data.hf_source)
+        from gl_ray.data.hf_source import hf_shards
+
+        return hf_shards(src)
     if "://" in src and not storage.is_s3(src):
         raise UserError(f"source {src!r} has an unknown scheme; use stdlib, a local path or s3://bucket/prefix")
     if src != "stdlib" and (storage.is_s3(src) or Path(src).expanduser().is_dir()):
@@ -230,6 +231,11 @@ def _records(uri: str, kind: str, text_column: str) -> Iterator[tuple[str, str, 
 
 def read_documents(uri: str, text_column: str = "text") -> Iterator[tuple[str, str, int]]:
     """(key, text, replaced_chars) for each document of one file, streamed; key is uri or uri#index."""
+    if uri.startswith("hf:"):
+        from gl_ray.data.hf_source import read_hf
+
+        yield from read_hf(uri, text_column)
+        return
     kind, compression = file_kind(posixpath.basename(uri)) or (None, None)
     if kind in TEXT_EXTS:
         text, bad = _decode(b"".join(_chunks(uri, compression)))

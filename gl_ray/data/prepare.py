@@ -228,7 +228,7 @@ def _check_out(out: str, source: str, overwrite: bool) -> None:
         storage.check_writable(out)
         return
     dest = Path(out).expanduser().resolve()
-    source = source.removeprefix("tokens:")
+    source = source.removeprefix("tokens:").removeprefix("hf:").split("@")[0]
     if source != "stdlib" and "://" not in source and not any(c in source for c in "*?["):
         src = Path(source).expanduser().resolve()
         if dest == src or dest in src.parents or src in dest.parents:
