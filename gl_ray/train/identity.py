@@ -110,9 +110,10 @@ def append_history(run_uri: str, record: dict) -> None:
 
 def run_model(run_uri: str, cfg: Config, manifest, final_len: int) -> ModelSpec:
     """The model a launch trains (gl_ray.architectures). A run that has RUN/model.json keeps it: the same preset or
-    model.config folder must still describe the same architecture (another one is refused by the fingerprint), and model.init_from is not read again once a checkpoint
-    exists (the checkpoint has the weights). Otherwise the config's model, checked against the dataset (an init_from
-    folder's tokenizer must be the dataset's). Reads only; the driver writes RUN/model.json (`record_model`)."""
+    model.config folder must still describe the same architecture (another one is refused by the fingerprint),
+    and model.init_from is not read again once a checkpoint exists (the checkpoint has the weights). Otherwise the
+    config's model, checked against the dataset (an init_from folder's tokenizer must be the dataset's). Reads
+    only; the driver writes RUN/model.json (`record_model`)."""
     from gl_ray.architectures import ModelSpec, spec_for
     from gl_ray.train.checkpoint import find_resume_checkpoint
 

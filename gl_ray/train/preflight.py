@@ -59,6 +59,7 @@ def preflight(cfg: Config) -> Plan:
         check_device(cfg.train.device, "train.device")
         check_attention_here(attention_for(cfg, plan).attention, pick_device(cfg.train.device))
     check_loggers(cfg.train.loggers)
-    if cfg.model.config or cfg.model.init_from:  # the folder and its family; the vocab is checked with the data
+    if cfg.model.config and not cfg.model.init_from:  # the folder and its family (the vocab: with the data)
         spec_for(cfg.model, vocab_size=1, eos_id=0, final_len=plan.final_len)
+    # model.init_from is checked by the driver (gl_ray.train.identity.run_model): a resume never reads it again
     return plan
