@@ -426,6 +426,9 @@ def format_plan(plan: Plan) -> str:
         head += f" {'window':>7}"
     if plan.time_mode:
         head += f" {'time_s':>8}"
+    thetas = any(s.rope_theta for s in plan.stages)
+    if thetas:
+        head += f" {'rope_theta':>10}"
     rows = [head]
     for s in plan.stages:
         row = (f"{s.index:>5} {s.seq_len:>7} {s.sequences_per_step:>9} {s.micro_batch:>5} {s.grad_accum:>5} "
@@ -434,6 +437,8 @@ def format_plan(plan: Plan) -> str:
             row += f" {s.window or 'full':>7}"
         if plan.time_mode:
             row += f" {s.time_s:>8.1f}"
+        if thetas:
+            row += f" {s.rope_theta:>10g}"
         rows.append(row)
     rows.append(f"total: {plan.total_steps} steps, {plan.total_tokens:,} tokens, "
                 f"{plan.tokens_per_step:,} tokens/step, world size {plan.world_size}")

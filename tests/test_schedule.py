@@ -194,3 +194,18 @@ def test_plan_json_shape():
                             "grad_accum": 1, "steps": 25, "tokens": 25 * 8192}
                            for i, L in enumerate([128, 256, 512, 1024])]
     assert json.loads(json.dumps(j)) == j  # plain JSON values, as RUN/plan.json stores them
+
+
+def test_a_rope_base_per_stage_is_planned_printed_and_checked():
+    from gl_ray.config import load_config
+    from gl_ray.schedule import make_plan
+
+    cfg = load_config("pipelines/configs/tiny-growlength.yaml", ["schedule.rope_theta=[1e4,1e4,1e5,5e5]"])
+    plan = make_plan(cfg)
+    assert [s.rope_theta for s in plan.stages] == [1e4, 1e4, 1e5, 5e5]
+    assert [s["rope_theta"] for s in plan.to_json()["stages"]] == [1e4, 1e4, 1e5, 5e5]
+    assert "rope_theta" in format_plan(plan).splitlines()[0] and "500000" in format_plan(plan)
+    assert "rope_theta" not in format_plan(make_plan(load_config("pipelines/configs/tiny-growlength.yaml")))
+    for bad, match in (("[1e4,1e5]", "2 values for 4 stages"), ("[1e4,1e4,0,5e5]", "must be positive")):
+        with pytest.raises(UserError, match=match):
+            make_plan(load_config("pipelines/configs/tiny-growlength.yaml", [f"schedule.rope_theta={bad}"]))
