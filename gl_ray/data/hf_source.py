@@ -40,7 +40,10 @@ def parse(source: str) -> tuple[str, str | None, str]:
 
 def stream(source: str):
     """The `datasets` IterableDataset of a hf: source; UserError in one line if it cannot be opened."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"--source {source!r} needs the datasets package: pip install 'gl-ray[hf]'") from None
 
     name, config, split = parse(source)
     datasets.disable_progress_bars()
@@ -60,7 +63,8 @@ def stream(source: str):
 
 def hf_shards(source: str) -> list[SourceFile]:
     """One pseudo-file per shard of the stream, in shard order."""
-    n = stream(source).num_shards
+    ds = stream(source)
+    n = getattr(ds, "num_shards", None) or ds.n_shards  # num_shards: datasets >= 3
     base = source.split("#", 1)[0]
     return [SourceFile(f"{base}#shard={i}/{n}", NOMINAL_SHARD_BYTES) for i in range(n)]
 
