@@ -243,6 +243,22 @@ def test_a_config_folder_trains_on_ray_as_without(family_runs, tiny_data, tmp_pa
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_auto_micro_batch_sizes_a_familys_model(family_runs, tiny_data, tmp_path, monkeypatch):
+    """micro_batch_tokens auto on a Qwen3 folder: tries above 5 sequences run out of memory, each stage goes on with
+    4, and the losses are the fixed micro batch's; a memory budget below the model's own parameters (its shape, not
+    a preset's) is refused before the run."""
+    folder, base, _ = family_runs["qwen3"]
+    monkeypatch.setenv("GL_RAY_OOM_ABOVE_SEQS", "5")
+    family_run(tiny_data, tmp_path, "auto", folder, **{"train.micro_batch_tokens": "auto"})
+    got, want = metrics(tmp_path / "auto"), metrics(base)
+    assert {m["micro_batch"] for m in got} == {4}
+    assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in want], abs=1e-5)
+    with pytest.raises(UserError, match="train.memory_budget .* does not fit"):
+        family_run(tiny_data, tmp_path, "small", folder,
+                   **{"train.micro_batch_tokens": "auto", "train.memory_budget": "1MiB"})
+    assert not (tmp_path / "small").exists()
+
+
 def test_resuming_with_another_architecture_is_refused(family_runs, tiny_data, tmp_path):
     """Another config folder is refused by the fingerprint; the same folder edited to another shape by the model
     record (RUN/model.json), each before anything is written."""
