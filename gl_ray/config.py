@@ -199,7 +199,13 @@ class Config:
         """Check the config as a schema: each value and the rules between values, with nothing imported beyond
         it (no torch, data or Ray). What needs the schedule's arithmetic or this machine (kernels, devices,
         trackers) is checked by the driver before anything is written: gl_ray.train.preflight. Raises UserError."""
-        s = self.schedule
+        self.check_values()
+        self.check_cluster()
+        self.check_data_and_schedule()
+        return self
+
+    def check_values(self) -> None:
+        """Each value on its own: the run name, sizes and counts, signs and ranges."""
         if not self.name or "/" in self.name or self.name.startswith(".") or any(ord(c) < 32 for c in self.name):
             raise UserError(f"name {self.name!r} must be a plain folder name (no '/', no control characters, not "
                             "starting with '.')")
@@ -207,34 +213,40 @@ class Config:
             raise UserError(f"train.micro_batch_tokens must be positive or auto, got {self.train.micro_batch_tokens}")
         if self.train.memory_budget:
             parse_size(self.train.memory_budget, "train.memory_budget")
-        for key in ("train.log_every_steps", "train.keep_checkpoints",
-                    "data.eval_tokens", "schedule.tokens_per_step"):
+        for key in ("train.log_every_steps", "train.keep_checkpoints", "data.eval_tokens", "schedule.tokens_per_step",
+                    "ray.start_timeout_s", "ray.notice_poll_s", "ray.cpus_per_worker", "optim.eps", "model.init_std",
+                    "model.rope_theta"):
             if self.get(key) <= 0:
                 raise UserError(f"{key} must be positive, got {self.get(key)}")
         for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
                     "train.eval_every_tokens", "train.checkpoint_every_tokens", "train.max_skipped_steps",
                     "ray.num_workers", "ray.min_workers", "ray.max_failures", "ray.local_num_cpus",
-                    "ray.resize_check_s", "data.prefetch_batches"):
+                    "ray.resize_check_s", "data.prefetch_batches", "data.seed"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
-        for key in ("ray.start_timeout_s", "ray.notice_poll_s"):
-            if self.get(key) <= 0:
-                raise UserError(f"{key} must be positive, got {self.get(key)}")
         if self.train.spike_factor and self.train.spike_factor <= 1 or self.train.spike_factor < 0:
             raise UserError(f"train.spike_factor must be above 1 (or 0: off), got {self.train.spike_factor}")
         if self.train.spike_windows < 3:
             raise UserError(f"train.spike_windows must be at least 3, got {self.train.spike_windows}")
-        if self.ray.cpus_per_worker <= 0:
-            raise UserError(f"ray.cpus_per_worker must be positive, got {self.ray.cpus_per_worker}")
+        for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
+            if self.get(key) > MAX_TOKENS:
+                raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
+        for key in ("optim.beta1", "optim.beta2"):
+            if not 0 <= self.get(key) < 1:
+                raise UserError(f"{key} must be in [0, 1), got {self.get(key)}")
+        if self.optim.min_lr > self.optim.lr:
+            raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
+        if self.data.cycles < 1:
+            raise UserError(f"data.cycles must be at least 1, got {self.data.cycles}")
+
+    def check_cluster(self) -> None:
+        """ray.* with each other and with the device: custom resources, elastic bounds, FSDP, CUDA workers."""
         for name, amount in self.ray.worker_resources.items():
             if name in ("CPU", "GPU", "memory", "object_store_memory") or not name.strip():
                 raise UserError(f"ray.worker_resources: {name!r} is not a custom resource (CPUs and GPUs are "
                                 "ray.cpus_per_worker and ray.use_gpu)")
             if amount <= 0:
                 raise UserError(f"ray.worker_resources.{name} must be positive, got {amount}")
-        for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
-            if self.get(key) > MAX_TOKENS:
-                raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
         if self.ray.min_workers > self.ray.num_workers or self.ray.min_workers and self.ray.num_workers == 0:
             raise UserError(f"ray.min_workers={self.ray.min_workers} is above ray.num_workers={self.ray.num_workers} "
                             "(elastic: ray.num_workers: [min, max], min >= 1)")
@@ -243,18 +255,10 @@ class Config:
                             "(ray.num_workers=0 trains in one process without Ray)")
         if self.train.device == "cuda" and self.ray.num_workers > 0 and not self.ray.use_gpu:
             raise UserError("train.device=cuda with Ray workers needs ray.use_gpu=true (one GPU per worker)")
-        for key in ("optim.beta1", "optim.beta2"):
-            if not 0 <= self.get(key) < 1:
-                raise UserError(f"{key} must be in [0, 1), got {self.get(key)}")
-        for key in ("optim.eps", "model.init_std", "model.rope_theta"):
-            if self.get(key) <= 0:
-                raise UserError(f"{key} must be positive, got {self.get(key)}")
-        if self.data.seed < 0:
-            raise UserError(f"data.seed must be >= 0, got {self.data.seed}")
-        if self.optim.min_lr > self.optim.lr:
-            raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
-        if self.data.cycles < 1:
-            raise UserError(f"data.cycles must be at least 1, got {self.data.cycles}")
+
+    def check_data_and_schedule(self) -> None:
+        """The rules between data, schedule and model keys: decompose's curriculum, window mode."""
+        s = self.schedule
         if self.data.bucket_odds and self.data.curriculum != "odds":
             raise UserError(f"data.bucket_odds is read by data.curriculum=odds only (it is {self.data.curriculum})")
         if self.data.curriculum == "odds" and not self.data.bucket_odds:
@@ -269,7 +273,6 @@ class Config:
                                 "(use extrapolate)")
             if self.model.attention == "flash_attention_2":
                 raise UserError("schedule.mode=window needs model.attention sdpa or flex (the window is a mask)")
-        return self
 
     def get(self, dotted: str) -> Any:
         obj: Any = self

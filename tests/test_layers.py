@@ -86,3 +86,11 @@ def test_the_checks_can_fail():
 def test_the_config_schema_imports_nothing_of_the_training_side():
     edges = imports(module_files())
     assert edges["gl_ray.config"] <= {"gl_ray.errors", "gl_ray.sizes"}
+
+
+def test_no_function_is_over_60_lines():
+    """Functions a reader can hold (STYLE.md 11): split by concern, as config.validate and plan_stages were."""
+    long = [f"{name}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for name, path in module_files().items() for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60]
+    assert long == []

@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +120,7 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
     st = {"index": index, "documents": 0, "tokens": 0, "replaced_chars": 0, "skipped_empty": 0, "min_train": None}
     if recall:
         st["recall"] = {s: new_counts() for s in SPLITS}
-    batch: list[tuple[str, str]] = []
+    batch: list[tuple[str, str | np.ndarray]] = []  # (key, text, or a token unit's ids)
 
     def encode() -> None:
         texts = [t for _, t in batch if isinstance(t, str)]
@@ -141,32 +142,18 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
         batch.clear()
 
     size = 0
-    if "tokens" in unit:  # a pre-tokenized range: its documents as they are
-        st["appended_eos"] = 0
-        arr = open_tokens(unit["tokens"], token_dtype)
-        for offset, ids, appended in unit_documents(arr, unit["start"], unit["stop"], eos_id, vocab_size,
-                                                    unit["tokens"]):
-            if max_docs and st["documents"] + len(batch) >= max_docs:
-                break
-            st["appended_eos"] += appended
-            batch.append((f"{unit['tokens']}#{offset}", ids))
-            size += 4 * len(ids)
-            if size >= ENCODE_BYTES:
-                encode()
-                size = 0
-    for uri in unit.get("files", []):
-        for key, text, bad in read_documents(uri, text_column):
-            st["replaced_chars"] += bad
-            if not text.strip():
-                st["skipped_empty"] += 1
-                continue
-            if max_docs and st["documents"] + len(batch) >= max_docs:
-                break
-            batch.append((key, text))
-            size += len(text)
-            if size >= ENCODE_BYTES:
-                encode()
-                size = 0
+    if "tokens" in unit:
+        st["appended_eos"] = 0  # documents at a token file's end that had no EOS
+    for key, doc, appended in documents_of(unit, st, text_column, eos_id, token_dtype, vocab_size):
+        if max_docs and st["documents"] + len(batch) >= max_docs:
+            break
+        batch.append((key, doc))
+        if appended:
+            st["appended_eos"] += 1
+        size += len(doc) if isinstance(doc, str) else 4 * len(doc)
+        if size >= ENCODE_BYTES:
+            encode()
+            size = 0
     encode()
     for w in writers.values():
         w.flush()
@@ -176,6 +163,26 @@ def write_unit(unit: dict, *, out: str, tokenizer_json: str, eos_id: int, val_fr
         st["min_train"] = [h, writers["train"].shards[shard]["path"], row]
     storage.write_bytes(storage.join(out, UNITS_DIR, f"unit-{index:05d}.json"), json.dumps(st).encode())
     return st
+
+
+def documents_of(unit: dict, st: dict, text_column: str, eos_id: int, token_dtype: str,
+                 vocab_size: int) -> Iterator[tuple[str, str | np.ndarray, bool]]:
+    """(key, text or ids, whether an EOS was appended) of each document of a unit: the texts of its files (empty
+    ones skipped and replaced characters counted into st), or the documents of its token range (ids, as they are:
+    gl_ray.data.tokens)."""
+    if "tokens" in unit:
+        arr = open_tokens(unit["tokens"], token_dtype)
+        for offset, ids, appended in unit_documents(arr, unit["start"], unit["stop"], eos_id, vocab_size,
+                                                    unit["tokens"]):
+            yield f"{unit['tokens']}#{offset}", ids, appended
+        return
+    for uri in unit["files"]:
+        for key, text, bad in read_documents(uri, text_column):
+            st["replaced_chars"] += bad
+            if not text.strip():
+                st["skipped_empty"] += 1
+                continue
+            yield key, text, False
 
 
 def tokenizer_sample(files: list[SourceFile], sample_bytes: int, text_column: str, progress=print):
