@@ -97,7 +97,7 @@ def list_source(src: str) -> list[SourceFile]:
     if src.startswith("hf:"):  # streamed through `datasets`: one pseudo-file per shard (gl_ray.data.hf_source)
         from gl_ray.data.hf_source import hf_shards
 
-        return hf_shards(src)
+        return [SourceFile(uri, size) for uri, size in hf_shards(src)]
     if "://" in src and not storage.is_s3(src):
         raise UserError(f"source {src!r} has an unknown scheme; use stdlib, a local path or s3://bucket/prefix")
     if src != "stdlib" and (storage.is_s3(src) or Path(src).expanduser().is_dir()):

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from gl_ray.data.corpus import SourceFile
 from gl_ray.errors import UserError
 
 PREFIX = "hf:"
@@ -61,12 +60,13 @@ def stream(source: str):
         raise UserError(f"--source {source!r}: cannot open it with datasets.load_dataset: {first}") from None
 
 
-def hf_shards(source: str) -> list[SourceFile]:
-    """One pseudo-file per shard of the stream, in shard order."""
+def hf_shards(source: str) -> list[tuple[str, int]]:
+    """(uri, nominal size) of one pseudo-file per shard of the stream, in shard order (gl_ray.data.corpus makes
+    them SourceFiles)."""
     ds = stream(source)
     n = getattr(ds, "num_shards", None) or ds.n_shards  # num_shards: datasets >= 3
     base = source.split("#", 1)[0]
-    return [SourceFile(f"{base}#shard={i}/{n}", NOMINAL_SHARD_BYTES) for i in range(n)]
+    return [(f"{base}#shard={i}/{n}", NOMINAL_SHARD_BYTES) for i in range(n)]
 
 
 def read_hf(uri: str, text_column: str) -> Iterator[tuple[str, str, int]]:
