@@ -414,7 +414,10 @@ def _add_status(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from gl_ray import __version__
+
     parser = argparse.ArgumentParser(prog="gl-ray", description="GrowLength pretraining on Ray.")
+    parser.add_argument("--version", action="version", version=f"gl-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_plan, _add_prepare, _add_train, _add_status, _add_eval, _add_bench, _add_tune, _add_report,
                 _add_reproduce):

@@ -99,8 +99,21 @@ def test_cli_plan_json_and_help():
 
     j = json.loads(r.stdout)
     assert j["total_tokens"] == sum(s["tokens"] for s in j["stages"])
+    assert j["model"]["family"] == "gpt_neox" and j["model"]["params"] > 0
     h = run_cli("plan", "--help")
     assert "schedule.tokens_per_step" in h.stdout and "ray.num_workers" in h.stdout
+
+
+def test_version_is_the_packages_one():
+    import importlib.metadata
+    import re
+
+    from gl_ray import __version__
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert __version__ == re.search(r'^version = "(.+)"$', pyproject, re.M)[1] == importlib.metadata.version("gl-ray")
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"gl-ray {__version__}"
 
 
 def test_cli_bad_config_exits_2_with_one_line():
