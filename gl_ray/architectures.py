@@ -158,6 +158,11 @@ class ModelSpec:
         cfg.use_cache = False  # training and loss evaluation only; generate() turns the cache on itself
         return cfg
 
+    def summary(self) -> dict:
+        """What plan.json and `gl-ray plan --json` say of the model."""
+        return {"family": self.family, "source": self.source, "params": self.shape.params,
+                "init_from": self.init_from}
+
     def to_json(self) -> dict:
         return {"config": self.config, "source": self.source, "init_from": self.init_from,
                 "trained_len": self.trained_len}

@@ -60,7 +60,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     attention, line = attention_plan(cfg, plan)
     doc, text = plan.to_json() | {"attention": attention}, format_plan(plan) + (f"\n{line}" if line else "")
     spec = plan_model(cfg, plan.final_len)
-    doc["model"] = {"family": spec.family, "source": spec.source, "params": spec.shape.params}
+    doc["model"] = spec.summary()
     text += "\n" + model_line(spec, plan.stages[0].seq_len)
     if cfg.data.packing == "decompose":
         from gl_ray.data.decompose import accounting, draws_for, format_buckets

@@ -229,6 +229,7 @@ def test_a_config_folder_trains_resumes_exactly_and_exports(family, family_runs,
     stages = json.loads((base / "plan.json").read_text())["stages"]
     assert [s.get("rope_theta") for s in stages] == ([10000.0, 40000.0] if extra else [None, None])
     assert json.loads((base / "model.json").read_text())["source"] == f"config {folder}"
+    assert json.loads((base / "plan.json").read_text())["model"]["family"] == family
     assert metrics(base)[-1]["flops"] == pytest.approx(training_flops(
         model_spec(config=folder, vocab_size=1024, eos_id=0, max_positions=128).shape, 16384, 8192 * (32 + 64)))
 

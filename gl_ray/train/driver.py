@@ -112,7 +112,8 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec
     record_model(run_uri, spec)
     attention, attention_line = attention_plan(cfg, plan)
     plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}
-                          | decompose_accounting(cfg, plan) | {"attention": attention}, indent=1)
+                          | decompose_accounting(cfg, plan) | {"attention": attention, "model": spec.summary()},
+                          indent=1)
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
     say(format_plan(plan))
     say(model_line(spec, plan.stages[0].seq_len))
