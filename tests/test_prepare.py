@@ -78,7 +78,7 @@ def test_text_jsonl_parquet_gz_sources_with_the_pythia_tokenizer(ray_local, tmp_
 @pytest.mark.parametrize("source, needle", [
     ("/nonexistent/corpus", "does not exist"),
     ("ftp://host/x", "unknown scheme"),
-    ("hf:wikitext", "hub datasets"),
+    ("hf:/nonexistent/hf-folder", "cannot open it with datasets.load_dataset"),
 ])
 def test_bad_sources(tmp_path, source, needle):
     with pytest.raises(UserError, match=needle):
