@@ -54,7 +54,7 @@ def is_held(run_uri: str) -> bool:
             return True
     import fcntl
 
-    path = Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1])
+    path = Path(storage.resolve(run_uri)[1]) / LOCK_NAME
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -74,7 +74,8 @@ def run_lock(run_uri: str) -> Iterator[None]:
         with _s3_lease(run_uri):
             yield
         return
-    with _flock(Path(storage.resolve(storage.join(run_uri, LOCK_NAME))[1]), run_uri):
+    # the folder resolved, not the lock file: a lock that is a symlink is refused, never followed
+    with _flock(Path(storage.resolve(run_uri)[1]) / LOCK_NAME, run_uri):
         yield
 
 
@@ -100,8 +101,11 @@ def _flock(path: Path, uri: str, what: str = "run {uri!r} is being trained", rem
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():  # O_NOFOLLOW below refuses it too; this names it in one line
+        raise UserError(f"lock file {str(path)!r} is a symbolic link; gl-ray never writes through one (its target "
+                        "would be overwritten): remove the link")
     with storage.errors_at(str(path)):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -590,3 +590,21 @@ def test_a_resume_must_be_the_same_run(baseline, tiny_data, tmp_path):
     history = [json.loads(ln) for ln in (run / "config_history.jsonl").read_text().splitlines()]
     assert history[-1]["changed"]["optim.lr"] == [0.003, 0.001]  # (and the storage path: the run was copied)
     assert (run / "config.yaml").read_text() == first
+
+
+def test_lock_files_never_write_through_a_symlink(tmp_path):
+    """RUN/.gl-ray.lock and DEST.lock that are symlinks (to a file outside) are refused in one line, and the target
+    is left as it was (the lock JSON used to overwrite it)."""
+    from gl_ray.lock import LOCK_NAME, output_lock, run_lock
+
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / LOCK_NAME).symlink_to(target)
+    (tmp_path / "data.lock").symlink_to(target)
+    for lock in (run_lock(str(run)), output_lock(str(tmp_path / "data"))):
+        with pytest.raises(UserError, match="is a symbolic link; gl-ray never writes through one") as e:
+            with lock:
+                pass
+        assert "\n" not in str(e.value) and target.read_text() == "keep me"
