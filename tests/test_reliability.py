@@ -608,3 +608,26 @@ def test_lock_files_never_write_through_a_symlink(tmp_path):
             with lock:
                 pass
         assert "\n" not in str(e.value) and target.read_text() == "keep me"
+
+
+def test_a_rewind_sets_the_old_end_aside_first_and_needs_a_run(baseline, tiny_data, tmp_path, monkeypatch):
+    """Rewinding a finished run moves its final/ and summary.json aside before training, so a rewind that fails
+    midway does not leave the old end looking current; --rewind-to on a run that does not exist is one line and
+    leaves no folder (nor a lock) behind."""
+    from gl_ray.config import load_config
+    from gl_ray.train.driver import launch_run
+    from gl_ray.train.faults import InjectedFault
+
+    run = tmp_path / "base"
+    shutil.copytree(baseline[2], run)
+    cfg = load_config(None, tiny_overrides(tiny_data, str(tmp_path), "base"))
+    monkeypatch.setenv("GL_RAY_FAIL_AT_STEP", "14")
+    with pytest.raises(InjectedFault):
+        launch_run(cfg, quiet=True, rewind_to=12)
+    assert not (run / "final").exists() and not (run / "summary.json").exists()
+    aside = next((run / "rewound").iterdir())
+    assert (aside / "final" / "model.safetensors").exists() and json.loads((aside / "summary.json").read_text())
+    ghost = load_config(None, tiny_overrides(tiny_data, str(tmp_path), "ghost"))
+    with pytest.raises(UserError, match="there is no run .* to rewind"):
+        launch_run(ghost, quiet=True, rewind_to=4)
+    assert not (tmp_path / "ghost").exists()

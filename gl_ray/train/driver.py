@@ -78,6 +78,9 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
         raise UserError(f"val split of {cfg.data.path!r} has {val.tokens} tokens, fewer than one row of the final "
                         f"length {plan.final_len}; prepare with a larger --val-fraction")
     run_uri = run_uri_of(cfg)
+    if rewind_to is not None and not storage.exists(storage.join(run_uri, "config.yaml")):
+        raise UserError(f"--rewind-to {rewind_to}: there is no run {run_uri!r} to rewind (check name and "
+                        "ray.storage_path)")
     spec = run_model(run_uri, cfg, train_stream.manifest, plan.final_len)  # reads only; checked again under the lock
     check_memory_budget(cfg, spec.shape.params)
     storage.check_writable(run_uri)

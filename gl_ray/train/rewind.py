@@ -3,8 +3,9 @@
 After a divergence (the loss-spike rule or the non-finite guard stopped the run, exit 3) the newest checkpoint may
 already hold a model on its way up; large runs then go back to a healthy checkpoint, often skipping the batches
 that came right after it. Under the run's lock, before training:
-- the checkpoints after STEP, Ray Train's checkpoint list and a copy of metrics.jsonl are moved (never deleted)
-  into RUN/rewound/<time>/, so the resume finds STEP as the newest checkpoint and drops the metric lines after it;
+- the checkpoints after STEP, Ray Train's checkpoint list, a finished run's final/ and summary.json, and a copy of
+  metrics.jsonl are moved (never deleted) into RUN/rewound/<time>/, so the resume finds STEP as the newest
+  checkpoint and drops the metric lines after it;
 - with --skip-steps N, RUN/rewind.json says so: a worker that restores the checkpoint of STEP moves its data
   cursor N steps on (the same on every rank, and again after a restart before the next checkpoint), so those
   steps' rows are never trained on. Steps, tokens and the LR schedule go on as if they had been trained (as large
@@ -50,6 +51,9 @@ def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> N
         storage.move(found[s], storage.join(aside, found[s].rsplit("/", 1)[-1]))
     if storage.exists(storage.join(run_uri, RAY_SNAPSHOT)):  # it names the checkpoints just moved
         storage.move(storage.join(run_uri, RAY_SNAPSHOT), storage.join(aside, RAY_SNAPSHOT))
+    for name in ("final", "summary.json"):  # the rewound run's end: a rewind stopped before its own must not look done
+        if storage.exists(storage.join(run_uri, name)):
+            storage.move(storage.join(run_uri, name), storage.join(aside, name))
     storage.write_bytes(storage.join(run_uri, REWIND_FILE), json.dumps({"step": step, "skip_steps": skip_steps})
                         .encode())
     append_history(run_uri, {"rewind": {"to_step": step, "skip_steps": skip_steps,
