@@ -40,6 +40,7 @@ Curriculum = Literal["ladder", "uniform", "grow_p2", "odds"]  # see gl_ray.data.
 
 
 MAX_TOKENS = 2**50  # a token count beyond this is a typo (1e300), not a budget
+MAX_COUNT = 100_000  # cycles, windows and other counts the code loops over or holds per item: beyond is a typo
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -226,8 +227,8 @@ class Config:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
         if self.train.spike_factor and self.train.spike_factor <= 1 or self.train.spike_factor < 0:
             raise UserError(f"train.spike_factor must be above 1 (or 0: off), got {self.train.spike_factor}")
-        if self.train.spike_windows < 3:
-            raise UserError(f"train.spike_windows must be at least 3, got {self.train.spike_windows}")
+        if not 3 <= self.train.spike_windows <= MAX_COUNT:
+            raise UserError(f"train.spike_windows must be between 3 and {MAX_COUNT}, got {self.train.spike_windows}")
         for key in ("schedule.budget_tokens", "schedule.tokens_per_step"):
             if self.get(key) > MAX_TOKENS:
                 raise UserError(f"{key}={self.get(key):.3g} is beyond any corpus (at most {MAX_TOKENS:.3g} tokens)")
@@ -236,8 +237,8 @@ class Config:
                 raise UserError(f"{key} must be in [0, 1), got {self.get(key)}")
         if self.optim.min_lr > self.optim.lr:
             raise UserError(f"optim.min_lr={self.optim.min_lr} is above optim.lr={self.optim.lr}")
-        if self.data.cycles < 1:
-            raise UserError(f"data.cycles must be at least 1, got {self.data.cycles}")
+        if not 1 <= self.data.cycles <= MAX_COUNT:  # cycles x buckets of draws are held in memory
+            raise UserError(f"data.cycles must be between 1 and {MAX_COUNT}, got {self.data.cycles}")
 
     def check_cluster(self) -> None:
         """ray.* with each other and with the device: custom resources, elastic bounds, FSDP, CUDA workers."""

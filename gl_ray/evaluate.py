@@ -57,6 +57,9 @@ from gl_ray.model import window_forward
 CONTEXT_METRICS = ("position", "recall", "passkey", "copy")
 
 
+MAX_PROBES = 1000  # trials, keys or distractors per setting: far beyond a useful eval, short of a runaway one
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     """What the context-use metrics measure and with how many probes (the same for every model)."""
@@ -80,8 +83,10 @@ class ContextSettings:
         for flag, v in (("--passkey-trials", self.passkey_trials), ("--passkey-tokens", self.passkey_tokens),
                         ("--cue-tokens", self.cue_tokens), ("--distractors", self.distractors),
                         ("--copy-trials", self.copy_trials)):
-            if v < 1:
-                raise UserError(f"{flag} {v} must be at least 1")
+            if not 1 <= v <= MAX_PROBES:  # each is a loop of forward passes: a typo must not run for hours
+                raise UserError(f"{flag} {v} must be between 1 and {MAX_PROBES}")
+        if self.seed < 0:
+            raise UserError(f"--context-seed {self.seed} must be >= 0")
         if "passkey" in self.metrics:
             outside = [d for d in self.passkey_depths if not 0 < d < 1]
             if outside or not self.passkey_depths:
@@ -251,6 +256,9 @@ def evaluate_models(models: list[str], data: str, lengths: list[int], *, max_tok
     val = TokenStream(data, "val")
     longest = max(lengths)
     usable = min(max_tokens, val.tokens) // longest * longest
+    if usable == 0 and val.tokens >= longest:  # the val split has a window: the flag is what is short
+        raise UserError(f"--max-tokens {max_tokens} is shorter than one window of the longest --lengths, {longest}: "
+                        f"pass at least {longest}")
     if usable == 0:
         raise UserError(f"--lengths {longest} is longer than the val split of {data!r} ({val.tokens} tokens): "
                         "pass shorter --lengths or prepare more val data")

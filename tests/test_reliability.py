@@ -631,3 +631,25 @@ def test_a_rewind_sets_the_old_end_aside_first_and_needs_a_run(baseline, tiny_da
     with pytest.raises(UserError, match="there is no run .* to rewind"):
         launch_run(ghost, quiet=True, rewind_to=4)
     assert not (tmp_path / "ghost").exists()
+
+
+def test_unbounded_or_late_inputs_are_one_line_up_front(tiny_data):
+    """Counts a typo makes huge (a runaway eval loop, a 7 TiB allocation) and values checked too late are refused
+    where they are read, naming the flag or key (issue 40, 7)."""
+    from gl_ray.config import load_config
+    from gl_ray.data.recall import parse_recall_spec
+    from gl_ray.evaluate import ContextSettings, evaluate_models
+
+    for sets, needle in ((["data.cycles=1000000000000"], "data.cycles must be between 1 and 100000"),
+                         (["data.cycles=1e12"], "data.cycles"),
+                         (["train.spike_windows=1000000000000"], "train.spike_windows must be between 3 and")):
+        with pytest.raises(UserError, match=needle):
+            load_config("pipelines/configs/tiny-growlength.yaml", sets)
+    for settings, needle in ((ContextSettings(distractors=10_000_000), "--distractors 10000000 must be between 1"),
+                             (ContextSettings(seed=-1), "--context-seed -1 must be >= 0")):
+        with pytest.raises(UserError, match=needle):
+            settings.check([64])
+    with pytest.raises(UserError, match="--max-tokens 1 is shorter than one window of the longest --lengths, 64"):
+        evaluate_models([], tiny_data, [64], max_tokens=1)
+    with pytest.raises(UserError, match="--recall gives items twice"):
+        parse_recall_spec("items=4,items=8")

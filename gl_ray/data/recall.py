@@ -104,6 +104,8 @@ def parse_recall_spec(text: str) -> RecallSpec:
         key = key.strip()
         if not eq or key not in types:
             raise UserError(f"--recall {part!r}: expected KEY=VALUE with KEY one of {', '.join(types)}")
+        if key in kw:
+            raise UserError(f"--recall gives {key} twice; give each key once")
         try:
             kw[key] = float(value) if types[key] == "float" else int(value)
         except ValueError:
