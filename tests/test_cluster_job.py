@@ -10,7 +10,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, aws_env, free_port, job_status, submit_job, tiny_overrides
+from conftest import (TEST_HEALTH_CHECK_INTERVAL_S, agent_ports, aws_env, free_port, job_status, submit_job,
+                      tiny_overrides)
 
 from gl_ray import storage
 
@@ -54,7 +55,7 @@ def test_job_submit_with_s3_runs_and_resume(local_cluster, s3_server, bucket, ti
     sets = tiny_overrides(f"s3://{bucket}/data", f"s3://{bucket}/runs", "job", **{"ray.num_workers": 2})
     args = [x for s in ["--config", "pipelines/configs/tiny-growlength.yaml"] for x in [s]] + \
         [x for s in sets for x in ("--set", s)]
-    aws = aws_env()
+    aws = aws_env() | {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TEST_HEALTH_CHECK_INTERVAL_S}  # reports every 0.1 s
     out = submit(address, env, args, {**aws, "GL_RAY_FAIL_AT_STEP": "6"})
     assert "failed" in out and "injected failure" in out, out[-5000:]
     out = submit(address, env, args, aws)
