@@ -206,13 +206,13 @@ def model_spec(*, preset: str = "tiny", config: str = "", init_from: str = "", v
     if cfg.vocab_size < vocab_size:
         raise UserError(f"{key} {folder!r} has vocab_size {cfg.vocab_size}, fewer than the dataset's {vocab_size} "
                         "tokens: the tokenizer must be the model's (or raise vocab_size in config.json)")
+    trained = cfg.max_position_embeddings if init_from else 0  # the length the folder's model was made for
     rope = dict(cfg.rope_parameters)
     if rope_theta != DEFAULT_ROPE_THETA:
         rope["rope_theta"] = rope_theta
     cfg.rope_parameters = rope
     if rope.get("rope_type", "default") in ("default", "linear"):  # there it is only a record
         cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_positions)
-    trained = load_folder_config(folder, key).max_position_embeddings if init_from else 0
     return ModelSpec(config=config_json(cfg), source=f"{key.split('.')[1]} {name}",
                      init_from=folder if init_from else "", trained_len=trained)
 

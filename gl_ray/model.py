@@ -24,7 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, PretrainedConfig, PreTrainedModel
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, GPTNeoXConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from gl_ray.architectures import (  # noqa: F401 (the presets are the model's public names too)
@@ -77,7 +77,7 @@ def lm_class(config_class: type) -> type[PreTrainedModel]:
     return cls
 
 
-GrowLengthLM = lm_class(type(preset_config("tiny", 256, 64)))  # GPT-NeoX's, the presets' family
+GrowLengthLM = lm_class(GPTNeoXConfig)  # the Pythia presets' family
 
 
 def build_model(preset: str, vocab_size: int, max_position_embeddings: int, rope_theta: float = 10000.0,

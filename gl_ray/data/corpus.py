@@ -91,6 +91,20 @@ def _hf_saved(src: str) -> list[SourceFile] | None:
     return [SourceFile(storage.join(src, n), i.size) for n, i in zip(names, infos)]
 
 
+def local_files(pattern: str, what: str) -> list[Path]:
+    """The files of a local file, folder (recursively) or glob; UserError "{what} does not exist" if it is none."""
+    p = Path(pattern).expanduser()
+    if any(c in pattern for c in "*?["):
+        paths = [Path(f) for f in glob.glob(str(p), recursive=True)]
+    elif p.is_dir():
+        paths = list(p.rglob("*"))
+    elif p.is_file():
+        paths = [p]
+    else:
+        raise UserError(f"{what} does not exist")
+    return [f for f in paths if f.is_file()]
+
+
 def list_source(src: str) -> list[SourceFile]:
     """Document files of a source, in a deterministic order shuffled by path hash (so topics mix); a
     `save_to_disk` folder keeps its own order."""
@@ -111,16 +125,7 @@ def list_source(src: str) -> list[SourceFile]:
         fs, path = storage.resolve(src)
         cands = [("s3://" + i.path, i.size) for i in _infos(src, path, fs, True) if i.type == pafs.FileType.File]
     else:
-        p = Path(src).expanduser()
-        if any(c in src for c in "*?["):
-            paths = [Path(f) for f in glob.glob(str(p), recursive=True)]
-        elif p.is_dir():
-            paths = list(p.rglob("*"))
-        elif p.is_file():
-            paths = [p]
-        else:
-            raise UserError(f"source {src!r} does not exist")
-        cands = [(str(f.resolve()), f.stat().st_size) for f in paths if f.is_file()]
+        cands = [(str(f.resolve()), f.stat().st_size) for f in local_files(src, f"source {src!r}")]
     files = [SourceFile(u, s) for u, s in cands if file_kind(posixpath.basename(u))]
     if not files:
         exts = ", ".join(TEXT_EXTS + RECORD_EXTS)

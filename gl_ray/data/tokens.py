@@ -20,13 +20,12 @@ FOLDER, the one that made the ids): the dataset keeps it like any other.
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-from gl_ray.data.corpus import SourceFile
+from gl_ray.data.corpus import SourceFile, local_files
 from gl_ray.errors import UserError
 
 PREFIX = "tokens:"
@@ -45,16 +44,8 @@ def token_files(source: str) -> list[SourceFile]:
     if "://" in path:
         raise UserError(f"--source {source!r}: token files are memory-mapped, so they must be local (copy them "
                         "from object storage first)")
-    p = Path(path).expanduser()
-    if any(c in path for c in "*?["):
-        found = [Path(f) for f in glob.glob(str(p), recursive=True)]
-    elif p.is_dir():
-        found = list(p.rglob("*"))
-    elif p.is_file():
-        found = [p]
-    else:
-        raise UserError(f"--source {source!r}: {path!r} does not exist")
-    files = sorted(f.resolve() for f in found if f.is_file() and f.suffix in TOKEN_EXTS)
+    found = local_files(path, f"--source {source!r}: {path!r}")
+    files = sorted(f.resolve() for f in found if f.suffix in TOKEN_EXTS)
     if not files:
         raise UserError(f"--source {source!r} has no token files ({', '.join(TOKEN_EXTS)})")
     return [SourceFile(str(f), f.stat().st_size) for f in files]
