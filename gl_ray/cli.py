@@ -18,7 +18,8 @@ from gl_ray.errors import UserError, unwrap_user_errors
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML run config (see pipelines/configs/)")
+    p.add_argument("--config", help="YAML run config: a path, or a shipped config's name (pythia-160m-growlength; "
+                                    "see pipelines/configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, value parsed as YAML (repeatable), e.g. schedule.lengths=[128,512]")
 
@@ -42,9 +43,12 @@ def plan_model(cfg, final_len: int):
     from gl_ray.data.manifest import load_manifest
 
     vocab, eos = (1 if cfg.model.config or cfg.model.init_from else 50277), 0
-    if storage.exists(storage.join(cfg.data.path, "manifest.json")):
-        manifest = load_manifest(cfg.data.path)
-        vocab, eos = manifest.vocab_size, manifest.eos_token_id
+    try:
+        if storage.exists(storage.join(cfg.data.path, "manifest.json")):
+            manifest = load_manifest(cfg.data.path)
+            vocab, eos = manifest.vocab_size, manifest.eos_token_id
+    except UserError as e:  # planning a cluster's run from a laptop: the bucket may be out of reach from here
+        print(f"gl-ray plan: the dataset's vocab is not known here ({e}); planning with {vocab}", file=sys.stderr)
     return spec_for(cfg.model, vocab_size=vocab, eos_id=eos, final_len=final_len)
 
 
@@ -97,11 +101,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from gl_ray.config import load_config
+    from gl_ray.ray_utils import refuse_unused_address
     from gl_ray.train.driver import launch_run
 
     overrides = [*args.overrides, "ray.num_workers=0"] if args.no_ray else args.overrides
-    launch_run(load_config(args.config, overrides), address=args.address, verbose=args.verbose,
-               rewind_to=args.rewind_to, skip_steps=args.skip_steps)
+    cfg = load_config(args.config, overrides)
+    if not cfg.ray.num_workers:  # before anything is written, as a bad address would be
+        no_ray = "--no-ray" if args.no_ray else "ray.num_workers=0"
+        refuse_unused_address(args.address, cfg.ray.address, no_ray=no_ray, use_ray="set ray.num_workers >= 1")
+    launch_run(cfg, address=args.address, verbose=args.verbose, rewind_to=args.rewind_to,
+               skip_steps=args.skip_steps)
     return 0
 
 
@@ -211,8 +220,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from gl_ray.evaluate import ContextSettings, parse_metrics
+    from gl_ray.ray_utils import refuse_unused_address
     from gl_ray.reproduce import reproduce
 
+    if args.workers == 0:
+        refuse_unused_address(args.address, "", no_ray="--workers 0", use_ray="set --workers >= 1")
     reproduce(base_config=args.config, data=args.data, out=args.out, budget_tokens=args.budget_tokens,
               budget_time_s=args.budget_time_s, ratios=args.ratios, seeds=args.seeds, modes=args.modes,
               workers=args.workers,
@@ -362,7 +374,8 @@ def _add_tune(sub) -> None:
     p = sub.add_parser("tune", help="Ray Tune search over ladders, ratios and optimizer settings",
                        formatter_class=fmt, epilog=_config_epilog())
     _config_args(p)
-    p.add_argument("--space", required=True, help="search space YAML (see tune_spaces/)")
+    p.add_argument("--space", required=True, help="search space YAML: a path, or a shipped space's name (ladders; "
+                                                  "see tune_spaces/)")
     p.add_argument("--num-samples", type=int, default=None, help="override the space's num_samples")
     p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or local)")
     p.set_defaults(func=cmd_tune)
@@ -383,7 +396,7 @@ def _add_report(sub) -> None:
 def _add_reproduce(sub) -> None:
     p = sub.add_parser("reproduce", help="the paper's comparison: GrowLength vs fixed shortest vs fixed longest at "
                        "one budget, then report and eval")
-    p.add_argument("--config", default="pipelines/configs/tiny-growlength.yaml", help="GrowLength base config")
+    p.add_argument("--config", default="tiny-growlength", help="GrowLength base config (a path or a shipped name)")
     p.add_argument("--data", default="data/stdlib", help="prepared dataset")
     p.add_argument("--budget-tokens", type=int, default=0, help="the same token budget for every run")
     p.add_argument("--budget-time-s", type=float, default=0.0, help="or the same wall-time budget")

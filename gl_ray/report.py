@@ -38,7 +38,7 @@ from gl_ray.train.outputs import read_metrics
 def smoothed(ms: list[dict], k: int) -> list[float]:
     out = []
     for i in range(len(ms)):
-        window = [m["loss"] for m in ms[max(0, i - k + 1): i + 1] if m["loss"] is not None]  # None: skipped steps
+        window = [m["loss"] for m in ms[max(0, i - k + 1): i + 1] if m.get("loss") is not None]  # None: skipped
         out.append(sum(window) / len(window) if window else math.inf)
     return out
 

@@ -19,6 +19,8 @@ from gl_ray.train.checkpoint import list_checkpoints
 from gl_ray.lock import is_held
 from gl_ray.train.outputs import read_metrics, read_starts
 
+MAX_SHOWN_S = 1e12  # seconds: a longer time (or ETA) is shown as "?" (datetime.timedelta ends near 8.6e13)
+
 
 def run_status(run_uri: str) -> dict:
     """The facts `gl-ray status` prints (UserError if run_uri is not a gl-ray run)."""
@@ -61,8 +63,8 @@ def run_status(run_uri: str) -> dict:
 
 
 def format_status(s: dict) -> str:
-    def dur(sec):
-        return str(datetime.timedelta(seconds=int(sec))) if sec is not None else "?"
+    def dur(sec):  # "?" for an unknown time, or one too long to be one (an ETA at a rate near zero)
+        return str(datetime.timedelta(seconds=int(sec))) if sec is not None and 0 <= sec < MAX_SHOWN_S else "?"
 
     if s["finished"]:
         state = "finished"
@@ -84,8 +86,10 @@ def format_status(s: dict) -> str:
                    f"{s['tokens']:,} tokens: {done}")
         val = (f", val loss at the final length {s['val_loss_final_len']:.4f} (step {s['val_step']})"
                if s["val_loss_final_len"] is not None else "")
-        out.append(f"  loss {s['loss']:.4f}{val}")
-        out.append(f"  {s['tokens_per_s']:,.0f} tokens/s, elapsed {dur(s['elapsed_s'])}"
+        loss = "-" if s["loss"] is None else f"{s['loss']:.4f}"  # None: a window of skipped steps only
+        rate = "?" if s["tokens_per_s"] is None else f"{s['tokens_per_s']:,.0f}"
+        out.append(f"  loss {loss}{val}")
+        out.append(f"  {rate} tokens/s, elapsed {dur(s['elapsed_s'])}"
                    + ("" if s["finished"] else f", ETA {dur(s['eta_s'])}"))
     if s["world_size"] is not None:
         redone = (f", steps redone per restart: {', '.join(map(str, s['steps_redone']))}" if s["restarts"] else "")

@@ -1,5 +1,6 @@
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,59 @@ def test_overwrite_never_deletes_what_is_not_a_dataset(tmp_path):
             prepare(str(src), str(out), overwrite=True, no_ray=True, tokenizer=str(NEOX_TOKENIZER))
         assert "\n" not in str(e.value)
     assert sorted(p for p in tmp_path.rglob("*")) == before
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under root (relative path -> bytes) and every folder (relative path/ -> b"")."""
+    return {p.relative_to(root).as_posix() + ("/" if p.is_dir() else ""): b"" if p.is_dir() else p.read_bytes()
+            for p in root.rglob("*")}
+
+
+def test_overwrite_replaces_only_a_folder_that_is_all_gl_rays(tmp_path, capsys, monkeypatch):
+    """--overwrite deletes --out whole, so it replaces only a gl-ray dataset: a manifest.json that the manifest
+    reader accepts (a web app's is not) and only files that prepare writes (not a notes.txt put beside the shards,
+    not a web app's index.html beside a gl-ray manifest). Anything else is one line naming the folder and why,
+    exit 2, and every file stays, with no DEST.partial or DEST.lock (issue 40, 2)."""
+    src = tmp_path / "corpus"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.txt").write_text(f"document {i} " * 30)
+    kw = {"overwrite": True, "no_ray": True, "tokenizer": str(NEOX_TOKENIZER), "val_fraction": 0.3}
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "manifest.json").write_text(json.dumps({"name": "My App", "start_url": "/", "display": "standalone"}))
+    (app / "index.html").write_text("<html>years of work</html>")
+    ds = tmp_path / "ds"
+    prepare(str(src), str(ds), **kw)
+    (ds / "notes.txt").write_text("mine")
+    (ds / "train" / "more").mkdir()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "manifest.json").write_bytes((ds / "manifest.json").read_bytes())  # gl-ray's format, not its files
+    (mixed / "index.html").write_text("<html/>")
+    staging = tmp_path / "st.partial"  # a prepare's staging folder by its marker, with a file no prepare writes
+    (staging / "_units").mkdir(parents=True)
+    (staging / "_units" / "prepare.json").write_text("{}")
+    (staging / "thesis.tex").write_text("years of work")
+    before = _tree(tmp_path)
+    foreign = "holds files that gl-ray's prepare does not write"
+    for out, needle in [(app, r"is not a gl-ray dataset \(manifest '.*' has format None, expected 'gl-ray-shards/1'\)"
+                         r".*nothing was deleted"),
+                        (ds, rf"{foreign} \(notes.txt, train/more/\).*nothing was deleted"),
+                        (mixed, rf"{foreign} \(index.html\).*nothing was deleted")]:
+        with pytest.raises(UserError, match=f"--overwrite: {re.escape(repr(str(out)))} {needle}") as e:
+            prepare(str(src), str(out), **kw)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=rf"{re.escape(repr(str(staging)))} {foreign} \(thesis.tex\)"):
+        prepare(str(src), str(tmp_path / "st"), **kw)
+    r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", str(src), "--out", str(app), "--overwrite",
+                      "--no-ray", "--tokenizer", str(NEOX_TOKENIZER))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and str(app) in r.stderr, r.stderr
+    assert _tree(tmp_path) == before
+    (ds / "notes.txt").unlink()
+    (ds / "train" / "more").rmdir()
+    prepare(str(src), str(ds), **kw)  # all gl-ray's: replaced
+    assert load_manifest(str(ds)).tokens("train") > 0
 
 
 def _copy(tiny_data, tmp_path) -> Path:

@@ -253,8 +253,8 @@ def test_a_ray_address_that_does_not_answer_is_one_line_before_anything_is_writt
                       "ray.num_workers=1")
     assert_user_error(r, f"Ray address '{dead}' does not answer")
     r = cli_inprocess(capsys, monkeypatch, "prepare", "--source", "stdlib", "--out", str(tmp_path / "ds"),
-                      "--address", f"ray://{dead}")
-    assert_user_error(r, "does not answer")
+                      "--address", dead)
+    assert_user_error(r, "does not answer")  # ray:// and the other spellings: tests/test_ray_utils.py
     monkeypatch.setenv("RAY_ADDRESS", dead)
     r = cli_inprocess(capsys, monkeypatch, "tune", "--config", CONFIG, "--space", str(REPO / "tune_spaces" /
                       "smoke.yaml"), "--set", f"data.path={tiny_data}", "--set", f"ray.storage_path={tmp_path}/runs")
@@ -653,3 +653,169 @@ def test_unbounded_or_late_inputs_are_one_line_up_front(tiny_data):
         evaluate_models([], tiny_data, [64], max_tokens=1)
     with pytest.raises(UserError, match="--recall gives items twice"):
         parse_recall_spec("items=4,items=8")
+
+
+def tiny_checkpoint(folder: Path, step: int) -> Path:
+    """A small complete checkpoint folder of stage 0 (state.json with its digests), as gl-ray writes one."""
+    from gl_ray.train.checkpoint import HostCopy, TrainState, write_checkpoint
+
+    state = TrainState(step=step, stage=0, stage_step=step, tokens=1024 * step)
+    write_checkpoint(str(folder), HostCopy({"w": torch.zeros(2)}, {}, torch.get_rng_state(), state))
+    return folder
+
+
+def tiny_plan(tmp_path, **extra):
+    """The tiny runs' config and plan (two stages of 8 steps, 1024 tokens a step), without a dataset."""
+    from gl_ray.config import load_config
+    from gl_ray.schedule import make_plan
+
+    cfg = load_config(None, tiny_overrides(str(tmp_path / "no-data"), str(tmp_path), "r", **extra))
+    return cfg, make_plan(cfg)
+
+
+def test_checkpoints_are_exact_names_never_links_and_incomplete_ones_are_set_aside(tmp_path):
+    """Issue 40 (1): only names gl-ray writes (checkpoint_step- and 7 digits) are checkpoints: a user's copy
+    (`.bak`, `" copy"`, a trailing space) is neither loaded, pruned nor removed; an entry named as a checkpoint
+    that is a symbolic link (to a complete checkpoint, to an incomplete folder, broken) is never loaded, and a
+    start refuses it in one line before anything is moved (its target used to be deleted); an incomplete
+    checkpoint is moved to RUN/rewound/, not deleted; only storage's own temp files are deleted, never through a
+    link."""
+    from gl_ray.train.checkpoint import clear_leftovers, find_resume_checkpoint, list_checkpoints, prune_checkpoints
+
+    run, outside = tmp_path / "runs" / "r", tmp_path / "outside"
+    run.mkdir(parents=True)
+    tiny_checkpoint(outside / "complete", 12)
+    (outside / "incomplete").mkdir()
+    (outside / "incomplete" / "precious.bin").write_bytes(b"keep me")
+    (outside / "notes.txt").write_text("keep me")
+    tiny_checkpoint(run / "checkpoint_step-0000002", 2)
+    tiny_checkpoint(run / "checkpoint_step-0000004", 4)
+    for copy in ("checkpoint_step-0000004.bak", "checkpoint_step-0000008 ", "checkpoint_step-00000016"):
+        shutil.copytree(run / "checkpoint_step-0000004", run / copy)
+    (run / "checkpoint_step-0000016 copy").mkdir()
+    (run / "checkpoint_step-0000099").mkdir()
+    (run / "checkpoint_step-0000099" / "model.safetensors").write_bytes(b"partial")
+    (run / "checkpoint_step-0000012").symlink_to(outside / "complete")
+    (run / "checkpoint_step-0000016").symlink_to(outside / "incomplete")
+    (run / "checkpoint_step-0000020").symlink_to(tmp_path / "nowhere")
+    (run / "metrics.jsonl.tmp-1234abcd").write_bytes(b"partial")
+    (run / "summary.json.tmp-abcdef12").symlink_to(outside / "notes.txt")
+    (run / "notes.tmp-draft").write_text("mine")
+    copies = ["checkpoint_step-0000004.bak", "checkpoint_step-0000008 ", "checkpoint_step-00000016",
+              "checkpoint_step-0000016 copy"]
+
+    assert list_checkpoints(str(run)) == [(2, str(run / "checkpoint_step-0000002")),
+                                          (4, str(run / "checkpoint_step-0000004"))]
+    assert find_resume_checkpoint(str(run))[1].step == 4  # not the linked step 12
+    prune_checkpoints(str(run), 1)
+    assert not (run / "checkpoint_step-0000002").exists() and (run / "checkpoint_step-0000004").exists()
+    with pytest.raises(UserError, match="checkpoint_step-0000012 is a symbolic link; gl-ray neither loads") as e:
+        clear_leftovers(str(run))
+    assert "\n" not in str(e.value) and (run / "checkpoint_step-0000099").exists() and not (run / "rewound").exists()
+    assert (outside / "incomplete" / "precious.bin").read_bytes() == b"keep me"
+    assert (outside / "complete" / "state.json").exists() and all((run / c).exists() for c in copies)
+
+    for link in ("checkpoint_step-0000012", "checkpoint_step-0000016", "checkpoint_step-0000020"):
+        (run / link).unlink()
+    done = clear_leftovers(str(run))
+    aside = next((run / "rewound").iterdir())
+    assert done == [("checkpoint_step-0000099", str(aside)), ("metrics.jsonl.tmp-1234abcd", None)]
+    assert aside.name.endswith("-incomplete")
+    assert (aside / "checkpoint_step-0000099" / "model.safetensors").read_bytes() == b"partial"
+    assert all((run / c).exists() for c in copies) and (run / "notes.tmp-draft").read_text() == "mine"
+    assert (run / "summary.json.tmp-abcdef12").is_symlink() and (outside / "notes.txt").read_text() == "keep me"
+
+
+def test_a_rewind_record_is_sealed_and_its_skip_checked_as_the_flag_is(tmp_path):
+    """Issue 40 (4): RUN/rewind.json carries a digest as state.json does, and its skip is checked by --skip-steps'
+    own check at the start and where a worker applies it: a hand edit (skip_steps 100, Infinity, an old
+    unsealed record) or a sealed skip past the stage's end is one line naming the file, never applied (100 used
+    to give 116 steps and an empty stage 2, Infinity an OverflowError)."""
+    from gl_ray.train.checkpoint import checkpoint_state, seal
+    from gl_ray.train.rewind import apply_skip, check_rewind_record, rewind
+
+    _, plan = tiny_plan(tmp_path)
+    run = tmp_path / "runs" / "r"
+    tiny_checkpoint(run / "checkpoint_step-0000004", 4)
+    tiny_checkpoint(run / "checkpoint_step-0000008", 8)
+    rewind(str(run), plan, 4, 2, say=lambda *_: None)
+    record = run / "rewind.json"
+    check_rewind_record(str(run), plan)
+    state = checkpoint_state(str(run / "checkpoint_step-0000004"))
+    assert apply_skip(str(run), state, plan) and (state.step, state.stage_step, state.tokens) == (6, 6, 6144)
+    sealed = json.loads(record.read_text())
+    for text, needle in ((json.dumps(sealed | {"skip_steps": 100}), "not the rewind record --rewind-to wrote"),
+                         (record.read_text().replace('"skip_steps": 2', '"skip_steps": Infinity'),
+                          "not the rewind record --rewind-to wrote"),
+                         (json.dumps({"step": 4, "skip_steps": 2}), "not the rewind record --rewind-to wrote"),
+                         (seal({"step": 4, "skip_steps": 100}).decode(), "reaches the end of stage 0"),
+                         (seal({"step": 4, "skip_steps": -1}).decode(), "--skip-steps must be >= 0"),
+                         (seal({"step": 4, "skip_steps": 2.5}).decode(), "not the rewind record --rewind-to wrote")):
+        record.write_text(text)
+        for check in (lambda: check_rewind_record(str(run), plan),
+                      lambda: apply_skip(str(run), checkpoint_state(str(run / "checkpoint_step-0000004")), plan)):
+            with pytest.raises(UserError, match=re.escape(needle)) as e:
+                check()
+            assert "\n" not in str(e.value) and "rewind.json" in str(e.value) and "--rewind-to STEP" in str(e.value)
+    record.write_text(seal({"step": 12, "skip_steps": 100}).decode())  # its checkpoint is gone: applies to nothing
+    check_rewind_record(str(run), plan)
+
+
+def test_a_removed_fingerprint_is_recovered_from_the_run_never_rewritten_with_another_model(tmp_path):
+    """Issue 40 (5): without fingerprint.json a resume is checked against the run's own config.yaml and plan.json
+    (another model.preset used to resume into the run: a size-mismatch traceback, and fingerprint.json rewritten
+    with that model); the same config goes on and fingerprint.json is rebuilt; a run with checkpoints but neither
+    file is refused; a torn fingerprint.json says that removing it is safe."""
+    from gl_ray.schedule import make_plan
+    from gl_ray.train.identity import check_resumable, fingerprint, record_run
+
+    cfg, plan = tiny_plan(tmp_path)
+    other, other_plan = tiny_plan(tmp_path, **{"model.preset": "pythia-14m"})
+    manifest = b'{"a": "manifest"}'
+    run = tmp_path / "runs" / "r"
+    record_run(str(run), cfg, plan, manifest)
+    (run / "plan.json").write_text(json.dumps(plan.to_json()))
+    tiny_checkpoint(run / "checkpoint_step-0000004", 4)
+    first = json.loads((run / "fingerprint.json").read_text())
+    assert other_plan.to_json()["stages"] == plan.to_json()["stages"]  # the stages alone cannot tell them apart
+    (run / "fingerprint.json").unlink()
+    with pytest.raises(UserError, match="was started with model.preset='tiny'; this config has 'pythia-14m'"):
+        check_resumable(str(run), other, other_plan, manifest)
+    assert not (run / "fingerprint.json").exists()
+    check_resumable(str(run), cfg, make_plan(cfg), manifest)
+    record_run(str(run), cfg, plan, manifest)
+    assert json.loads((run / "fingerprint.json").read_text()) == first == fingerprint(cfg, plan, manifest)
+
+    (run / "fingerprint.json").write_text('{"model.preset": "ti')
+    with pytest.raises(UserError, match="remove it: the next start rebuilds it from the run's config.yaml"):
+        check_resumable(str(run), cfg, plan, manifest)
+    (run / "fingerprint.json").unlink()
+    (run / "config.yaml").unlink()
+    with pytest.raises(UserError, match="neither fingerprint.json nor config.yaml"):
+        check_resumable(str(run), other, other_plan, manifest)
+
+
+def test_a_resume_without_its_fingerprint_or_with_an_edited_rewind_record_is_refused_first(baseline, tiny_data,
+                                                                                           tmp_path):
+    """The same through launch_run on a finished run: another model after fingerprint.json was removed, and a
+    rewind.json edited to skip 100 steps, are each one UserError line before anything of the run is written; the
+    run's own config then goes on (the export again) and fingerprint.json is rebuilt as it was."""
+    from gl_ray.train.checkpoint import seal
+
+    run = tmp_path / "base"
+    shutil.copytree(baseline[2], run)
+    first = json.loads((run / "fingerprint.json").read_text())
+    (run / "fingerprint.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".gl-ray.lock"}
+    with pytest.raises(UserError, match="was started with model.preset='tiny'; this config has 'pythia-14m'"):
+        run_tiny(tiny_data, tmp_path, "base", **{"model.preset": "pythia-14m"})
+    for record, needle in (({"step": 16, "skip_steps": 100}, "is not the rewind record --rewind-to wrote"),
+                           (seal({"step": 8, "skip_steps": 100}), "reaches the end of stage 1")):
+        (run / "rewind.json").write_bytes(record if isinstance(record, bytes) else json.dumps(record).encode())
+        with pytest.raises(UserError, match=needle) as e:
+            run_tiny(tiny_data, tmp_path, "base")
+        assert "rewind.json" in str(e.value) and "\n" not in str(e.value)
+    (run / "rewind.json").unlink()
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir() if p.name != ".gl-ray.lock"} == before
+    run_tiny(tiny_data, tmp_path, "base")
+    assert json.loads((run / "fingerprint.json").read_text()) == first

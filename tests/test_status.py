@@ -123,3 +123,69 @@ def test_starts_are_counted_past_a_torn_line(tmp_path):
     starts = read_starts(str(tmp_path))
     assert [s["start"] for s in starts] == [1, 2] and starts[-1] == rec
     assert (rec["world_size"], rec["distinct_nodes"], rec["steps_redone"]) == (3, 2, 3)
+
+
+def _report(step: int, **extra) -> dict:
+    """A metrics.jsonl line as gl_ray.train.loop writes it (a 2-stage plan of 32 tokens per step)."""
+    return {"step": step, "stage": int(step > 4), "seq_len": 32 if step <= 4 else 64, "tokens": 32 * step,
+            "loss": 10.0 - step / 2, "lr": 1e-3, "tokens_per_s": 100.0, "data_wait_frac": 0.01, "micro_batch": 1,
+            "grad_norm": 1.5, "skipped_steps": 0, "elapsed_s": 0.3 * step, "flops": 1e9 * step, "world_size": 1,
+            "total_tokens": 256, "num_stages": 2} | extra
+
+
+def _hostile() -> list[str]:
+    """metrics.jsonl lines that each crashed status, report or a resume, or were read as a report."""
+    deep = "[" * 100_000 + "]" * 100_000  # RecursionError in json.loads
+    ok = json.dumps(_report(3))
+    return [deep, ok[:-1] + ', "x": ' + deep + "}", json.dumps(_report(3, x=[[[[1]]]])),  # nested: no reader's
+            *(json.dumps(_report(3, **{k: v})) for k, v in [
+                ("loss", "abc"), ("loss", 1e308), ("loss", "NaN"), ("loss", -1.0), ("elapsed_s", 1e308),
+                ("tokens_per_s", float("inf")), ("val_loss_final_len", "abc"), ("tokens", True), ("seq_len", 0),
+                ("stage", "0"), ("lr", -0.1), ("bucket_lens", ["a"]), ("flops", float("nan"))]),
+            json.dumps(_report(-1)), ok.replace('"step": 3', '"step": 2.5'),
+            ok.replace('"world_size": 1', '"world_size": 1e400'), '{"step": 3, "stage": 0, "seq_']  # torn
+
+
+HOSTILE = _hostile()
+
+
+def test_hostile_metrics_lines_are_dropped_with_a_warning_by_the_one_reader(tmp_path, capsys):
+    """metrics.jsonl lines nested 100,000 deep, or with a loss of "abc", 1e308 or "NaN", a negative or fractional
+    step, an infinite rate...: the one reader (outputs.parse_metrics) checks every field a reader uses for type and
+    range, so status, report and a resume keep only the reports, each with a warning per dropped line, as for a
+    torn one (issue 40, 8). A window of skipped steps only (loss null, or NaN) is a report; an ETA at a rate near
+    zero prints as "?"; a starts.jsonl nested too deep or with a count that is not one is skipped."""
+    from gl_ray.report import build_report
+    from gl_ray.train.outputs import WARN_LINES, MetricsLog, parse_metrics, read_metrics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text(json.dumps({"total_tokens": 256, "stages": [{"seq_len": 32}, {"seq_len": 64}]}))
+    good = [_report(s) for s in (1, 2, 3, 4)] + [_report(5, loss=None, grad_norm=None),  # skipped steps only
+                                                 _report(6, val_loss=7.5, val_loss_final_len=7.0)]
+    lines = [json.dumps(m) for m in good[:5]] + [json.dumps(good[5]).replace('"grad_norm": 1.5', '"grad_norm": NaN')]
+    lines.append(json.dumps(_report(7, loss=None, tokens_per_s=1e-300)))  # the last report: the rate near zero
+    want = good + [_report(7, loss=None, tokens_per_s=1e-300)]
+    want[5] = want[5] | {"grad_norm": None}
+    (run / "metrics.jsonl").write_text("\n".join(lines[:3] + HOSTILE[:10] + lines[3:] + HOSTILE[10:]) + "\n")
+    start = {"start": 1, "resumed_step": 0, "world_size": 1, "nodes": ["a"], "distinct_nodes": 1, "steps_redone": 0}
+    starts = [start, "[" * 100_000, start | {"start": 2, "world_size": "x"}]
+    (run / "starts.jsonl").write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in starts) + "\n")
+
+    good_pairs, bad = parse_metrics((run / "metrics.jsonl").read_bytes())
+    assert [m for _, m in good_pairs] == want and bad == HOSTILE
+    capsys.readouterr()
+    assert read_metrics(str(run)) == want
+    err = capsys.readouterr().err
+    assert err.count("gl-ray: skipping a line of ") == WARN_LINES
+    assert f"skipping {len(HOSTILE) - WARN_LINES} more such lines" in err
+    s = run_status(str(run))
+    assert (s["step"], s["loss"], s["val_loss_final_len"], s["world_size"], s["restarts"]) == (7, None, 7.0, 1, 0)
+    text = format_status(s)
+    assert "loss -, val loss at the final length 7.0000 (step 6)" in text and "ETA ?" in text
+    rep = build_report([str(run)], str(tmp_path / "rep"))
+    assert rep["runs"][0]["tokens"] == 7 * 32 and rep["runs"][0]["final_val_loss_final_len"] == 7.0
+    capsys.readouterr()
+    log = MetricsLog(str(run), resume_step=6)
+    assert [json.loads(x) for x in log.lines][:5] == want[:5] and len(log.lines) == 6
+    assert capsys.readouterr().out.count("gl-ray: dropping a line of ") == WARN_LINES

@@ -14,6 +14,14 @@ with `overwrite`; bad input (a UserError) deletes what was written.
 
 With `recall` (`--recall SPEC`), each document gets key-value recall items inserted after tokenization, and the
 shards and manifest record them: see gl_ray.data.recall.
+
+The files prepare writes, and the only ones `overwrite` deletes (a folder holding anything else, or whose
+manifest.json is not gl-ray's, is refused: `check_replaceable`):
+
+    manifest.json, tokenizer/NAME.{json,txt,model,jinja} (what save_pretrained writes),
+    train/ and val/shard-UUUUU-KKKK.parquet (and shard-UUUUU-KKKK-rest.parquet: _give_val_a_document),
+    _units/unit-UUUUU.json and _units/prepare.json (until the dataset is complete),
+    any of these + .tmp-HEX (a write a kill interrupted), and on S3 .gl-ray.lease (gl_ray.lock)
 """
 
 from __future__ import annotations
@@ -30,11 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from gl_ray import storage
 from gl_ray.data.corpus import SourceFile, list_source, read_documents, stable_hash
-from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS
+from gl_ray.data.manifest import FORMAT, SHARD_SCHEMA, SPLITS, load_manifest
 from gl_ray.data.recall import (RECALL_COLUMNS, Inserted, RecallItems, RecallSpec, count_document, document_rng,
                                 insert_recall, merge_counts, new_counts, resolve_items)
 from gl_ray.data.tokenizer import encode_documents, load_tokenizer, train_bpe
@@ -49,6 +58,9 @@ SAMPLE_PIECE = 4096  # characters per piece of sample text handed to the BPE tra
 PROGRESS_EVERY_S = 10.0  # seconds between progress lines
 UNITS_DIR = "_units"  # per-unit statistics of finished units (removed when the dataset is complete)
 ONE_DOC_EXTS = (".txt", ".md", ".rst", ".py")
+OWN_FILE = re.compile(r"(manifest\.json|tokenizer/[\w.-]+\.(json|txt|model|jinja)|(train|val)/shard-\d{5,}-\d{4,}"
+                      r"(-rest)?\.parquet|_units/(unit-\d{5,}|prepare)\.json|\.gl-ray\.lease)(\.tmp-[0-9a-f]+)?")
+OWN_DIRS = ("tokenizer", *SPLITS, UNITS_DIR)
 
 
 class ShardWriter:
@@ -226,12 +238,49 @@ def _upload_dir(local: str, dest: str) -> None:
             storage.write_bytes(storage.join(dest, str(p.relative_to(local))), p.read_bytes())
 
 
+def foreign_files(folder: str) -> list[str]:
+    """The paths under a dataset folder (relative; folders with a trailing /) that no prepare writes (OWN_FILE,
+    OWN_DIRS). A symbolic link counts by its name: deleting it leaves its target, and it is not followed."""
+    fs, root = storage.resolve(folder)
+    if storage.is_s3(folder):
+        with storage.errors_at(folder):
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        rels = [(i.path[len(root):].strip("/"), i.type == pafs.FileType.Directory) for i in infos]
+    else:
+        rels = []
+        for top, dirs, files in os.walk(root):  # followlinks=False
+            rel = Path(top).relative_to(root)
+            rels += [((rel / d).as_posix(), True) for d in dirs] + [((rel / f).as_posix(), False) for f in files]
+    return sorted(f"{rel}/" if is_dir else rel for rel, is_dir in rels
+                  if not (rel in OWN_DIRS if is_dir else OWN_FILE.fullmatch(rel)))
+
+
+def check_replaceable(out: str) -> None:
+    """--overwrite deletes --out whole: only a gl-ray dataset may go, one whose manifest.json the manifest reader
+    accepts (format gl-ray-shards/1 and its fields) and whose every file is one that prepare writes (see the module
+    docstring); else one UserError line naming the folder and why, before anything is touched."""
+    try:
+        load_manifest(out)
+    except UserError as e:
+        raise UserError(f"--overwrite: {out!r} is not a gl-ray dataset ({e}); nothing was deleted: move it away or "
+                        "choose another --out") from None
+    foreign = foreign_files(out)
+    if foreign:
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        raise UserError(f"--overwrite: {out!r} holds files that gl-ray's prepare does not write "
+                        f"({', '.join(foreign[:3])}{more}); nothing was deleted: move them away or choose another "
+                        "--out")
+
+
 def _check_out(out: str, source: str, overwrite: bool) -> None:
     """--out may be replaced only when it is a gl-ray dataset (--overwrite) or empty, and never when it holds or is
     inside --source: --overwrite deletes it whole. Its staging folder (DEST.partial) is checked the same way."""
-    if storage.exists(storage.join(out, "manifest.json")) and not overwrite:
+    has_manifest = storage.exists(storage.join(out, "manifest.json"))
+    if has_manifest and not overwrite:
         raise UserError(f"{out!r} already holds a dataset; pass --overwrite or choose another --out")
     if storage.is_s3(out):
+        if has_manifest:
+            check_replaceable(out)
         storage.check_writable(out)
         return
     dest = Path(out).expanduser().resolve()
@@ -246,10 +295,15 @@ def _check_out(out: str, source: str, overwrite: bool) -> None:
     if dest.exists() and any(dest.iterdir()) and not (dest / "manifest.json").is_file():
         raise UserError(f"{out!r} exists, is not empty and is not a gl-ray dataset (no manifest.json); "
                         "choose another --out" + (" (--overwrite replaces only a dataset)" if overwrite else ""))
+    if has_manifest:
+        check_replaceable(out)
     staging = Path(_staging(out))
     if staging.exists() and any(staging.iterdir()) and not (staging / UNITS_DIR / "prepare.json").is_file():
         raise UserError(f"{str(staging)!r} exists and is not a gl-ray prepare's staging folder (no "
                         f"{UNITS_DIR}/prepare.json); move it away or choose another --out")
+    if staging.exists() and (foreign := foreign_files(str(staging))):  # --overwrite or a failure deletes it
+        raise UserError(f"{str(staging)!r} holds files that gl-ray's prepare does not write ({', '.join(foreign[:3])}"
+                        f"{' ...' if len(foreign) > 3 else ''}); move them away or choose another --out")
 
 
 def _settings(source: str, files: list[SourceFile], tokenizer: str, **kw) -> dict:
@@ -318,11 +372,14 @@ def prepare(source: str, out: str, *, tokenizer: str = "train:8192", val_fractio
     if is_tokens(source) and tokenizer.startswith("train:"):
         raise UserError(f"--source {source!r} is already tokenized: give --tokenizer FOLDER, the tokenizer that made "
                         "its ids (the dataset keeps it)")
-    _check_out(out, source, overwrite)
-    if not no_ray and not max_docs:
-        from gl_ray.ray_utils import check_address
+    from gl_ray.ray_utils import check_address, refuse_unused_address
 
-        check_address(address)
+    if no_ray or max_docs:  # units run in this process: --max-docs stops them at a document count, in order
+        flag = "--no-ray" if no_ray else "--max-docs"
+        refuse_unused_address(address, "", no_ray=flag, use_ray=f"leave out {flag}")
+    else:
+        check_address(address)  # a cluster that is not there (or not Ray's): one line, before anything is written
+    _check_out(out, source, overwrite)
     with output_lock(out):  # one prepare per output, from before its staging is read or written
         return _prepare_locked(source, out, tokenizer=tokenizer, val_fraction=val_fraction,
                                shard_tokens=shard_tokens, max_docs=max_docs, address=address, overwrite=overwrite,
@@ -378,6 +435,8 @@ def _prepare_locked(source: str, out: str, *, tokenizer: str, val_fraction: floa
         raise
     if not storage.is_s3(out):
         final = Path(out).resolve()
+        if final.exists() and any(final.iterdir()):
+            check_replaceable(str(final))  # again, as it stands now: the new dataset waits in staging meanwhile
         if final.exists():
             shutil.rmtree(final)
         final.parent.mkdir(parents=True, exist_ok=True)

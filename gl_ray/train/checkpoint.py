@@ -11,16 +11,23 @@ and in both:
     state.json          {"step", "stage", "stage_step", "tokens", "elapsed_s", "stage_wall_s": [...], "flops",
                          "strategy", "files": {name: sha256}, "sha256"}: the data cursor is (stage, stage_step)
 state.json is written last, by rank 0, and lists a digest of every other file of every rank, and "sha256" is the
-digest of state.json's own other fields, so a truncated, incomplete or tampered checkpoint (a hand-edited cursor
-too) is refused (UserError) instead of loaded.
+digest of state.json's own other fields (`seal`; RUN/rewind.json is sealed the same way), so a truncated,
+incomplete or tampered checkpoint (a hand-edited cursor too) is refused (UserError) instead of loaded.
+
+Only folders named exactly as `checkpoint_name` writes them are checkpoints: a copy named
+checkpoint_step-0000016.bak or "checkpoint_step-0000016 copy" is neither loaded, pruned nor set aside, and an
+entry of a local run that is a symbolic link is never read, written or deleted through (a start refuses it).
 """
 
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import io
 import json
+import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -36,6 +43,8 @@ from gl_ray.errors import UserError
 from gl_ray.train.parallel import is_sharded, load_sharded_state, sharded_state
 
 PREFIX = "checkpoint_step-"
+SET_ASIDE = "rewound"  # RUN/rewound/<time>-<why>/: what a rewind or a start moved out of the run, never deleted
+TEMP_NAME = re.compile(r".+\.tmp-[0-9a-f]{8}", re.ASCII)  # storage.write_bytes' temp file of a local write
 T = TypeVar("T")
 
 
@@ -56,6 +65,13 @@ class TrainState:
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:07d}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a folder name as `checkpoint_name` writes it; None for any other name (a user's copy
+    checkpoint_step-0000016.bak, "checkpoint_step-0000016 copy", checkpoint_step-16): never touched as a checkpoint."""
+    m = re.fullmatch(re.escape(PREFIX) + r"([0-9]{7,})", name)
+    return int(m.group(1)) if m and checkpoint_name(int(m.group(1))) == name else None
 
 
 @dataclass
@@ -101,8 +117,24 @@ def _saved(obj) -> bytes:
 
 
 def _write_state(folder: str, state: TrainState, files: dict[str, str]) -> None:
-    meta = asdict(state) | {"files": files}
-    storage.write_bytes(storage.join(folder, "state.json"), json.dumps(meta | {"sha256": _digest(meta)}).encode())
+    storage.write_bytes(storage.join(folder, "state.json"), seal(asdict(state) | {"files": files}))
+
+
+def seal(meta: dict) -> bytes:
+    """A JSON record of gl-ray's (state.json, rewind.json) with "sha256", the digest of its other fields: a torn or
+    hand-edited copy is told apart from what gl-ray wrote (`unseal`)."""
+    return json.dumps(meta | {"sha256": _digest(meta)}).encode()
+
+
+def unseal(data: bytes) -> tuple[dict, bool] | None:
+    """(fields but the digest, whether they match it) of a record `seal` wrote; None if it is none (torn, not JSON,
+    not UTF-8, no digest)."""
+    try:
+        meta = json.loads(data)
+        own = meta.pop("sha256")
+        return meta, own == _digest(meta)
+    except (ValueError, KeyError, TypeError, AttributeError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None
 
 
 def save_checkpoint(folder: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *,
@@ -157,11 +189,13 @@ def _digest(meta: dict) -> str:
 def _read_meta(folder: str) -> tuple[TrainState, dict]:
     """(state, {file: sha256}) from state.json (UserError if missing or unreadable)."""
     try:
-        meta = json.loads(storage.read_bytes(storage.join(folder, "state.json")))
-        own = meta.pop("sha256")
-    except (UserError, json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"checkpoint {folder!r} has no valid state.json") from None
-    if own != _digest(meta):
+        found = unseal(storage.read_bytes(storage.join(folder, "state.json")))
+    except UserError:
+        found = None
+    if found is None:
+        raise UserError(f"checkpoint {folder!r} has no valid state.json")
+    meta, intact = found
+    if not intact:
         raise UserError(f"checkpoint {folder!r}: state.json was modified after it was written (digest mismatch)")
     try:
         digests = meta.pop("files")
@@ -223,15 +257,42 @@ def strategy_mismatch(folder: str, wrote: str, runs: str) -> str:
 
 
 def list_checkpoints(run_uri: str) -> list[tuple[int, str]]:
-    """(step, folder) of every checkpoint folder of a run with a state.json, oldest first."""
-    out = []
-    for name in storage.list_dir(run_uri):
-        if name.startswith(PREFIX) and storage.exists(storage.join(run_uri, name, "state.json")):
-            try:
-                out.append((int(name[len(PREFIX):]), storage.join(run_uri, name)))
-            except ValueError:
-                continue
-    return sorted(out)
+    """(step, folder) of every checkpoint folder of a run with a state.json, oldest first: only names as
+    `checkpoint_name` writes them, never a symbolic link (`linked_checkpoints`)."""
+    links = set(linked_checkpoints(run_uri))
+    steps = {name: checkpoint_step(name) for name in storage.list_dir(run_uri) if name not in links}
+    return sorted((step, storage.join(run_uri, name)) for name, step in steps.items()
+                  if step is not None and storage.exists(storage.join(run_uri, name, "state.json")))
+
+
+def _local_entries(run_uri: str) -> tuple[Path, list[str]]:
+    """(folder, names in it) of a local run, broken symbolic links too (pyarrow's listing follows links and skips
+    broken ones)."""
+    folder = Path(storage.resolve(run_uri)[1])  # the run folder itself resolved; its entries are not
+    return folder, sorted(os.listdir(folder)) if folder.is_dir() else []
+
+
+def linked_checkpoints(run_uri: str) -> list[str]:
+    """Names of a local run's entries named as checkpoints that are symbolic links (S3 has none)."""
+    if storage.is_s3(run_uri):
+        return []
+    folder, names = _local_entries(run_uri)
+    return [name for name in names if checkpoint_step(name) is not None and (folder / name).is_symlink()]
+
+
+def set_aside_folder(run_uri: str, why: str) -> str:
+    """A new RUN/rewound/<time>-<why>/ for what a rewind or a start moves out of the run (never deleted)."""
+    base = storage.join(run_uri, SET_ASIDE, f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{why}")
+    uri, n = base, 1
+    while storage.exists(uri):  # two in one second
+        n += 1
+        uri = f"{base}-{n}"
+    return uri
+
+
+def checkpoint_state(folder: str) -> TrainState:
+    """The state of a checkpoint from its state.json alone (its digest checked, the other files not read)."""
+    return _read_meta(folder)[0]
 
 
 def verify_checkpoint(folder: str) -> TrainState:
@@ -265,23 +326,34 @@ def restore_latest(run_uri: str, model: torch.nn.Module, optimizer: torch.optim.
 
 
 def prune_checkpoints(run_uri: str, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints (the Ray path lets Ray Train do this)."""
+    """Delete all but the newest `keep` checkpoints (the Ray path lets Ray Train do this): only folders that
+    `list_checkpoints` lists, so never a user's copy, a symbolic link or what one points to."""
     for _, folder in list_checkpoints(run_uri)[:-keep]:
         storage.delete_dir(folder)
 
 
-def remove_leftovers(run_uri: str) -> list[str]:
-    """Delete what an interrupted writer left in a run folder: checkpoint folders without state.json (written
-    last, so they are incomplete) and temp files (*.tmp-*). Called before a run (re)starts, when nothing writes.
-    Returns the names removed."""
-    gone = []
+def clear_leftovers(run_uri: str) -> list[tuple[str, str | None]]:
+    """What an interrupted writer left in a run folder, cleared before a run (re)starts, when nothing writes:
+    checkpoint folders without state.json (written last, so incomplete) are moved into RUN/rewound/<time>-
+    incomplete/ (never deleted: gl-ray cannot read them, the user may), storage's own temp files (NAME.tmp-
+    XXXXXXXX, local runs) deleted. Returns (name, where it was moved, or None: deleted). UserError, before
+    anything is moved, if an entry named as a checkpoint is a symbolic link."""
+    links = linked_checkpoints(run_uri)
+    if links:
+        raise UserError(f"run {run_uri!r}: {links[0]} is a symbolic link; gl-ray neither loads a linked checkpoint "
+                        "nor deletes or writes through one: replace the link with a copy of the folder, or move it "
+                        "out of the run")
     complete = {folder.rsplit("/", 1)[-1] for _, folder in list_checkpoints(run_uri)}
-    for name in storage.list_dir(run_uri):
-        uri = storage.join(run_uri, name)
-        if name.startswith(PREFIX) and name not in complete:
-            storage.delete_dir(uri)
-            gone.append(name)
-        elif ".tmp-" in name and not storage.is_s3(uri) and Path(storage.resolve(uri)[1]).is_file():
-            Path(storage.resolve(uri)[1]).unlink()
-            gone.append(name)
-    return gone
+    incomplete = [n for n in storage.list_dir(run_uri) if checkpoint_step(n) is not None and n not in complete]
+    done: list[tuple[str, str | None]] = []
+    aside = set_aside_folder(run_uri, "incomplete") if incomplete else ""
+    for name in incomplete:
+        storage.move(storage.join(run_uri, name), storage.join(aside, name))
+        done.append((name, aside))
+    if not storage.is_s3(run_uri):
+        folder, names = _local_entries(run_uri)
+        for name in names:  # the entry itself, never what a link points to
+            if TEMP_NAME.fullmatch(name) and not (folder / name).is_symlink() and (folder / name).is_file():
+                (folder / name).unlink()
+                done.append((name, None))
+    return done

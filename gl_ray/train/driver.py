@@ -97,18 +97,20 @@ def decompose_accounting(cfg: Config, plan) -> dict:
 def _train(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec, *, address: str | None, say,
            callbacks: list | None, quiet: bool, verbose: bool, rewind_to: int | None, skip_steps: int) -> dict:
     """The locked part of launch_run: check a resume, clear leftovers, write the run files, train, summarise."""
-    from gl_ray.train.checkpoint import remove_leftovers
+    from gl_ray.train.checkpoint import clear_leftovers
+    from gl_ray.train.rewind import check_rewind_record, rewind
 
     plan = plans[cfg.ray.num_workers]
 
     manifest_bytes = storage.read_bytes(storage.join(cfg.data.path, "manifest.json"))
     check_resumable(run_uri, cfg, plan, manifest_bytes)
     spec = run_model(run_uri, cfg, train_stream.manifest, plan.final_len)  # as the lock holder sees the run
-    for name in remove_leftovers(run_uri):
-        say(f"removed {name} from {run_uri}: left incomplete by an interrupted run")
+    if rewind_to is None:  # a rewind rewrites the record
+        check_rewind_record(run_uri, plan)
+    for name, aside in clear_leftovers(run_uri):
+        say(f"moved {name} to {aside}: left incomplete by an interrupted run" if aside else
+            f"removed {name} from {run_uri}: a temp file left by an interrupted write")
     if rewind_to is not None:
-        from gl_ray.train.rewind import rewind
-
         rewind(run_uri, plan, rewind_to, skip_steps, say)
     for key, (old, new) in record_run(run_uri, cfg, plan, manifest_bytes).items():
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")

@@ -1,7 +1,8 @@
 """What a run is, so that a resume cannot quietly become another run.
 
     RUN/fingerprint.json     written at the first start: what must not change on resume (FINGERPRINT_KEYS, the
-                             dataset's manifest digest, the global stage plan)
+                             dataset's manifest digest, the global stage plan); if it is removed, the next
+                             start recovers it from config.yaml and plan.json and checks against that
     RUN/config.yaml          the config of the first start, never overwritten
     RUN/config_history.jsonl one line per resume that changed an allowed key: {"time", "changed": {key: [old, new]}}
 
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from gl_ray import storage
-from gl_ray.config import Config, dump_config
+from gl_ray.config import Config, config_from_dict, dump_config
 from gl_ray.errors import UserError
 
 if TYPE_CHECKING:
@@ -38,35 +39,79 @@ def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
     fp["data.bucket_odds"] = {str(k): v for k, v in sorted(cfg.data.bucket_odds.items())}  # as JSON reads it back
     fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
-    fp["stages"] = [{k: s[k] for k in GLOBAL_STAGE_KEYS} | ({"window": s["window"]} if "window" in s else {})
-                    for s in plan.to_json()["stages"]]
+    fp["stages"] = stage_keys(plan.to_json()["stages"])
     return fp
 
 
 def check_resumable(run_uri: str, cfg: Config, plan, manifest_bytes: bytes) -> None:
-    """A rerun of an existing run goes on only as the same run (its fingerprint) and with the strategy its
+    """A rerun of an existing run goes on only as the same run (`recorded_fingerprint`) and with the strategy its
     checkpoints were written with; UserError naming the first difference otherwise."""
     from gl_ray.train.checkpoint import find_resume_checkpoint, strategy_mismatch
 
-    fp_uri = storage.join(run_uri, "fingerprint.json")
-    if storage.exists(fp_uri):
-        old, new = storage.read_json(fp_uri), fingerprint(cfg, plan, manifest_bytes)
-        for key, value in new.items():
-            if key in old and old[key] != value:
-                what = "the stage plan" if key == "stages" else f"{key}={old[key]!r}"
-                now = "another plan" if key == "stages" else repr(value)
-                raise UserError(f"run {run_uri!r} was started with {what}; this config has {now}. A resume keeps "
-                                "it (see gl_ray/train/identity.py for what may change); resume with the run's own "
-                                "config.yaml or choose a new name")
-    elif storage.exists(storage.join(run_uri, "plan.json")):  # a run from before fingerprints: its stages
-        old_plan = storage.read_json(storage.join(run_uri, "plan.json"))
-        if [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} for s in old_plan["stages"]] != \
-                fingerprint(cfg, plan, manifest_bytes)["stages"]:
-            raise UserError(f"run {run_uri!r} exists with a different plan; resume it with its own config "
-                            f"(see its config.yaml) or choose a new name")
+    old, new = recorded_fingerprint(run_uri, plan, manifest_bytes), fingerprint(cfg, plan, manifest_bytes)
+    for key, value in new.items():
+        if key in old and old[key] != value:
+            what = "the stage plan" if key == "stages" else f"{key}={old[key]!r}"
+            now = "another plan" if key == "stages" else repr(value)
+            raise UserError(f"run {run_uri!r} was started with {what}; this config has {now}. A resume keeps "
+                            "it (see gl_ray/train/identity.py for what may change); resume with the run's own "
+                            "config.yaml or choose a new name")
     found = find_resume_checkpoint(run_uri, warn=lambda _: None)
     if found and found[1].strategy != cfg.ray.strategy:
         raise UserError(strategy_mismatch(found[0], found[1].strategy, cfg.ray.strategy))
+
+
+def recorded_fingerprint(run_uri: str, plan, manifest_bytes: bytes) -> dict:
+    """What a run was started as: RUN/fingerprint.json. Without it (removed, lost): the same keys of the run's own
+    config.yaml and the stages of its plan.json (the dataset's digest cannot be recovered: fingerprint.json is
+    rebuilt with this one), so that another model never resumes into the run; a run from before fingerprints:
+    the stages of its plan.json. {} for a new run; UserError for a run that has begun (a checkpoint, model.json)
+    with neither fingerprint.json nor config.yaml to tell what it trains."""
+    from gl_ray.train.checkpoint import list_checkpoints
+
+    fp_uri, cfg_uri = storage.join(run_uri, "fingerprint.json"), storage.join(run_uri, "config.yaml")
+    if storage.exists(fp_uri):
+        return _read_fingerprint(fp_uri)
+    old: dict = {}
+    if storage.exists(cfg_uri):
+        old = fingerprint(_first_config(run_uri, cfg_uri), plan, manifest_bytes)
+        del old["dataset (manifest.json digest)"], old["stages"]
+    elif storage.exists(storage.join(run_uri, "model.json")) or list_checkpoints(run_uri):
+        raise UserError(f"run {run_uri!r} has begun (a checkpoint or model.json) but has neither fingerprint.json "
+                        "nor config.yaml to tell what it trains; restore them from a copy of the run, or choose a "
+                        "new name")
+    plan_uri = storage.join(run_uri, "plan.json")
+    if storage.exists(plan_uri):
+        old["stages"] = stage_keys(storage.read_json(plan_uri)["stages"])
+    return old
+
+
+def stage_keys(stages: list[dict]) -> list[dict]:
+    """What a fingerprint keeps of plan.json's stages: what the data and the steps depend on."""
+    return [{k: s.get(k) for k in GLOBAL_STAGE_KEYS} | ({"window": s["window"]} if "window" in s else {})
+            for s in stages]
+
+
+def _read_fingerprint(uri: str) -> dict:
+    """RUN/fingerprint.json; UserError if it is torn (removing it is safe: `recorded_fingerprint` recovers it)."""
+    try:
+        fp = json.loads(storage.read_bytes(uri))
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        fp = None
+    if not isinstance(fp, dict):
+        raise UserError(f"{uri!r} is torn or not JSON; restore it from a copy of the run, or remove it: the next "
+                        "start rebuilds it from the run's config.yaml and refuses a config that differs")
+    return fp
+
+
+def _first_config(run_uri: str, cfg_uri: str) -> Config:
+    """The config of a run's first start, from its config.yaml (fingerprint keys never change on resume)."""
+    try:
+        return config_from_dict(yaml.safe_load(storage.read_bytes(cfg_uri)) or {})
+    except (yaml.YAMLError, UnicodeDecodeError, UserError) as e:
+        raise UserError(f"run {run_uri!r} has no fingerprint.json and its config.yaml cannot be read "
+                        f"({str(e).splitlines()[0][:80]}); restore them from a copy of the run, or choose a new "
+                        "name") from None
 
 
 def flat(d: dict, prefix: str = "") -> dict:

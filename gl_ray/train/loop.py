@@ -155,7 +155,7 @@ class Trainer:
         self.hooks.on_restore(restored, io.all_gather_object(io.node_id()))
         self.state = restored or TrainState(stage_wall_s=[0.0] * len(plan.stages), strategy=cfg.ray.strategy)
         if restored:
-            apply_skip(io.run_uri, self.state, plan.tokens_per_step)  # a rewind's --skip-steps, if it is this one
+            apply_skip(io.run_uri, self.state, plan)  # a rewind's --skip-steps, if it is this one
         if cfg.train.compile:  # after DDP or FSDP (gl_ray.train.compiling); eval and export use the plain `model`
             self.net = compile_model(self.net, self.model, graphs=graph_budget(plan, cfg))
         self.t_start, self.elapsed0 = time.perf_counter(), self.state.elapsed_s

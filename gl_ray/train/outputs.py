@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,9 +62,7 @@ class MetricsLog:
         good, bad = parse_metrics(storage.read_bytes(self.uri)) if storage.exists(self.uri) else ([], [])
         self.lines: list[str] = [line for line, m in good if m["step"] <= resume_step]
         self.dropped_steps = len(good) - len(self.lines)  # reported before a failure, done again from here
-        for line in bad:
-            print(f"gl-ray: dropping a line of {self.uri} that is not a report (torn by a writer that died, or "
-                  f"garbage): {line[:60]!r}")
+        warn_bad_lines(self.uri, bad, "dropping")
         storage.write_bytes(self.uri, "".join(f"{ln}\n" for ln in self.lines).encode())
 
     def append(self, metrics: dict) -> None:
@@ -77,30 +76,96 @@ class MetricsLog:
 
 
 REPORT_KEYS = ("step", "stage", "seq_len", "tokens", "elapsed_s")  # numbers every report line has
+MAX_COUNT = 1 << 63  # int fields: steps, tokens, lengths, workers
+MAX_SECONDS = 1e10  # time fields (~300 years): above, datetime.timedelta overflows where status prints them
+MAX_AMOUNT = 1e30  # other numbers (FLOPs, rates, losses): squares and sums of them stay finite in report's tests
+# Each field a reader uses (status, report, the resume, the summary, plots): its kind and least value. "count": an
+# int; "amount": a finite number; "loss": a finite number or null (NaN read as null: a window of skipped steps has
+# no loss, gl_ray.train.loop.Meter.read); "lengths": a list of ints. A field may be missing (runs written before
+# it existed); any other field must be a JSON scalar (nothing nested).
+REPORT_FIELDS = {
+    "step": ("count", 0), "stage": ("count", 0), "seq_len": ("count", 1), "tokens": ("count", 0),
+    "micro_batch": ("count", 1), "world_size": ("count", 1), "skipped_steps": ("count", 0),
+    "total_tokens": ("count", 0), "num_stages": ("count", 1), "window": ("count", 1),
+    "elapsed_s": ("seconds", 0), "budget_time_s": ("seconds", 0), "checkpoint_block_s": ("seconds", 0),
+    "tokens_per_s": ("amount", 0), "data_wait_frac": ("amount", 0), "flops": ("amount", 0), "lr": ("amount", 0),
+    "loss": ("loss", 0), "grad_norm": ("loss", 0), "val_loss": ("loss", 0), "val_loss_final_len": ("loss", 0),
+    "bucket_lens": ("lengths", 1),
+}
+
+
+def _number_ok(v, kind: str, least: float) -> bool:
+    """Whether v is a value of the kind, at least `least` (and below the kind's bound)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if kind == "count":
+        return isinstance(v, int) and least <= v < MAX_COUNT
+    return math.isfinite(v) and least <= v <= (MAX_SECONDS if kind == "seconds" else MAX_AMOUNT)
+
+
+def check_report(rec) -> dict | None:
+    """rec (a parsed metrics.jsonl line) as a report, NaN losses as None; None if it is not one: REPORT_KEYS
+    missing, or a field of REPORT_FIELDS of the wrong type or out of range, or another field that is nested."""
+    if not isinstance(rec, dict) or any(k not in rec for k in REPORT_KEYS):
+        return None
+    out = {}
+    for key, v in rec.items():
+        kind, least = REPORT_FIELDS.get(key, ("scalar", 0))
+        if kind == "loss" and (v is None or isinstance(v, float) and math.isnan(v)):
+            v = None
+        elif kind == "lengths":
+            if not isinstance(v, list) or not all(_number_ok(x, "count", least) for x in v):
+                return None
+        elif kind == "scalar":
+            if v is not None and not isinstance(v, (str, int, float)):  # bool is an int
+                return None
+        elif not _number_ok(v, "amount" if kind == "loss" else kind, least):
+            return None
+        out[key] = v
+    return out
 
 
 def parse_metrics(raw: bytes) -> tuple[list[tuple[str, dict]], list[str]]:
     """The reports of a metrics.jsonl as (line, record) pairs, and its other non-empty lines: torn by a writer
-    that died mid-line, garbage, not UTF-8, or JSON that is not a report (REPORT_KEYS as numbers). The one rule
-    for every reader: the resume (which drops them), status, report and the trackers (which skip them)."""
+    that died mid-line, garbage, not UTF-8, nested too deep to parse, or JSON that is not a report (check_report:
+    every field a reader uses checked for type and range). The one rule for every reader: the resume (which drops
+    them), status and report (which skip them), each with a warning (warn_bad_lines)."""
     good, bad = [], []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
-            rec = json.loads(line)
-        except ValueError:  # JSONDecodeError, and numbers too large to read
+            rec = check_report(json.loads(line))
+        except (ValueError, RecursionError):  # JSONDecodeError, numbers too large to read, nesting too deep
             rec = None
-        if isinstance(rec, dict) and all(isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)
-                                         for k in REPORT_KEYS):
+        if rec is not None:
             good.append((line, rec))
         elif line.strip():
             bad.append(line)
     return good, bad
 
 
+WARN_LINES = 10  # bad lines named one by one; the rest are counted
+
+
+def warn_bad_lines(uri: str, bad: list[str], verb: str = "skipping", file=None) -> None:
+    """One line per bad line of a metrics.jsonl (the first WARN_LINES of them, then a count): the resume's
+    "dropping" on stdout, the other readers' "skipping" on stderr (stdout is the command's output)."""
+    file = file or (sys.stdout if verb == "dropping" else sys.stderr)
+    for line in bad[:WARN_LINES]:
+        print(f"gl-ray: {verb} a line of {uri} that is not a report (torn by a writer that died, or garbage): "
+              f"{line[:60]!r}", file=file, flush=True)
+    if len(bad) > WARN_LINES:
+        print(f"gl-ray: {verb} {len(bad) - WARN_LINES} more such lines of {uri}", file=file, flush=True)
+
+
 def read_metrics(run_uri: str) -> list[dict]:
-    """The reports of RUN/metrics.jsonl (none if it does not exist), bad lines skipped (see parse_metrics)."""
+    """The reports of RUN/metrics.jsonl (none if it does not exist), bad lines skipped with a warning on stderr
+    (see parse_metrics)."""
     uri = storage.join(run_uri, "metrics.jsonl")
-    return [m for _, m in parse_metrics(storage.read_bytes(uri))[0]] if storage.exists(uri) else []
+    if not storage.exists(uri):
+        return []
+    good, bad = parse_metrics(storage.read_bytes(uri))
+    warn_bad_lines(uri, bad)
+    return [m for _, m in good]
 
 
 STARTS = "starts.jsonl"
@@ -159,15 +224,21 @@ def parse_starts(raw: bytes) -> list[dict]:
     return [r for r in _records(raw) if "start" in r]
 
 
+START_COUNTS = {"start": ("resumed_step", "world_size", "distinct_nodes", "steps_redone"), "notice": ("step",)}
+
+
 def _records(raw: bytes) -> list[dict]:
-    """Start and notice records, in file order."""
+    """Start and notice records, in file order: a line whose counts (START_COUNTS, and notice_step) are not
+    non-negative ints, or that is torn or nested too deep to parse, is skipped."""
     out = []
     for line in raw.decode("utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(rec, dict) and (isinstance(rec.get("start"), int) or isinstance(rec.get("notice"), int)):
+        kind = next((k for k in START_COUNTS if isinstance(rec, dict) and k in rec), None)
+        counts = [kind, *START_COUNTS[kind], *(["notice_step"] if "notice_step" in rec else [])] if kind else []
+        if counts and all(_number_ok(rec.get(k), "count", 0) for k in counts):
             out.append(rec)
     return out
 

@@ -65,7 +65,7 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
             found = find_resume_checkpoint(run_uri, warn=lambda _: None)
             memo.clear()
             if found:
-                apply_skip(run_uri, found[1], plan.tokens_per_step)  # as the workers will: rewind --skip-steps
+                apply_skip(run_uri, found[1], plan)  # as the workers will: rewind --skip-steps
             memo[key] = (found[1].stage, found[1].stage_step) if found else (0, 0)
         return memo[key]
 

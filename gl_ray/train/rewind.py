@@ -9,23 +9,30 @@ that came right after it. Under the run's lock, before training:
 - with --skip-steps N, RUN/rewind.json says so: a worker that restores the checkpoint of STEP moves its data
   cursor N steps on (the same on every rank, and again after a restart before the next checkpoint), so those
   steps' rows are never trained on. Steps, tokens and the LR schedule go on as if they had been trained (as large
-  runs do), and summary.json counts them apart (`tokens_skipped`);
+  runs do), and summary.json counts them apart (`tokens_skipped`). The record is sealed with a digest as
+  state.json is (gl_ray.train.checkpoint.seal), and its skip is checked as --skip-steps is (`check_skip`) at
+  every start and where it is applied: a torn, hand-edited or out-of-range record is one line naming the file;
 - config_history.jsonl gets one line recording it.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
-
 from gl_ray import storage
 from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
-from gl_ray.train.checkpoint import TrainState, list_checkpoints, verify_checkpoint
+from gl_ray.train.checkpoint import (
+    TrainState,
+    checkpoint_name,
+    checkpoint_state,
+    list_checkpoints,
+    seal,
+    set_aside_folder,
+    unseal,
+    verify_checkpoint,
+)
 from gl_ray.train.identity import append_history
 
 REWIND_FILE = "rewind.json"
-SET_ASIDE = "rewound"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the run's checkpoints
 REWIND_HINT = ("resume from an earlier checkpoint of this run with the same command and --rewind-to STEP "
                "(--skip-steps N also skips the data of the N steps after it)")
@@ -41,8 +48,7 @@ def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> N
                         f"{have})")
     state = verify_checkpoint(found[step])
     check_skip(plan, state, skip_steps)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    aside = storage.join(run_uri, SET_ASIDE, f"{stamp}-after-step-{step}")
+    aside = set_aside_folder(run_uri, f"after-step-{step}")
     later = [s for s in sorted(found) if s > step]
     log = storage.join(run_uri, "metrics.jsonl")
     if storage.exists(log):  # a copy: the resume drops its lines after `step`
@@ -54,10 +60,9 @@ def rewind(run_uri: str, plan: Plan, step: int, skip_steps: int, say=print) -> N
     for name in ("final", "summary.json"):  # the rewound run's end: a rewind stopped before its own must not look done
         if storage.exists(storage.join(run_uri, name)):
             storage.move(storage.join(run_uri, name), storage.join(aside, name))
-    storage.write_bytes(storage.join(run_uri, REWIND_FILE), json.dumps({"step": step, "skip_steps": skip_steps})
-                        .encode())
+    storage.write_bytes(storage.join(run_uri, REWIND_FILE), seal({"step": step, "skip_steps": skip_steps}))
     append_history(run_uri, {"rewind": {"to_step": step, "skip_steps": skip_steps,
-                                        "set_aside": [f"checkpoint_step-{s:07d}" for s in later], "moved_to": aside}})
+                                        "set_aside": [checkpoint_name(s) for s in later], "moved_to": aside}})
     say(f"rewound to the checkpoint of step {step}" + (f", skipping the data of the {skip_steps} steps after it"
                                                        if skip_steps else "")
         + (f"; checkpoints {', '.join(str(s) for s in later)} moved to {aside}" if later else ""))
@@ -78,20 +83,56 @@ def check_skip(plan: Plan, state: TrainState, skip_steps: int) -> None:
                         f"step {state.step}); skip at most {left - 1}, so the stage's last step is trained")
 
 
-def apply_skip(run_uri: str, state: TrainState, tokens_per_step: int) -> bool:
-    """A worker's restored state: if it is the checkpoint a rewind with --skip-steps went back to, move its data
-    cursor on (in place); returns whether it did."""
+def read_rewind_record(run_uri: str) -> tuple[int, int] | None:
+    """(step, skip_steps) of RUN/rewind.json as --rewind-to wrote it; None if there is none. UserError naming it if
+    it is torn or was edited (its digest)."""
     uri = storage.join(run_uri, REWIND_FILE) if run_uri else ""
     if not uri or not storage.exists(uri):
-        return False
+        return None
+    found = unseal(storage.read_bytes(uri))
+    doc, intact = found or ({}, False)
+    if not intact or set(doc) != {"step", "skip_steps"} or any(type(v) is not int for v in doc.values()):
+        raise UserError(f"{uri!r} is not the rewind record --rewind-to wrote (torn, or edited: its digest does not "
+                        f"match); {_RECORD_FIX}")
+    return doc["step"], doc["skip_steps"]
+
+
+_RECORD_FIX = ("to change the skip, run the same command with --rewind-to STEP --skip-steps N (it rewrites the "
+               "file); to resume with no skip, remove the file")
+
+
+def _check_recorded_skip(run_uri: str, plan: Plan, state: TrainState, skip_steps: int) -> None:
+    """The recorded skip from the checkpoint `state`, checked as --skip-steps is (UserError naming the file)."""
     try:
-        doc = json.loads(storage.read_bytes(uri))
-        step, skip = int(doc["step"]), int(doc["skip_steps"])
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"{uri!r} is not a rewind record (written by --rewind-to); remove it") from None
-    if state.step != step or skip <= 0:
+        check_skip(plan, state, skip_steps)
+    except UserError as e:
+        raise UserError(f"{storage.join(run_uri, REWIND_FILE)!r} asks for a skip --rewind-to would refuse "
+                        f"({e}); {_RECORD_FIX}") from None
+
+
+def check_rewind_record(run_uri: str, plan: Plan) -> None:
+    """At a start without --rewind-to, before anything is written: RUN/rewind.json, if any, is as --rewind-to wrote
+    it and, if its checkpoint is still there, its skip one --skip-steps would accept from it (UserError otherwise)."""
+    found = read_rewind_record(run_uri)
+    folder = dict(list_checkpoints(run_uri)).get(found[0]) if found else None
+    if folder is None:  # no record, or its checkpoint is gone (pruned, set aside): the skip applies to nothing
+        return
+    try:
+        state = checkpoint_state(folder)
+    except UserError:
+        return  # a resume falls back past a checkpoint that does not verify, and never applies the skip
+    _check_recorded_skip(run_uri, plan, state, found[1])
+
+
+def apply_skip(run_uri: str, state: TrainState, plan: Plan) -> bool:
+    """A worker's restored state: if it is the checkpoint a rewind with --skip-steps went back to, move its data
+    cursor on (in place), the skip checked again as --skip-steps is; returns whether it did."""
+    found = read_rewind_record(run_uri)
+    if found is None or state.step != found[0] or not found[1]:
         return False
+    skip = found[1]
+    _check_recorded_skip(run_uri, plan, state, skip)
     state.step, state.stage_step = state.step + skip, state.stage_step + skip
-    state.tokens += skip * tokens_per_step
+    state.tokens += skip * plan.tokens_per_step
     state.skipped_batch_steps += skip
     return True
