@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-lowest lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,20 @@ demo: $(STAMP)
 test: $(STAMP)
 	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q --durations=15 tests
 
+# The core tests on the lowest torch and transformers that gl-ray supports (gl_ray/versions.py), in .venv-lowest.
+# torch's CPU build comes from PyTorch's index; transformers 5.0.0 wants huggingface-hub<2 and tokenizers<=0.23.0.
+CORE_TESTS := tests/test_versions.py tests/test_config.py tests/test_schedule.py tests/test_model.py \
+	tests/test_architectures.py tests/test_loss.py tests/test_attention.py tests/test_parallel.py \
+	tests/test_compiling.py tests/test_micro_batch.py tests/test_train_local.py
+test-lowest:
+	test -x .venv-lowest/bin/python || $(PY) -m venv .venv-lowest
+	.venv-lowest/bin/pip install --quiet --upgrade pip
+	.venv-lowest/bin/pip install --quiet torch==2.6.0 --index-url https://download.pytorch.org/whl/cpu
+	.venv-lowest/bin/pip install --quiet -e '.[dev]' transformers==5.0.0 'huggingface-hub<2' 'tokenizers<=0.23.0'
+	GL_RAY_LOWEST_BOUNDS=1 RAY_DATA_DISABLE_PROGRESS_BARS=1 .venv-lowest/bin/python -m pytest -q $(CORE_TESTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check gl_ray pipelines tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs data/stdlib
+	rm -rf $(VENV) .venv-lowest runs data/stdlib

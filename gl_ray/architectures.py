@@ -117,6 +117,7 @@ def _shape_of_json(config_json: str) -> ModelShape:
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
     with torch.device("meta"):  # no memory, no init: only the parameter shapes
         model = AutoModelForCausalLM.from_config(cfg)
+    model.tie_weights()  # transformers 5.0 leaves a meta-device copy untied (later versions tie in from_config)
     blocks = getattr(model, model.base_model_prefix).layers
     linear = sum(m.weight.numel() for m in blocks.modules() if isinstance(m, torch.nn.Linear))
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads

@@ -21,6 +21,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from gl_ray.errors import UserError
+from gl_ray.shipped import find_shipped
 from gl_ray.sizes import parse_size
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
@@ -458,10 +459,11 @@ def read_yaml(path: str | Path, what: str) -> Any:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """YAML file (optional), then overrides, then validation. Raises UserError on any problem."""
+    """YAML file (optional; a path or a shipped config's name), then overrides, then validation. Raises UserError
+    on any problem."""
     raw: dict = {}
     if path is not None:
-        raw = read_yaml(path, f"config file {str(path)!r}") or {}
+        raw = read_yaml(find_shipped(path, "configs"), f"config file {str(path)!r}") or {}
     cfg = config_from_dict(apply_overrides(raw, overrides or []))
     return cfg.validate() if validate else cfg
 

@@ -8,20 +8,27 @@ that ASHA can compare trials at any report.
 A search space is a YAML file (see tune_spaces/):
 
     name: tune-ladders                 # TUNE_DIR = {ray.storage_path}/{name}; trials in TUNE_DIR/trials/
-    base_config: pipelines/configs/tiny-growlength.yaml
+    base_config: tiny-growlength       # a shipped config by name, or a path (relative to here or the space)
     overrides: ["train.log_every_steps=4"]       # fixed --set for every trial
     budget: {tokens: 1048576}          # or {time_s: 120}: the same per-trial budget
     evals: 4                           # validation passes per trial (ASHA rungs should fall on them)
     search: random                     # random | grid | optuna
     num_samples: 8                     # samples (grid: repeats of the grid)
     max_concurrent_trials: 0           # 0: as many as the cluster's CPUs/GPUs fit
-    scheduler: {type: asha, grace_fraction: 0.25, reduction_factor: 2}   # or {type: fifo}
+    scheduler: {type: asha, grace_fraction: 0.25, reduction_factor: 2}   # or {type: fifo}; see below
     params:
       ladder: {choice: ["64-128-256-512", "128-256-512", "64-512"]}      # -> schedule.lengths
       first_ratio: {uniform: [0.1, 0.7]}     # share of stage 0, the rest split equally
       ratios: {choice: ["1-1-1-1", "4-3-2-1"]}  # weights per stage, normalised to sum 1
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
       schedule.tokens_per_step: {choice: [4096, 8192]}
+
+ASHA compares trials only after every one of them has reached its final length. Its first rung is the later of
+grace_fraction of the budget and the first evaluation after the last trial's final-stage start (each categorical
+combination and both ends of first_ratio's range are planned before any trial runs: `fair_grace_period`). Before
+that point a ladder that starts short has a final-length loss from a model trained only short, and would be
+stopped against fixed-long trials that it beats at the end. When no rung is left before the budget's end, ASHA
+stops nothing and says so; more `evals` put a rung closer after the last switch.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from pathlib import Path
 from gl_ray import storage
 from gl_ray.config import all_keys, dump_config, load_config, read_yaml, unknown_key
 from gl_ray.errors import UserError, find_user_error
+from gl_ray.shipped import find_shipped, shipped_names
 from gl_ray.train.preflight import preflight
 
 SPECIAL = ("ladder", "first_ratio", "ratios")
@@ -55,6 +63,9 @@ class Space:
     num_samples: int = 4
     max_concurrent_trials: int = 0
     scheduler: dict = field(default_factory=lambda: {"type": "asha"})
+    # The latest point (tokens, or seconds under a time budget) by which every trial of the space has evaluated
+    # after starting its final-length stage: ASHA's first rung is never earlier (see fair_grace_period)
+    last_switch: float = 0.0
 
 
 def parse_ladder(text: str) -> list[int]:
@@ -78,7 +89,9 @@ def parse_weights(text: str, stages: int) -> list[float]:
 
 
 def load_space(path: str, extra_overrides: list[str] | None = None, num_samples: int | None = None) -> Space:
-    """Read and fully validate a space: every categorical combination is planned before any trial starts."""
+    """Read and fully validate a space (a path or a shipped space's name): every categorical combination is
+    planned before any trial starts."""
+    path = str(find_shipped(path, "tune_spaces"))
     raw = read_yaml(path, f"search space {path!r}") or {}
     known = {"name", "base_config", "params", "overrides", "budget", "evals", "search", "num_samples",
              "max_concurrent_trials", "scheduler"}
@@ -124,13 +137,17 @@ def load_space(path: str, extra_overrides: list[str] | None = None, num_samples:
 
 def _find_config(base: str, space_path: str) -> str:
     """The base config as an absolute path (trials run in other working directories): relative to the
-    current directory, else to the space file's folder or its parent."""
+    current directory, else to the space file's folder or its parent, else a shipped config's name."""
     if not base:
         raise UserError(f"search space {space_path!r} names no base_config")
     for root in (Path.cwd(), Path(space_path).resolve().parent, Path(space_path).resolve().parent.parent):
         if (root / base).is_file():
             return str((root / base).resolve())
-    raise UserError(f"search space {space_path!r}: base_config {base!r} not found")
+    try:
+        return str(find_shipped(base, "configs").resolve())
+    except UserError:
+        raise UserError(f"search space {space_path!r}: base_config {base!r} not found (a path, or a shipped "
+                        f"config's name: {', '.join(shipped_names('configs'))})") from None
 
 
 def _representatives(name: str, dist: dict) -> list:
@@ -143,16 +160,43 @@ def _representatives(name: str, dist: dict) -> list:
 
 
 def _validate_combinations(space: Space) -> None:
+    """Plan every categorical combination (and both ends of first_ratio's range); record the latest final-length
+    switch among them in space.last_switch."""
     combos = list(itertools.product(*[_representatives(n, d) for n, d in space.params.items()]))
     if len(combos) > 2000:
         combos = combos[:2000]
+    space.last_switch = 0.0
     for values in combos:
         overrides = trial_overrides(space, dict(zip(space.params, values)))
         try:
-            preflight(load_config(space.base_config, overrides))
+            cfg = load_config(space.base_config, overrides)
+            plan = preflight(cfg)
         except UserError as e:
             shown = ", ".join(f"{k}={v}" for k, v in zip(space.params, values))
             raise UserError(f"search space {space.name!r}: trial ({shown}) is invalid: {e}") from None
+        space.last_switch = max(space.last_switch, final_length_evaluated_at(plan, space, cfg.train.eval_every_tokens))
+
+
+def final_length_evaluated_at(plan, space: Space, eval_every_tokens: int) -> float:
+    """When a trial of `plan` first reports a validation loss measured after training at its final length: in
+    tokens, the first eval (a multiple of eval_every_tokens, or the end) past its last stage's start; under a time
+    budget, the last stage's start plus one eval interval (budget / evals)."""
+    last = plan.stages[-1]
+    if space.budget_time_s:
+        started_s = sum(st.time_s for st in plan.stages[:-1])
+        return min(space.budget_time_s, started_s + space.budget_time_s / max(1, space.evals))
+    end = last.start_token + last.tokens
+    if not eval_every_tokens:
+        return float(end)
+    return float(min(end, (last.start_token // eval_every_tokens + 1) * eval_every_tokens))
+
+
+def fair_grace_period(space: Space) -> float:
+    """ASHA's first rung: the space's grace_fraction of the budget, but never before every trial has evaluated at
+    its final length (space.last_switch). Earlier, a ladder that starts short would be judged on a model that has
+    trained only short, against fixed-long trials: the search would be biased against GrowLength."""
+    max_t = space.budget_time_s or space.budget_tokens
+    return max(1.0, float(space.scheduler.get("grace_fraction", 0.25)) * max_t, space.last_switch)
 
 
 def trial_overrides(space: Space, params: dict, name: str | None = None) -> list[str]:
@@ -263,8 +307,11 @@ def _tune_config(space: Space, concurrent: int):
     if space.scheduler.get("type") == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t,
-                                  grace_period=max(1, float(space.scheduler.get("grace_fraction", 0.25)) * max_t),
+        grace = fair_grace_period(space)
+        if grace >= max_t:
+            print(f"[tune] ASHA has no rung after every trial reached its final length ({space.last_switch:g} of "
+                  f"{max_t:g} {time_attr}): no trial is stopped early", flush=True)
+        scheduler = ASHAScheduler(time_attr=time_attr, max_t=max_t, grace_period=min(grace, max_t),
                                   reduction_factor=float(space.scheduler.get("reduction_factor", 2)))
     else:
         from ray.tune.schedulers import FIFOScheduler

@@ -89,7 +89,6 @@ def test_optuna_search_with_asha(tiny_data, ray_local, tmp_path):
     space.update(name="tune-optuna", search="optuna", num_samples=2, params={"first_ratio": {"uniform": [0.2, 0.8]}},
                  scheduler={"type": "asha", "grace_fraction": 0.5, "reduction_factor": 2})
     space["overrides"] = [*space["overrides"], "schedule.lengths=[32,64]"]
-    space["base_config"] = str(REPO / space["base_config"])
     path = tmp_path / "optuna.yaml"
     path.write_text(yaml.safe_dump(space))
     res = run_tune(None, str(path), [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
@@ -130,3 +129,63 @@ def test_the_schedules_space_compares_shapes_and_modes_at_one_budget(tmp_path):
     assert [s.seq_len for s in plans["geometric", "reshape"].stages] == [64, 512]
     assert [(s.seq_len, s.window) for s in plans["geometric", "window"].stages] == [(512, 64), (512, 0)]
     assert sum(s.steps for s in plans["linear", "window"].stages[:-1]) == 20  # half of 40 steps before 512
+
+
+def _asha_decisions(scheduler, reports: dict[str, list[tuple[int, float]]]) -> dict[str, str]:
+    """Feed (tokens, objective) reports to an ASHA scheduler, trial by trial, as Tune would: STOP if it stopped the
+    trial before the end of the budget (at the end, ASHA stops every trial: it is done), else CONTINUE."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler.set_search_properties("objective", "min")
+    out = {}
+    for trial_id, points in reports.items():
+        trial = SimpleNamespace(trial_id=trial_id)
+        scheduler.on_trial_add(None, trial)
+        out[trial_id] = TrialScheduler.CONTINUE
+        for tokens, objective in points:
+            decision = scheduler.on_trial_result(None, trial, {"tokens": tokens, "objective": objective})
+            if decision == TrialScheduler.STOP and tokens < scheduler._max_t:
+                out[trial_id] = TrialScheduler.STOP
+                break
+    return out
+
+
+def test_asha_never_judges_a_ladder_before_its_final_length():
+    """The shipped ladders space: a fixed-512 trial is good early, the 64-128-256-512 ladder's final-length loss
+    is poor until it trains at 512 (from 3/4 of the budget) and best at the end. Ray's ASHA with the space's own
+    grace_fraction (a rung at 1/4) stops the ladder; gl-ray's scheduler puts the first rung after every ladder's
+    switch to 512 and keeps it."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    from gl_ray.tune import _tune_config, fair_grace_period
+
+    space = load_space("ladders")  # by name: a shipped space
+    budget = space.budget_tokens
+    every = budget // space.evals
+    assert space.last_switch == 7 * every  # 64-128-256-512 reaches 512 at 3/4; its next eval is at 7/8
+    assert fair_grace_period(space) == space.last_switch
+    fixed = [(k * every, 6.0 - 0.2 * k) for k in range(1, space.evals + 1)]  # 5.8 ... 4.4
+    ladder = [(k * every, 9.0) for k in range(1, 7)] + [(7 * every, 4.6), (8 * every, 4.2)]
+    reports = {"fixed-512": fixed, "ladder": ladder}
+    naive = ASHAScheduler(time_attr="tokens", max_t=budget, grace_period=0.25 * budget, reduction_factor=2)
+    assert _asha_decisions(naive, reports)["ladder"] == "STOP"  # judged while it had trained only short
+    fair = _tune_config(space, concurrent=1).scheduler
+    assert isinstance(fair, ASHAScheduler)
+    assert _asha_decisions(fair, reports) == {"fixed-512": "CONTINUE", "ladder": "CONTINUE"}
+
+
+def test_asha_without_a_fair_rung_stops_nothing(tmp_path, capsys):
+    """A first_ratio up to 0.7 starts the last of four stages at 90% of the budget: with 4 evals, no rung is left
+    before the end, so ASHA stops no trial and the search says so."""
+    from gl_ray.tune import _tune_config
+
+    space = load_space(_space(tmp_path, "  first_ratio: {uniform: [0.1, 0.7]}\n",
+                              "evals: 4\nscheduler: {type: asha, grace_fraction: 0.25}\n"))
+    assert space.last_switch == space.budget_tokens
+    scheduler = _tune_config(space, concurrent=1).scheduler
+    assert "no trial is stopped early" in capsys.readouterr().out
+    every = space.budget_tokens // 4
+    reports = {"good": [(k * every, 5.0) for k in range(1, 5)], "late": [(k * every, 9.0) for k in range(1, 4)]}
+    assert _asha_decisions(scheduler, reports) == {"good": "CONTINUE", "late": "CONTINUE"}
