@@ -72,6 +72,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
         doc["buckets"] = accounting(draws, cfg.data)
         text += "\n" + format_buckets(draws, cfg.data, plan.time_mode)
+    if cfg.data.sources:  # reads each source's manifest (its corpus size: when it starts another epoch)
+        from gl_ray.data.mixture import plan_mixture
+
+        mixture_doc, mixture_text = plan_mixture(cfg.data, plan)
+        doc, text = doc | mixture_doc, text + "\n" + mixture_text
     print(json.dumps(doc, indent=2) if args.json else text)
     return 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,11 +53,21 @@ def _f(default: Any, doc: str) -> Any:
 
 
 @dataclass
+class SourceConfig:
+    path: str = _f("", "a prepared dataset folder or s3:// URI (see `gl-ray prepare`), tokenized as data.path")
+    weight: float = _f(1.0, "its share of the training tokens, relative to the other sources' (>= 0)")
+
+
+@dataclass
 class DataConfig:
-    path: str = _f("data/stdlib", "prepared dataset folder or s3:// URI holding manifest.json (see `gl-ray prepare`)")
+    path: str = _f("data/stdlib", "prepared dataset folder or s3:// URI holding manifest.json (see `gl-ray prepare`); "
+                                  "with data.sources: the validation set and tokenizer, one of the sources or "
+                                  "empty (the first source)")
     seed: int = _f(0, "seed for the document order of each epoch (0: epoch 0 in manifest order, later epochs shuffled)")
     eval_tokens: int = _f(32768, "validation tokens per evaluation and per length (rounded down to whole rows)")
     prefetch_batches: int = _f(4, "optimizer steps' rows (per worker) Ray Data prefetches ahead of the training loop")
+    head_steps: int = _f(8, "optimizer steps after each (re)start that every worker reads itself (the same rows) "
+                            "while the stage's Ray Data pipeline starts up; 0: all from Ray Data")
     document_masking: bool = _f(False, "attention stays within each document of a packed row (documents end with "
                                        "EOS), positions restart per document; also in validation")
     packing: Packing = _f("concat", "concat: documents packed end to end into rows of the stage length | decompose: "
@@ -68,6 +79,11 @@ class DataConfig:
                                           "(data.cycles cycles, short chunks first in each) | odds (data.bucket_odds)")
     bucket_odds: dict[int, float] = _f({}, "decompose with curriculum odds: each bucket length's odds, summing to 1")
     cycles: int = _f(8, "decompose with curriculum grow_p2: cycles over the buckets (the paper's epochs)")
+    sources: list[SourceConfig] = _f([], "a training mixture: [{path, weight}, ...], datasets of one tokenizer, "
+                                         "each drawn by its weight in tokens (empty: data.path alone; "
+                                         "gl_ray/data/mixture.py)")
+    stage_weights: list[list[float]] = _f([], "with data.sources: one list of weights per stage, one per source, "
+                                              "instead of the sources' own weights (e.g. more long documents late)")
 
 
 @dataclass
@@ -204,6 +220,7 @@ class Config:
         self.check_values()
         self.check_cluster()
         self.check_data_and_schedule()
+        self.check_sources()
         return self
 
     def check_values(self) -> None:
@@ -223,7 +240,7 @@ class Config:
         for key in ("optim.lr", "optim.min_lr", "optim.warmup_tokens", "optim.weight_decay", "optim.grad_clip",
                     "train.eval_every_tokens", "train.checkpoint_every_tokens", "train.max_skipped_steps",
                     "ray.num_workers", "ray.min_workers", "ray.max_failures", "ray.local_num_cpus",
-                    "ray.resize_check_s", "data.prefetch_batches", "data.seed"):
+                    "ray.resize_check_s", "data.prefetch_batches", "data.head_steps", "data.seed"):
             if self.get(key) < 0:
                 raise UserError(f"{key} must be >= 0, got {self.get(key)}")
         if self.train.spike_factor and self.train.spike_factor <= 1 or self.train.spike_factor < 0:
@@ -276,6 +293,34 @@ class Config:
             if self.model.attention == "flash_attention_2":
                 raise UserError("schedule.mode=window needs model.attention sdpa or flex (the window is a mask)")
 
+    def check_sources(self) -> None:
+        """data.sources and data.stage_weights as values (their count against the stages: gl_ray.data.mixture); an
+        empty data.path becomes the first source."""
+        d = self.data
+        if not d.sources:
+            if d.stage_weights:
+                raise UserError("data.stage_weights weighs data.sources; set data.sources (or drop stage_weights)")
+            return
+        if d.packing == "decompose":
+            raise UserError("data.sources mixes packed rows; data.packing=decompose is not supported with it "
+                            "(use data.packing=concat)")
+        if any(not s.path for s in d.sources):
+            raise UserError(f"data.sources[{[bool(s.path) for s in d.sources].index(False)}] has no path")
+        check_weights("data.sources weights", [s.weight for s in d.sources])
+        for k, row in enumerate(d.stage_weights):
+            if len(row) != len(d.sources):
+                raise UserError(f"data.stage_weights[{k}] has {len(row)} weights for {len(d.sources)} sources: give "
+                                "one weight per source")
+            check_weights(f"data.stage_weights[{k}]", row)
+        def same(p: str) -> str:  # as gl_ray.storage.absolute, without importing pyarrow into the schema
+            return p if p.startswith("s3://") else os.path.abspath(os.path.expanduser(p))
+
+        if not d.path:
+            d.path = d.sources[0].path
+        elif same(d.path) not in [same(s.path) for s in d.sources]:
+            raise UserError(f"data.path {d.path!r} is not one of data.sources: with sources it is the validation set "
+                            "and tokenizer; set it to one of them, or to '' (the first source)")
+
     def get(self, dotted: str) -> Any:
         obj: Any = self
         for part in dotted.split("."):
@@ -284,6 +329,12 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_weights(what: str, weights: list[float]) -> None:
+    """Mixture weights: each >= 0 and finite, not all 0; UserError naming `what` otherwise."""
+    if any(not (w >= 0 and math.isfinite(w)) for w in weights) or not sum(weights) > 0:
+        raise UserError(f"{what} must be >= 0 and not all 0, got {weights}")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "schedule": ScheduleConfig, "optim": OptimConfig,
@@ -305,6 +356,17 @@ def unknown_key(key: str, valid: list[str]) -> UserError:
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Check a YAML value against the field type (ints are accepted for floats); returns the value to set."""
+    if dataclasses.is_dataclass(typ):  # a mapping of its fields (data.sources' items), missing ones at their default
+        if isinstance(value, typ):
+            return value
+        if not isinstance(value, dict):
+            names = ", ".join(f.name for f in dataclasses.fields(typ))
+            raise UserError(f"config key {key!r} expects a mapping of {names}, got {value!r}")
+        hints = get_type_hints(typ)
+        unknown = [k for k in value if k not in hints]
+        if unknown:
+            raise unknown_key(f"{key}.{unknown[0]}", [f"{key}.{k}" for k in hints])
+        return typ(**{k: _coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
     if get_origin(typ) in (Union, types.UnionType):  # the first member type the value fits
         for member in get_args(typ):
             try:

@@ -140,12 +140,13 @@ class RowLayout:
     rank: int
     start_step: int  # stage-local optimizer step the first local row belongs to
     stage_steps: int  # optimizer steps of the whole stage
+    stage: int = 0  # the stage's index (a mixture's weights and cursors are per stage: gl_ray.data.mixture)
 
     @classmethod
     def of(cls, stage: Stage, rank: int, start_step: int) -> RowLayout:
         return cls(stage_start_token=stage.start_token, seq_len=stage.seq_len,
                    sequences_per_step=stage.sequences_per_step, rows_per_rank_step=stage.rows_per_rank_step,
-                   rank=rank, start_step=start_step, stage_steps=stage.steps)
+                   rank=rank, start_step=start_step, stage_steps=stage.steps, stage=stage.index)
 
     @property
     def num_rows(self) -> int:
@@ -156,8 +157,11 @@ class RowLayout:
         """Stage-local optimizer step of each local row."""
         return self.start_step + local_rows // self.rows_per_rank_step
 
+    def global_rows(self, local_rows: np.ndarray) -> np.ndarray:
+        """Stage row (0-based, all workers, in step order) of each local row: the same whatever the world size."""
+        within = local_rows % self.rows_per_rank_step
+        return self.steps(local_rows) * self.sequences_per_step + self.rank * self.rows_per_rank_step + within
+
     def token_starts(self, local_rows: np.ndarray) -> np.ndarray:
         """Stream offset of the first token of each local row."""
-        within = local_rows % self.rows_per_rank_step
-        global_seq = self.steps(local_rows) * self.sequences_per_step + self.rank * self.rows_per_rank_step + within
-        return self.stage_start_token + global_seq * self.seq_len
+        return self.stage_start_token + self.global_rows(local_rows) * self.seq_len

@@ -4,14 +4,15 @@
     # rows in layout order: {"input_ids": int32 [n, seq_len], "step": int64 [n]}
 
 `ray.data.range(num_rows)` numbers the worker's rows; `fetch_rows` (a pure batch function) maps row numbers to
-packed rows of the token stream and tags each row with its stage-local optimizer step, so a worker can check
-that its data starts where its checkpoint left off.
+packed rows of the token stream (or of data.sources' mixture: gl_ray.data.mixture) and tags each row with its
+stage-local optimizer step, so a worker can check that its data starts where its checkpoint left off.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from gl_ray.data.mixture import Mixture, mixture_rows
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.stream import get_stream
 
@@ -21,23 +22,27 @@ def dataset_name(stage: int, rank: int, world_size: int) -> str:
     return f"stage{stage}_rank{rank}_of{world_size}"
 
 
-def fetch_rows(batch: dict[str, np.ndarray], root: str, seed: int, layout: RowLayout) -> dict[str, np.ndarray]:
+def fetch_rows(batch: dict[str, np.ndarray], root: str, seed: int, layout: RowLayout,
+               mixture: Mixture | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch function: local row numbers ("id") in; packed rows ("input_ids": int32 [n, seq_len]) and
-    their stage-local optimizer steps ("step": int64 [n]) out."""
+    their stage-local optimizer steps ("step": int64 [n]) out. mixture: data.sources' rows
+    (`mixture.mixture_rows`, the mapping `mixture.mixture_steps` uses too) instead of root's."""
     rows = np.asarray(batch["id"], dtype=np.int64)
+    if mixture is not None:
+        return {"input_ids": mixture_rows(mixture, layout, rows), "step": layout.steps(rows)}
     return {"input_ids": get_stream(root, "train", seed).rows(layout.token_starts(rows), layout.seq_len),
             "step": layout.steps(rows)}
 
 
-def stage_dataset(root: str, seed: int, layout: RowLayout):
-    """The lazy Ray Dataset of one worker's rows of a stage, from layout.start_step on."""
+def stage_dataset(root: str, seed: int, layout: RowLayout, mixture: Mixture | None = None):
+    """The lazy Ray Dataset of one worker's rows of a stage, from layout.start_step on (mixture: see fetch_rows)."""
     import ray
 
     per_step = layout.rows_per_rank_step
     blocks = max(1, min(64, layout.num_rows // max(1, per_step * 4)))
     return ray.data.range(layout.num_rows, override_num_blocks=blocks).map_batches(
         fetch_rows, batch_size=per_step, batch_format="numpy",
-        fn_kwargs={"root": root, "seed": seed, "layout": layout})
+        fn_kwargs={"root": root, "seed": seed, "layout": layout, "mixture": mixture})
 
 
 def fetch_steps(batch: dict[str, np.ndarray], data, plan, rank: int, world_size: int) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import json
 from gl_ray import storage
 from gl_ray.config import Config
 from gl_ray.data.decompose import accounting, draws_for, format_buckets
+from gl_ray.data.mixture import check_sources, mixture_for, plan_mixture
 from gl_ray.data.stream import check_document_ends, get_stream, stage_accounting
 from gl_ray.errors import UserError
 from gl_ray.architectures import ModelSpec, model_line
@@ -60,6 +61,8 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
 
         check_address(address or cfg.ray.address or None)  # a cluster that is not there: one line, now
     cfg.data.path = storage.absolute(cfg.data.path)
+    if cfg.data.sources:  # each a dataset of data.path's tokenizer (paths made absolute)
+        check_sources(cfg.data)
     train_stream = get_stream(cfg.data.path, "train", cfg.data.seed)  # checks manifest and every shard
     val = get_stream(cfg.data.path, "val")
     if cfg.data.document_masking:
@@ -67,6 +70,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
         check_document_ends(val)
     plans = plans_by_world(cfg, cap_tokens=train_stream.tokens)  # one, but for an elastic run
     plan = plans[cfg.ray.num_workers]
+    mixture_for(cfg.data, plan)  # data.stage_weights: one row per stage, checked before anything is written
     if cfg.data.packing == "decompose":  # every step's bucket, checked before anything is written
         draws = draws_for(cfg.data, plan)
         for w in plans:
@@ -116,7 +120,8 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec
         say(f"resuming with {key} changed: {old!r} -> {new!r} (recorded in config_history.jsonl)")
     record_model(run_uri, spec)
     attention, attention_line = attention_plan(cfg, plan)
-    plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)}
+    mixture_doc, mixture_text = plan_mixture(cfg.data, plan)  # data.sources: the mix per stage, epochs per source
+    plan_doc = json.dumps(plan.to_json() | {"data": stage_accounting(plan, train_stream.tokens)} | mixture_doc
                           | decompose_accounting(cfg, plan) | {"attention": attention, "model": spec.summary()},
                           indent=1)
     storage.write_bytes(storage.join(run_uri, "plan.json"), plan_doc.encode())
@@ -126,6 +131,8 @@ def _train(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec
         say(attention_line)
     if cfg.data.packing == "decompose":
         say(format_buckets(draws_for(cfg.data, plan), cfg.data, plan.time_mode))
+    if mixture_text:
+        say(mixture_text)
     say(f"run folder: {run_uri}")
     preempt.clear(run_uri)
     _fit(cfg, plans, run_uri, train_stream, spec, address=address, callbacks=callbacks, quiet=quiet, verbose=verbose)
@@ -151,7 +158,8 @@ def _fit(cfg: Config, plans: dict, run_uri: str, train_stream, spec: ModelSpec, 
             draws = draws_for(cfg.data, plans[0]) \
                 if cfg.data.packing == "decompose" else None
             run_worker(cfg, plans[0], run_uri, LocalIO(train_stream, run_uri, cfg.train.keep_checkpoints,
-                                                     async_write=cfg.train.async_checkpoint, draws=draws),
+                                                     async_write=cfg.train.async_checkpoint, draws=draws,
+                                                     mixture=mixture_for(cfg.data, plans[0])),
                        print_progress=not quiet, spec=spec)
         finally:
             preempt.restore(previous)

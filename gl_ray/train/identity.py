@@ -8,7 +8,7 @@
 
 A resume may change what does not alter the data, the model or the step sequence: optim.* (the LR and the rest),
 train.* (intervals, micro batch, loggers, precision, compile), ray.* sizes (workers, CPUs, GPUs: each step's rows
-are the same whoever reads them), data.path (a copy of the same dataset), data.prefetch_batches,
+are the same whoever reads them), data.path (a copy of the same dataset), data.prefetch_batches, data.head_steps,
 data.eval_tokens, model.attention (the kernel) and model.max_position_embeddings (RoPE has no table).
 """
 
@@ -32,12 +32,15 @@ GLOBAL_STAGE_KEYS = ("seq_len", "sequences_per_step", "steps", "tokens")  # what
 FINGERPRINT_KEYS = ("model.preset", "model.config", "model.rope_theta", "model.init_std", "model.position_mode",
                     "schedule.rope_theta",
                     "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step",
-                    "data.packing", "data.min_chunk", "data.curriculum", "data.bucket_odds", "data.cycles")
+                    "data.packing", "data.min_chunk", "data.curriculum", "data.bucket_odds", "data.cycles",
+                    "data.stage_weights")
 
 
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
     fp["data.bucket_odds"] = {str(k): v for k, v in sorted(cfg.data.bucket_odds.items())}  # as JSON reads it back
+    if cfg.data.sources:  # the mix (the sources' paths may move, as data.path's may)
+        fp["data.sources (weights)"] = [s.weight for s in cfg.data.sources]
     fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
     fp["stages"] = stage_keys(plan.to_json()["stages"])
     return fp

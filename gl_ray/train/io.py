@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gl_ray import storage
+from gl_ray.data.mixture import Mixture, mixture_steps
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.stream import TokenStream, decomposed_steps, stage_steps
 from gl_ray.schedule import Stage
@@ -102,14 +103,27 @@ class WorkerIO:
         return socket.gethostname()
 
 
+def local_steps(train: TokenStream, stage: Stage, start_step: int, *, rank: int = 0, world_size: int = 1,
+                draws=None, mixture: Mixture | None = None) -> Iterator[np.ndarray]:
+    """A worker's rows of `stage` from stage step start_step, a step at a time, read in this process: the Ray-free
+    twin of the stage's Ray Data pipeline for data.packing=decompose (draws), data.sources (mixture) or packed
+    rows of `train`. LocalIO reads a whole run through it, a Ray worker the first steps after a (re)start."""
+    if draws is not None:
+        return decomposed_steps(train, draws, stage, start_step, rank, world_size)
+    layout = RowLayout.of(stage, rank=rank, start_step=start_step)
+    return mixture_steps(mixture, layout) if mixture is not None else stage_steps(train, layout)
+
+
 class LocalIO(WorkerIO):
     """One process, no Ray: batches straight from the token stream, checkpoints written to
     RUN/checkpoint_step-NNNNNNN/ (in a background thread with async_write) and pruned to `keep_checkpoints`."""
 
     def __init__(self, train: TokenStream, run_uri: str, keep_checkpoints: int, async_write: bool = False,
-                 draws=None):
-        """draws: data.packing=decompose's StepDraws (gl_ray.data.decompose); None: packed rows."""
+                 draws=None, mixture: Mixture | None = None):
+        """draws: data.packing=decompose's StepDraws (gl_ray.data.decompose); mixture: data.sources' (then `train`
+        is not read); neither: packed rows of `train`."""
         self.train, self.run_uri, self.keep_checkpoints, self.draws = train, run_uri, keep_checkpoints, draws
+        self.mixture = mixture
         self.stop_watch = StopWatch(run_uri)
         self.writer = BackgroundWriter() if async_write else None
 
@@ -117,9 +131,7 @@ class LocalIO(WorkerIO):
         return self.stop_watch.requested()
 
     def batches(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
-        if self.draws is not None:
-            return decomposed_steps(self.train, self.draws, stage, start_step)
-        return stage_steps(self.train, RowLayout.of(stage, rank=0, start_step=start_step))
+        return local_steps(self.train, stage, start_step, draws=self.draws, mixture=self.mixture)
 
     def snapshot(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: TrainState) -> Pending:
         return Pending(checkpoint_name(state.step), copy=host_copy(model, optimizer, state))

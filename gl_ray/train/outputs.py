@@ -8,6 +8,7 @@
                     data_wait_frac, micro_batch (sequences per forward pass), elapsed_s, flops (cumulative
                     training FLOPs, all workers, PaLM's accounting), world_size (workers that trained the window)
                     (+ bucket_lens with data.packing=decompose: each step's bucket length)
+                    (+ source_tokens with data.sources: {source name: tokens trained from it so far})
                     (+ val_loss, val_loss_final_len when evaluated); each step once, even across resumes
     .gl-ray.shared  a local run folder's token from the Ray driver, read back by every worker (gl_ray.train.ray_train)
     starts.jsonl    one line per start of the workers, the first and every restart: start, time, resumed_step,
@@ -18,6 +19,7 @@
     summary.json    tokens, steps, wall_s, flops, final_val_loss, final_val_loss_final_len,
                     stages: [{seq_len, tokens, steps, wall_s, tokens_per_s, flops, loss, micro_batch}]
                     (+ buckets with data.packing=decompose: trained_tokens per bucket, left_out_tokens/chunks)
+                    (+ source_tokens with data.sources: {name: tokens}, in total and in each stage)
     final/          Hugging Face folder: config.json, model.safetensors, tokenizer files
     trackers.json   with train.loggers: tracker run ids and the last step logged (gl_ray.train.tracking), beside
                     tensorboard/, mlflow.db + mlartifacts/ (MLflow's default local store) and wandb/
@@ -36,6 +38,7 @@ from pathlib import Path
 import torch
 
 from gl_ray import storage
+from gl_ray.data.mixture import mixture_for
 from gl_ray.plots import plot_curves
 from gl_ray.schedule import Plan
 from gl_ray.train.checkpoint import TrainState
@@ -81,8 +84,8 @@ MAX_SECONDS = 1e10  # time fields (~300 years): above, datetime.timedelta overfl
 MAX_AMOUNT = 1e30  # other numbers (FLOPs, rates, losses): squares and sums of them stay finite in report's tests
 # Each field a reader uses (status, report, the resume, the summary, plots): its kind and least value. "count": an
 # int; "amount": a finite number; "loss": a finite number or null (NaN read as null: a window of skipped steps has
-# no loss, gl_ray.train.loop.Meter.read); "lengths": a list of ints. A field may be missing (runs written before
-# it existed); any other field must be a JSON scalar (nothing nested).
+# no loss, gl_ray.train.loop.Meter.read); "lengths": a list of ints; "counts": a mapping of names to ints. A field
+# may be missing (runs written before it existed); any other field must be a JSON scalar (nothing nested).
 REPORT_FIELDS = {
     "step": ("count", 0), "stage": ("count", 0), "seq_len": ("count", 1), "tokens": ("count", 0),
     "micro_batch": ("count", 1), "world_size": ("count", 1), "skipped_steps": ("count", 0),
@@ -90,7 +93,7 @@ REPORT_FIELDS = {
     "elapsed_s": ("seconds", 0), "budget_time_s": ("seconds", 0), "checkpoint_block_s": ("seconds", 0),
     "tokens_per_s": ("amount", 0), "data_wait_frac": ("amount", 0), "flops": ("amount", 0), "lr": ("amount", 0),
     "loss": ("loss", 0), "grad_norm": ("loss", 0), "val_loss": ("loss", 0), "val_loss_final_len": ("loss", 0),
-    "bucket_lens": ("lengths", 1),
+    "bucket_lens": ("lengths", 1), "source_tokens": ("counts", 0),
 }
 
 
@@ -115,6 +118,10 @@ def check_report(rec) -> dict | None:
             v = None
         elif kind == "lengths":
             if not isinstance(v, list) or not all(_number_ok(x, "count", least) for x in v):
+                return None
+        elif kind == "counts":
+            if not isinstance(v, dict) or not all(isinstance(k, str) and _number_ok(x, "count", least)
+                                                  for k, x in v.items()):
                 return None
         elif kind == "scalar":
             if v is not None and not isinstance(v, (str, int, float)):  # bool is an int
@@ -301,10 +308,27 @@ def build_summary(plan: Plan, state: TrainState, metrics: list[dict], final_val:
                        "flops": _stage_delta(metrics, st.index, "flops"), "loss": ms[-1]["loss"] if ms else None,
                        "micro_batch": ms[-1].get("micro_batch") if ms else None}
                       | ({"window": st.window or st.seq_len} if plan.window_mode else {}))
-    return {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3), "flops": state.flops,
-            "tokens_skipped": state.skipped_batch_steps * plan.tokens_per_step,  # a rewind's --skip-steps: in tokens
-            "final_val_loss": final_val.get("val_loss"),
-            "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
+    summary = {"tokens": state.tokens, "steps": state.step, "wall_s": round(state.elapsed_s, 3),
+               "flops": state.flops,
+               "tokens_skipped": state.skipped_batch_steps * plan.tokens_per_step,  # rewind's --skip-steps: tokens
+               "final_val_loss": final_val.get("val_loss"),
+               "final_val_loss_final_len": final_val.get("val_loss_final_len"), "stages": stages}
+    if metrics and "source_tokens" in metrics[-1]:  # data.sources: from the reports (the last step and every
+        # stage end are reported)
+        summary["source_tokens"] = metrics[-1].get("source_tokens", {})
+        for st, out in zip(plan.stages, stages):
+            out["source_tokens"] = _stage_counts(metrics, st.index)
+    return summary
+
+
+def _stage_counts(metrics: list[dict], stage: int) -> dict[str, int]:
+    """How much each count of `source_tokens` grew in a stage (as _stage_delta)."""
+    def at_end(pick) -> dict:
+        ms = [m for m in metrics if pick(m["stage"]) and "source_tokens" in m]
+        return ms[-1]["source_tokens"] if ms else {}
+
+    end, before = at_end(lambda k: k <= stage), at_end(lambda k: k < stage)
+    return {name: n - before.get(name, 0) for name, n in end.items()}
 
 
 def _stage_delta(metrics: list[dict], stage: int, key: str):
@@ -351,10 +375,14 @@ class RunOutputs(RunHooks):
         self.rank, self.print_progress, self.cfg = rank, print_progress, cfg
         self.log: MetricsLog | None = None
         self.trackers = None
+        self.mixture = mixture_for(cfg.data, plan) if cfg is not None else None  # data.sources: source_tokens
+        self.stage_ends: dict[int, int] = {}  # with a mixture: the last step reported in each stage
 
     def on_restore(self, state: TrainState | None, nodes: list[str]) -> None:
         if self.rank == 0:
             self.log = MetricsLog(self.run_uri, resume_step=state.step if state else 0)
+            for m in map(json.loads, self.log.lines):  # the lines kept: those up to the resumed step
+                self.stage_ends[m["stage"]] = m["step"]
             rec = record_start(self.run_uri, state.step if state else 0, nodes, self.log.dropped_steps)
             if rec.get("notice_step", rec["resumed_step"]) > rec["resumed_step"]:
                 print(notice_too_short(rec), flush=True)
@@ -371,11 +399,23 @@ class RunOutputs(RunHooks):
     def on_report(self, metrics: dict) -> None:
         if self.rank != 0:
             return
+        if self.mixture is not None:
+            metrics["source_tokens"] = self.source_tokens(metrics["stage"], metrics["step"])
         self.log.append(metrics)
         if self.trackers is not None:
             self.trackers.log(metrics)
         if self.print_progress:
             print(progress_line(metrics), flush=True)
+
+    def source_tokens(self, stage: int, step: int) -> dict[str, int]:
+        """data.sources: tokens drawn from each source up to global step `step` (of stage `stage`), cumulative.
+        A stage's steps are counted from the last step reported before it (every stage end is reported), so a
+        time-mode stage cut short by the clock counts only the steps it took."""
+        self.stage_ends[stage] = step
+        steps, before = {}, 0
+        for k in sorted(self.stage_ends):
+            steps[k], before = self.stage_ends[k] - before, self.stage_ends[k]
+        return dict(zip(self.mixture.names, self.mixture.drawn(steps)))
 
     def on_abort(self) -> None:
         if self.trackers is not None:

@@ -4,7 +4,11 @@ function that builds and fits the TorchTrainer (`fit_trainer`).
 Each (stage, rank) gets its own Ray Data dataset (`gl_ray.data.pipeline`, not split by Ray), built by a callable
 that Ray Train re-invokes on every worker-group (re)start: it finds the newest good checkpoint and starts the
 stage's rows at that cursor, so a resume replays nothing and skips nothing. Every row carries its optimizer
-step, and the worker checks that the first row it gets is the step it restored. The plan is built once, by the
+step, and the worker checks that the first row it gets is the step it expects.
+
+The first data.head_steps steps after a (re)start are the exception: each worker reads them itself, with the Ray-free
+twin of the pipeline (`HeadRows`: the same rows), while that stage's Ray Data pipeline starts up, so the first
+report window does not wait for Ray Data; the stage's dataset starts after them. The plan is built once, by the
 driver, and reaches the workers as `Plan.to_dict()`.
 """
 
@@ -25,6 +29,7 @@ import torch
 from gl_ray import storage
 from gl_ray.architectures import ModelSpec
 from gl_ray.config import Config, DataConfig, config_from_dict
+from gl_ray.data.mixture import mixture_for
 from gl_ray.data.packing import RowLayout
 from gl_ray.data.pipeline import dataset_name, decomposed_dataset, stage_dataset
 from gl_ray.devices import resolved_precision
@@ -42,12 +47,28 @@ from gl_ray.train.checkpoint import (
     write_checkpoint,
 )
 from gl_ray.train.faults import fault_env
-from gl_ray.train.io import Pending, WorkerIO
+from gl_ray.train.io import Pending, WorkerIO, local_steps
 from gl_ray.train.parallel import is_sharded, shard_model
 from gl_ray.train.preempt import StopWatch
 from gl_ray.train.rewind import apply_skip
 
 WARM_STEPS_AHEAD = 4  # optimizer steps before a stage's end at which the next stage's pipeline starts
+
+
+def head_steps(data: DataConfig, stage: Stage, start_step: int) -> int:
+    """How many steps of `stage`, from stage step start_step (where a (re)start resumes), a worker reads in
+    process (HeadRows, data.head_steps); the stage's Ray Data dataset starts after them."""
+    return max(0, min(data.head_steps, stage.steps - start_step))
+
+
+def resume_cursor(run_uri: str, plan: Plan) -> tuple[int, int]:
+    """(stage, stage step) where the workers will resume: the newest good checkpoint's, moved on by a rewind's
+    --skip-steps as the workers move it; (0, 0) for a new run."""
+    found = find_resume_checkpoint(run_uri, warn=lambda _: None)
+    if not found:
+        return 0, 0
+    apply_skip(run_uri, found[1], plan)
+    return found[1].stage, found[1].stage_step
 
 
 def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> dict:
@@ -62,20 +83,18 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
         # verified once per set of checkpoints, not once per dataset
         key = tuple(list_checkpoints(run_uri))
         if key not in memo:
-            found = find_resume_checkpoint(run_uri, warn=lambda _: None)
             memo.clear()
-            if found:
-                apply_skip(run_uri, found[1], plan)  # as the workers will: rewind --skip-steps
-            memo[key] = (found[1].stage, found[1].stage_step) if found else (0, 0)
+            memo[key] = resume_cursor(run_uri, plan)
         return memo[key]
 
     def make(stage: Stage, rank: int, plan: Plan):
         def build():
             cur_stage, cur_step = cursor()
-            start = cur_step if stage.index == cur_stage else 0
+            start = cur_step + head_steps(data, stage, cur_step) if stage.index == cur_stage else 0
             if data.packing == "decompose":
                 return decomposed_dataset(data, plan, stage, rank, plan.world_size, start)
-            return stage_dataset(data.path, data.seed, RowLayout.of(stage, rank=rank, start_step=start))
+            return stage_dataset(data.path, data.seed, RowLayout.of(stage, rank=rank, start_step=start),
+                                 mixture=mixture_for(data, plan))  # None without data.sources
         return build
 
     first = cursor()[0]
@@ -118,6 +137,57 @@ class StageWarmer:
             yield from box["it"]
 
 
+class HeadRows:
+    """The first steps of the first stage a worker trains after a (re)start, read in this process by the Ray-free
+    twin of the stage's pipeline (`local_steps`: the same rows). The token stream (and data.packing=decompose's
+    step draws, data.sources' mixture) load in a background thread while the model is built, and the rows
+    of the step where the run resumes (`cursor`) are read there too."""
+
+    def __init__(self, data: DataConfig, plan: Plan, rank: int, cursor: tuple[int, int]):
+        """cursor: (stage, stage step) where the run resumes (resume_cursor)."""
+        self.data, self.plan, self.rank, self.cursor = data, plan, rank, cursor
+        self.box: dict = {}
+        self.thread = self._background(self._load)
+
+    def _background(self, fn) -> threading.Thread:
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # re-raised in the training thread by steps()
+                self.box["error"] = e
+
+        thread = threading.Thread(target=run, name="gl-ray-head-rows", daemon=True)
+        thread.start()
+        return thread
+
+    def _load(self) -> None:
+        from gl_ray.data.decompose import draws_for
+        from gl_ray.data.stream import get_stream
+
+        self.box["stream"] = get_stream(self.data.path, "train", self.data.seed)
+        self.box["draws"] = draws_for(self.data, self.plan) if self.data.packing == "decompose" else None
+        self.box["mixture"] = mixture_for(self.data, self.plan)
+        stage, step = self.cursor
+        if stage < len(self.plan.stages) and head_steps(self.data, self.plan.stages[stage], step):
+            self.box["first"] = ((stage, step), next(self._rows(self.plan.stages[stage], step)))
+
+    def _rows(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
+        return local_steps(self.box["stream"], stage, start_step, rank=self.rank, world_size=self.plan.world_size,
+                           draws=self.box["draws"], mixture=self.box["mixture"])
+
+    def steps(self, stage: Stage, start_step: int, count: int) -> Iterator[np.ndarray]:
+        """`count` steps of this worker's rows of `stage` from stage step start_step."""
+        self.thread.join()
+        if "error" in self.box:
+            raise self.box["error"]
+        key, rows = self.box.pop("first", (None, None))
+        if key == (stage.index, start_step):
+            yield rows
+            start_step, count = start_step + 1, count - 1
+        for _, step_rows in zip(range(count), self._rows(stage, start_step)):
+            yield step_rows
+
+
 def quiet_ray_logs(verbose: bool) -> None:
     """Per-report and per-dataset INFO lines from the workers drown the progress lines: off unless verbose."""
     from ray.train.v2._internal.execution import context as train_context
@@ -133,7 +203,7 @@ def quiet_ray_logs(verbose: bool) -> None:
 class RayWorkerIO(WorkerIO):
     """A WorkerIO backed by Ray Train (reports, checkpoints, DDP) and Ray Data (one dataset per stage)."""
 
-    def __init__(self, cfg: Config, plan: Plan, run_uri: str, dataset_names: list[str]):
+    def __init__(self, cfg: Config, plan: Plan, run_uri: str):
         import ray.train
 
         ctx = ray.train.get_context()
@@ -145,10 +215,14 @@ class RayWorkerIO(WorkerIO):
         self.checkpoint_done.set()
         self.stop_watch = StopWatch(run_uri)
         self.warmer = StageWarmer(self.open_stage)
-        names = [dataset_name(k, self.rank, self.world_size) for k in range(len(plan.stages))]
-        first_stage = next((k for k, n in enumerate(names) if n in dataset_names), None)
-        if first_stage is not None:
-            self.warmer.start(first_stage)  # Ray Data starts up while the model is built and restored
+        # where the run resumes, as the driver found it when it (re)built the datasets: the first stage trained
+        # here reads its first data.head_steps steps in process (HeadRows), its Ray Data dataset the rest
+        stage, step = resume_cursor(run_uri, plan)
+        self.first_stage = stage if stage < len(plan.stages) else None
+        self.head = HeadRows(cfg.data, plan, self.rank, (stage, step)) if self.first_stage is not None else None
+        rest = plan.stages[stage].steps - step if self.first_stage is not None else 0
+        if rest > head_steps(cfg.data, plan.stages[stage], step):
+            self.warmer.start(stage)  # Ray Data starts while the model is built and the head trains
 
     def open_stage(self, stage: int) -> Iterator[dict]:
         import ray.train
@@ -163,11 +237,21 @@ class RayWorkerIO(WorkerIO):
         # CPU from training; later, its start-up would show as data wait
         left = stage.steps - start_step  # batches are whole steps
         warm_at = max(0, left - WARM_STEPS_AHEAD)
-        for i, b in enumerate(self.warmer.take(stage.index)):
-            if i == 0 and int(b["step"][0]) != start_step:
+        warm_next = stage.index + 1 < len(self.plan.stages)
+        head = head_steps(self.cfg.data, stage, start_step) if stage.index == self.first_stage else 0
+        if head:  # the stage's dataset starts after these (stage_datasets)
+            for i, rows in enumerate(self.head.steps(stage, start_step, head)):
+                if i == warm_at and warm_next:
+                    self.warmer.start(stage.index + 1)
+                yield rows
+            if head == left:
+                return
+        for i, b in enumerate(self.warmer.take(stage.index), start=head):
+            if i == head and int(b["step"][0]) != start_step + head:  # stage-local steps
                 raise RuntimeError(f"stage {stage.index} data starts at step {int(b['step'][0])}, but the "
-                                   f"restored checkpoint is at step {start_step}")
-            if i == warm_at and stage.index + 1 < len(self.plan.stages):
+                                   f"restored checkpoint is at step {start_step} and {head} steps were read in "
+                                   "process")
+            if i == warm_at and warm_next:
                 self.warmer.start(stage.index + 1)
             if "seq_len" in b:  # data.packing=decompose: one step per batch, its rows flattened
                 yield b["input_ids"][0].reshape(-1, int(b["seq_len"][0]))
@@ -338,7 +422,7 @@ def ray_worker_loop(config: dict) -> None:
     check_shared(config["run_uri"], config.get("shared_token", ""), config["cfg"]["data"]["path"])
     cfg = config_from_dict(config["cfg"])
     plan = Plan.from_dict(config["plans"][ray.train.get_context().get_world_size()])  # elastic: this world's
-    io = RayWorkerIO(cfg, plan, config["run_uri"], config["dataset_names"])
+    io = RayWorkerIO(cfg, plan, config["run_uri"])
     run_worker(cfg, plan, config["run_uri"], io, print_progress=False, spec=ModelSpec.from_json(config["model"]))
 
 
@@ -380,7 +464,7 @@ def fit_trainer(cfg: Config, plans: dict[int, Plan], run_uri: str, spec: ModelSp
             train_loop_config={"cfg": cfg.to_dict(), "plans": {w: p.to_dict() for w, p in plans.items()},
                                "run_uri": run_uri, "model": spec.to_json(),
                                "shared_token": mark_shared(run_uri),
-                               "dataset_names": sorted(datasets), "fault_env": fault_env(), "verbose": verbose},
+                               "fault_env": fault_env(), "verbose": verbose},
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=r.use_gpu,
                                                    resources_per_worker={"CPU": r.cpus_per_worker,
                                                                          **r.worker_resources},
