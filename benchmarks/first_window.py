@@ -1,6 +1,7 @@
 """The first report window's data wait: `make demo`'s run (tiny-growlength on local Ray, 2 workers) with
 data.head_steps=0 (every step from Ray Data, as before issue 38) and with the default (the first steps read by
-each worker while Ray Data starts), alternating, on one local Ray instance.
+each worker while Ray Data starts), alternating. Each run is `gl-ray train` in a process of its own with a local
+Ray of its own, as `make demo` is: in one Ray instance, later runs find Ray Data's worker processes warm.
 
     python -m benchmarks.first_window --data data/stdlib [--repeats 2] [--budget-tokens 1048576]
 
@@ -12,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
 import tempfile
 
-from gl_ray.config import load_config
-from gl_ray.train.driver import launch_run
 from gl_ray.train.outputs import read_metrics
 
 
@@ -24,7 +25,8 @@ def one_run(data: str, storage: str, name: str, head_steps: int | None, budget_t
             f"schedule.budget_tokens={budget_tokens}"]
     if head_steps is not None:
         sets.append(f"data.head_steps={head_steps}")
-    launch_run(load_config("tiny-growlength", sets), quiet=True)
+    subprocess.run([sys.executable, "-m", "gl_ray", "train", "--config", "tiny-growlength",
+                    *[a for kv in sets for a in ("--set", kv)]], check=True, stdout=subprocess.DEVNULL)
     reports = list(read_metrics(f"{storage}/{name}"))
     later = [m["data_wait_frac"] for m in reports[1:]]
     return {"first_wait": reports[0]["data_wait_frac"], "later_wait": statistics.mean(later) if later else 0.0,
