@@ -223,7 +223,7 @@ def test_the_first_steps_are_read_in_process_and_the_stage_dataset_starts_after_
     n_head = cfg.data.head_steps
     assert plan.world_size == 2 and n_head == 8 and stage.steps > n_head + 1
     datasets = stage_datasets({2: plan}, cfg.data, str(tmp_path / "head"))  # a new run: its cursor is (0, 0)
-    for rank in (0, 1):
+    for rank in (1,):  # rank 1: its rows are offset within each step
         first = next(iter(datasets[dataset_name(0, rank, 2)]().iter_batches(
             batch_size=stage.rows_per_rank_step, batch_format="numpy", drop_last=True)))
         assert int(first["step"][0]) == n_head
