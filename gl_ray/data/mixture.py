@@ -184,7 +184,7 @@ def check_sources(data) -> None:
         if not storage.exists(storage.join(s.path, "manifest.json")):
             raise UserError(f"{what}: no dataset there (manifest.json missing); run `gl-ray prepare --out {s.path} "
                             f"--tokenizer {storage.join(data.path, 'tokenizer')}`")
-        theirs = get_stream(s.path, "train", data.seed).manifest
+        theirs = load_manifest(s.path)
         theirs_json = storage.read_bytes(storage.join(theirs.tokenizer_uri, "tokenizer.json"))
         if theirs_json != ours_json or theirs.eos_token_id != ours.eos_token_id:
             with tempfile.TemporaryDirectory() as tmp:

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -78,6 +78,7 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
     plan = next(iter(plans.values()))  # the same stages and steps in every plan
 
     memo: dict = {}
+    mixtures = {w: mixture_for(data, p) for w, p in plans.items()}  # None without data.sources
 
     def cursor() -> tuple[int, int]:
         # verified once per set of checkpoints, not once per dataset
@@ -94,12 +95,34 @@ def stage_datasets(plans: dict[int, Plan], data: DataConfig, run_uri: str) -> di
             if data.packing == "decompose":
                 return decomposed_dataset(data, plan, stage, rank, plan.world_size, start)
             return stage_dataset(data.path, data.seed, RowLayout.of(stage, rank=rank, start_step=start),
-                                 mixture=mixture_for(data, plan))  # None without data.sources
+                                 mixture=mixtures[plan.world_size])
         return build
 
     first = cursor()[0]
     return {dataset_name(st.index, r, w): make(st, r, p) for w, p in plans.items() for st in p.stages[first:]
             for r in range(w)}
+
+
+def in_background(fn: Callable[[dict], None], box: dict, name: str) -> threading.Thread:
+    """Run fn(box) in a daemon thread; an exception lands in box["error"], for the training thread to raise after
+    it joins (`joined`)."""
+    def run():
+        try:
+            fn(box)
+        except BaseException as e:  # re-raised in the training thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def joined(thread: threading.Thread, box: dict) -> dict:
+    """box once its thread is done; the thread's exception raised here."""
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box
 
 
 class StageWarmer:
@@ -113,25 +136,16 @@ class StageWarmer:
     def start(self, stage: int) -> None:
         if stage in self.pending:
             return
+        def open_first(box: dict) -> None:
+            box["it"] = self.open_stage(stage)
+            box["first"] = next(box["it"], None)
+
         box: dict = {}
-
-        def run():
-            try:
-                box["it"] = self.open_stage(stage)
-                box["first"] = next(box["it"], None)
-            except BaseException as e:  # re-raised in the training thread by take()
-                box["error"] = e
-
-        thread = threading.Thread(target=run, name=f"gl-ray-warm-stage{stage}", daemon=True)
-        thread.start()
-        self.pending[stage] = (thread, box)
+        self.pending[stage] = (in_background(open_first, box, f"gl-ray-warm-stage{stage}"), box)
 
     def take(self, stage: int):
         self.start(stage)
-        thread, box = self.pending.pop(stage)
-        thread.join()
-        if "error" in box:
-            raise box["error"]
+        box = joined(*self.pending.pop(stage))
         if box["first"] is not None:
             yield box["first"]
             yield from box["it"]
@@ -147,29 +161,18 @@ class HeadRows:
         """cursor: (stage, stage step) where the run resumes (resume_cursor)."""
         self.data, self.plan, self.rank, self.cursor = data, plan, rank, cursor
         self.box: dict = {}
-        self.thread = self._background(self._load)
+        self.thread = in_background(self._load, self.box, "gl-ray-head-rows")
 
-    def _background(self, fn) -> threading.Thread:
-        def run():
-            try:
-                fn()
-            except BaseException as e:  # re-raised in the training thread by steps()
-                self.box["error"] = e
-
-        thread = threading.Thread(target=run, name="gl-ray-head-rows", daemon=True)
-        thread.start()
-        return thread
-
-    def _load(self) -> None:
+    def _load(self, box: dict) -> None:
         from gl_ray.data.decompose import draws_for
         from gl_ray.data.stream import get_stream
 
-        self.box["stream"] = get_stream(self.data.path, "train", self.data.seed)
-        self.box["draws"] = draws_for(self.data, self.plan) if self.data.packing == "decompose" else None
-        self.box["mixture"] = mixture_for(self.data, self.plan)
+        box["stream"] = get_stream(self.data.path, "train", self.data.seed)
+        box["draws"] = draws_for(self.data, self.plan) if self.data.packing == "decompose" else None
+        box["mixture"] = mixture_for(self.data, self.plan)
         stage, step = self.cursor
         if stage < len(self.plan.stages) and head_steps(self.data, self.plan.stages[stage], step):
-            self.box["first"] = ((stage, step), next(self._rows(self.plan.stages[stage], step)))
+            box["first"] = ((stage, step), next(self._rows(self.plan.stages[stage], step)))
 
     def _rows(self, stage: Stage, start_step: int) -> Iterator[np.ndarray]:
         return local_steps(self.box["stream"], stage, start_step, rank=self.rank, world_size=self.plan.world_size,
@@ -177,10 +180,7 @@ class HeadRows:
 
     def steps(self, stage: Stage, start_step: int, count: int) -> Iterator[np.ndarray]:
         """`count` steps of this worker's rows of `stage` from stage step start_step."""
-        self.thread.join()
-        if "error" in self.box:
-            raise self.box["error"]
-        key, rows = self.box.pop("first", (None, None))
+        key, rows = joined(self.thread, self.box).pop("first", (None, None))
         if key == (stage.index, start_step):
             yield rows
             start_step, count = start_step + 1, count - 1
