@@ -15,6 +15,9 @@ import pytest
 
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The session's local Ray stays on loopback (gl_ray.ray_utils.ensure_ray sets this only if nothing imported ray
+# first; a test module that imports ray at collection would otherwise put the session's node on the machine's IP)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 
