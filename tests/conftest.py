@@ -58,6 +58,13 @@ def job_status(address: str, env: dict, sid: str) -> str:
     return r.stdout + r.stderr
 
 
+def job_logs(address: str, env: dict, sid: str, tail: int = 8000) -> str:
+    """The end of `ray job logs` of a submission: what its driver printed, for a failing test's message."""
+    r = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "logs", "--address", address, sid],
+                       env=env, capture_output=True, text=True, timeout=60)
+    return (r.stdout + r.stderr)[-tail:]
+
+
 def aws_env() -> dict:
     """The S3 settings of the session's moto server, for a job's runtime env."""
     return {k: os.environ[k] for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",

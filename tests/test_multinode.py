@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import agent_ports, aws_env, free_port, job_status, metrics, submit_job, tiny_overrides
+from conftest import agent_ports, aws_env, free_port, job_logs, job_status, metrics, submit_job, tiny_overrides
 
 from gl_ray import storage
 from gl_ray.status import format_status, run_status
@@ -81,8 +81,12 @@ class LocalCluster:
         connection."""
         self.added += 1
         ip = f"127.0.0.{1 + self.added}"
+        # a temp dir of its own, as a machine of its own has: in the head's, a joining node's runtime-env agent
+        # unpacks the job's working_dir over the folder that live workers of other nodes run in (their cwd gone,
+        # a Ray Data task's imports fail: FileNotFoundError from os.getcwd)
         self.nodes[ip] = self._start([f"--address=127.0.0.1:{self.port}", f"--num-cpus={num_cpus}",
-                                      f"--resources={json.dumps(resources)}"], ip=ip)
+                                      f"--resources={json.dumps(resources)}",
+                                      f"--temp-dir={self.temp_dir / f'n{self.added}'}"], ip=ip)
         return ip
 
     def node_ip(self, node_id: str) -> str:
@@ -181,7 +185,16 @@ def test_a_job_across_nodes_survives_losing_a_node(local_cluster, bucket, tiny_d
     cluster.kill_node(victim)
     killed_at = time.time()
     cluster.add_node(1, {"node_slot": 1})
-    wait_for("the summary", lambda: storage.exists(f"{run}/summary.json"), 300)
+
+    def finished_or_ended():  # the summary, or the job over without one (then the test says why at once)
+        return storage.exists(f"{run}/summary.json") or re.search(
+            r"failed|stopped", job_status(cluster.dashboard, cluster.env, sid))
+    try:
+        wait_for("the summary", finished_or_ended, 300, 2)
+        assert storage.exists(f"{run}/summary.json"), "the job ended without a summary"
+    except AssertionError as e:
+        raise AssertionError(f"{e}\nstarts.jsonl: {records(run)}\nlast metrics: {read_metrics(run)[-2:]}\n"
+                             f"the job's output:\n{job_logs(cluster.dashboard, cluster.env, sid, 6000)}") from None
     finished_at = time.time()
     ended = wait_for("the job's end", lambda: re.search(r"succeeded|failed|stopped",
                                                         job_status(cluster.dashboard, cluster.env, sid)), 60, 1)
