@@ -171,6 +171,8 @@ def _validate_combinations(space: Space) -> None:
         try:
             cfg = load_config(space.base_config, overrides)
             plan = preflight(cfg)
+            if cfg.ray.num_workers == 0:  # a Ray-free run reports nothing to Tune: every trial would score inf
+                raise UserError("gl-ray tune trains each trial on Ray Train: set ray.num_workers to 1 or more")
         except UserError as e:
             shown = ", ".join(f"{k}={v}" for k, v in zip(space.params, values))
             raise UserError(f"search space {space.name!r}: trial ({shown}) is invalid: {e}") from None

@@ -43,6 +43,13 @@ def test_invalid_spaces_fail_before_any_trial(tmp_path, params, needle):
         load_space(_space(tmp_path, params))
 
 
+def test_a_space_whose_trials_would_run_without_ray_train_is_refused(tmp_path):
+    """A Ray-free trial (ray.num_workers: 0) reports nothing to Tune, so each would end with objective inf."""
+    with pytest.raises(UserError, match="trial \\(ladder=64-128\\) is invalid: gl-ray tune trains each trial on Ray "
+                                        "Train: set ray.num_workers to 1 or more"):
+        load_space(_space(tmp_path, "  ladder: {choice: ['64-128']}\n", "overrides: [ray.num_workers=0]\n"))
+
+
 def test_trial_overrides_translate_ladders_and_ratios(tmp_path):
     space = load_space(_space(tmp_path, "  ladder: {choice: ['64-128-256']}\n  first_ratio: {uniform: [0.2, 0.6]}\n"))
     cfg = load_config(space.base_config, trial_overrides(space, {"ladder": "64-128-256", "first_ratio": 0.5}))
@@ -52,60 +59,63 @@ def test_trial_overrides_translate_ladders_and_ratios(tmp_path):
     assert parse_weights("4-3-2-1", 4) == [0.4, 0.3, 0.2, 0.1]
 
 
+def test_a_grid_search_makes_each_choice_a_grid_axis():
+    """The shipped smoke space (search: grid) gives Tune one grid axis per choice list: every ladder is a trial."""
+    from ray import tune
+
+    from gl_ray.tune import _param_space
+
+    space = load_space(str(REPO / "tune_spaces" / "smoke.yaml"))
+    assert space.search == "grid" and _param_space(space) == {"ladder": tune.grid_search(["32-64", "64"])}
+
+
 def test_document_masking_is_a_searchable_param(tmp_path):
     space = load_space(_space(tmp_path, "  data.document_masking: {choice: [false, true]}\n"))
     assert load_config(space.base_config, trial_overrides(space, {"data.document_masking": True})).data.document_masking
 
 
 @pytest.mark.slow
-def test_smoke_space_end_to_end(tiny_data, ray_local, tmp_path):
-    res = run_tune(None, str(REPO / "tune_spaces" / "smoke.yaml"),
-                   [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
-    tune_dir = Path(res["tune_dir"])
-    rows = list(csv.DictReader(open(tune_dir / "results.csv")))
-    assert len(rows) == 2 and {r["param:ladder"] for r in rows} == {"32-64", "64"}
-    assert [r["rank"] for r in rows] == ["1", "2"]
-    objs = [float(r["objective"]) for r in rows]
-    assert objs == sorted(objs) and all(r["status"] == "COMPLETED" for r in rows)
-    assert (tune_dir / "results.md").exists() and (tune_dir / "objective_vs_params.png").stat().st_size > 5000
-    trial_runs = sorted(p.name for p in (tune_dir / "trials").iterdir())
-    assert len(trial_runs) == 2 and all(n.startswith("trial-") for n in trial_runs)
-    best = load_config(tune_dir / "best.yaml")  # a complete run config that plan and train accept as is
-    assert best.schedule.lengths == [int(x) for x in rows[0]["param:ladder"].split("-")]
-    assert make_plan(best).total_tokens == 16384
-    # the same command again restores the finished search (Tuner.restore) instead of starting a new one
-    again = run_tune(None, str(REPO / "tune_spaces" / "smoke.yaml"),
-                     [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
-    assert [r["trial"] for r in again["rows"]] == [r["trial"] for r in res["rows"]]
-    assert len(list((tune_dir / "trials").iterdir())) == 2  # no trial ran twice
-
-
-@pytest.mark.slow
-def test_optuna_search_with_asha(tiny_data, ray_local, tmp_path):
-    """search: optuna (Ray's OptunaSearch) with the ASHA scheduler that the shipped spaces use: every sampled
-    first_ratio lies in its range and reaches its trial's plan; ASHA may stop the later trial at its rung (half
-    the budget) but never the best one."""
+def test_an_optuna_search_with_asha_end_to_end_and_again(tiny_data, ray_local, tmp_path):
+    """The shipped smoke space's trials (Ray Train, one worker, document masks) under search: optuna (Ray's
+    OptunaSearch) with the ASHA scheduler that the shipped spaces use; one search serves every end-to-end check:
+    - every sampled first_ratio lies in its range and reaches its trial's plan; ASHA may stop the later trial at its
+      rung (half the budget) but never the best one;
+    - results.csv ranks the trials (best first), results.md and the plot are written, one run folder per trial,
+      and best.yaml is a complete run config that plan and train accept as is;
+    - the same command again restores the finished search (Tuner.restore) instead of starting a new one."""
     space = yaml.safe_load((REPO / "tune_spaces" / "smoke.yaml").read_text())
     space.update(name="tune-optuna", search="optuna", num_samples=2, params={"first_ratio": {"uniform": [0.2, 0.8]}},
                  scheduler={"type": "asha", "grace_fraction": 0.5, "reduction_factor": 2})
     space["overrides"] = [*space["overrides"], "schedule.lengths=[32,64]"]
     path = tmp_path / "optuna.yaml"
     path.write_text(yaml.safe_dump(space))
-    res = run_tune(None, str(path), [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"])
+    overrides = [f"data.path={tiny_data}", f"ray.storage_path={tmp_path}"]
+    res = run_tune(None, str(path), overrides)
     tune_dir = Path(res["tune_dir"])
     with open(tune_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and rows[0]["status"] == "COMPLETED" and int(rows[0]["tokens"]) == 16384
+    assert [r["rank"] for r in rows] == ["1", "2"]
     for r in rows[1:]:
         assert r["status"] == "COMPLETED" or (r["status"] == "STOPPED" and 8192 <= int(r["tokens"]) < 16384)
+    objs = [float(r["objective"]) for r in rows]
+    assert objs == sorted(objs) and all(x < 20 for x in objs)  # every trial reported a val loss
     sampled = [float(r["param:first_ratio"]) for r in rows]
     assert all(0.2 <= x <= 0.8 for x in sampled) and sampled[0] != sampled[1]
     for r, x in zip(rows, sampled):  # each trial trained with the share it was given
         trial_cfg = load_config(tune_dir / "trials" / f"trial-{r['trial']}" / "config.yaml")
         assert trial_cfg.schedule.ratios == pytest.approx([x, 1 - x])
-    best = load_config(tune_dir / "best.yaml")
+        assert trial_cfg.data.document_masking and trial_cfg.ray.num_workers == 1
+    assert (tune_dir / "results.md").exists() and (tune_dir / "objective_vs_params.png").stat().st_size > 5000
+    trial_runs = sorted(p.name for p in (tune_dir / "trials").iterdir())
+    assert len(trial_runs) == 2 and all(n.startswith("trial-") for n in trial_runs)
+    best = load_config(tune_dir / "best.yaml")  # a complete run config that plan and train accept as is
     assert best.schedule.ratios[0] == pytest.approx(sampled[0], rel=1e-6)  # rows are ranked: best first
     assert sum(best.schedule.ratios) == pytest.approx(1.0)
+    assert best.schedule.lengths == [32, 64] and make_plan(best).total_tokens == 16384
+    again = run_tune(None, str(path), overrides)
+    assert [r["trial"] for r in again["rows"]] == [r["trial"] for r in res["rows"]]
+    assert len(list((tune_dir / "trials").iterdir())) == 2  # no trial ran twice
 
 
 def test_the_schedules_space_compares_shapes_and_modes_at_one_budget(tmp_path):
