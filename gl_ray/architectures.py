@@ -62,6 +62,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("gpt_neox", 2, 64, 4),
     "tiny-llama": Preset("llama", 2, 64, 4, kv_heads=2),
     "pythia-14m": Preset("gpt_neox", 6, 128, 4),
+    "pythia-31m": Preset("gpt_neox", 6, 256, 8),
     "pythia-70m": Preset("gpt_neox", 6, 512, 8),
     "pythia-160m": Preset("gpt_neox", 12, 768, 12),
     "pythia-410m": Preset("gpt_neox", 24, 1024, 16),

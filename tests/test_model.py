@@ -17,6 +17,8 @@ from gl_ray.model import (
 
 
 def test_presets_match_pythia():
+    assert (PRESETS["pythia-14m"].layers, PRESETS["pythia-14m"].hidden, PRESETS["pythia-14m"].heads) == (6, 128, 4)
+    assert (PRESETS["pythia-31m"].layers, PRESETS["pythia-31m"].hidden, PRESETS["pythia-31m"].heads) == (6, 256, 8)
     assert (PRESETS["pythia-70m"].layers, PRESETS["pythia-70m"].hidden, PRESETS["pythia-70m"].heads) == (6, 512, 8)
     assert (PRESETS["pythia-160m"].layers, PRESETS["pythia-160m"].hidden) == (12, 768)
     assert (PRESETS["pythia-410m"].layers, PRESETS["pythia-410m"].hidden, PRESETS["pythia-410m"].heads) == \
