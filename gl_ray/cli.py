@@ -72,7 +72,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         draws = draws_for(cfg.data, plan)  # reads the dataset's document lengths
         doc["buckets"] = accounting(draws, cfg.data)
         text += "\n" + format_buckets(draws, cfg.data, plan.time_mode)
-    if cfg.data.sources:  # reads each source's manifest (its corpus size: when it starts another epoch)
+    if cfg.data.sources or cfg.data.long_doc_boost:  # reads each source's manifest (its corpus size: when it starts
+        # another epoch); long_doc_boost: data.path's document lengths
         from gl_ray.data.mixture import plan_mixture
 
         mixture_doc, mixture_text = plan_mixture(cfg.data, plan)

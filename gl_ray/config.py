@@ -26,7 +26,7 @@ from gl_ray.shipped import find_shipped
 from gl_ray.sizes import parse_size
 
 PositionMode = Literal["extrapolate", "interpolate", "pose"]
-Preset = Literal["tiny", "tiny-llama", "pythia-14m", "pythia-70m", "pythia-160m",
+Preset = Literal["tiny", "tiny-llama", "pythia-14m", "pythia-31m", "pythia-70m", "pythia-160m",
                  "pythia-410m"]  # see gl_ray.architectures.PRESETS
 Attention = Literal["sdpa", "flex", "flash_attention_2"]  # see gl_ray.attention.ATTENTION
 Device = Literal["auto", "cpu", "cuda"]  # see gl_ray.devices
@@ -84,12 +84,17 @@ class DataConfig:
                                          "gl_ray/data/mixture.py)")
     stage_weights: list[list[float]] = _f([], "with data.sources: one list of weights per stage, one per source, "
                                               "instead of the sources' own weights (e.g. more long documents late)")
+    long_doc_boost: list[float] = _f([], "length-aware upsampling of data.path: one factor per stage by which its "
+                                         "long documents are drawn more often than their share of its train tokens "
+                                         "(1: the natural mix; e.g. [1, 1, 4]; gl_ray/data/mixture.py)")
+    long_doc_min: int = _f(0, "with data.long_doc_boost: a document of at least this many tokens is long (0: the "
+                              "final stage length)")
 
 
 @dataclass
 class ModelConfig:
-    preset: Preset = _f("tiny", "architecture preset: tiny | tiny-llama | pythia-14m | pythia-70m | pythia-160m | "
-                                "pythia-410m (model.config / model.init_from take its place when given)")
+    preset: Preset = _f("tiny", "architecture preset: tiny | tiny-llama | pythia-14m | pythia-31m | pythia-70m | "
+                                "pythia-160m | pythia-410m (model.config / model.init_from take its place when given)")
     config: str = _f("", "a local folder with an HF config.json, or an org/model name in the local HF cache (a RoPE "
                          "decoder: gpt_neox, llama, mistral, qwen2, qwen3), trained from a fresh init")
     init_from: str = _f("", "continued pretraining: a local HF model folder (config, safetensors, tokenizer) or a "
@@ -221,6 +226,7 @@ class Config:
         self.check_cluster()
         self.check_data_and_schedule()
         self.check_sources()
+        self.check_long_doc_boost()
         return self
 
     def check_values(self) -> None:
@@ -320,6 +326,27 @@ class Config:
         elif same(d.path) not in [same(s.path) for s in d.sources]:
             raise UserError(f"data.path {d.path!r} is not one of data.sources: with sources it is the validation set "
                             "and tokenizer; set it to one of them, or to '' (the first source)")
+
+    def check_long_doc_boost(self) -> None:
+        """data.long_doc_boost and data.long_doc_min as values (the boost's count against the stages and the
+        threshold against the documents: gl_ray.data.mixture.long_doc_split)."""
+        d = self.data
+        if d.long_doc_min < 0:
+            raise UserError(f"data.long_doc_min must be >= 0 (0: the final stage length), got {d.long_doc_min}")
+        if not d.long_doc_boost:
+            if d.long_doc_min:
+                raise UserError("data.long_doc_min says which documents data.long_doc_boost boosts; set "
+                                "data.long_doc_boost (one factor per stage) or drop long_doc_min")
+            return
+        if any(not (b > 0 and math.isfinite(b)) for b in d.long_doc_boost):
+            raise UserError(f"data.long_doc_boost factors must be positive and finite (1: the natural mix), got "
+                            f"{d.long_doc_boost}")
+        if d.sources:
+            raise UserError("data.long_doc_boost weighs data.path's long documents; with data.sources weigh the "
+                            "sources per stage with data.stage_weights instead")
+        if d.packing == "decompose":
+            raise UserError("data.long_doc_boost mixes packed rows; data.packing=decompose has its own length "
+                            "buckets (data.curriculum), use one or the other")
 
     def get(self, dotted: str) -> Any:
         obj: Any = self

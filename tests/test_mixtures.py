@@ -1,6 +1,7 @@
 """Training mixtures (gl_ray.data.mixture): the assignment of stage rows to sources, cursors and epochs as pure
 functions; the Ray-free and Ray Data paths read the same rows; a tiny run accounts every source's tokens in
-plan.json, summary.json and metrics.jsonl; bad input is one line."""
+plan.json, summary.json and metrics.jsonl; bad input is one line. data.long_doc_boost, a mixture of one dataset's
+long and short documents, is tested here too (on the same small dataset)."""
 
 import json
 from pathlib import Path
@@ -10,11 +11,12 @@ import pytest
 from conftest import cli_inprocess, metrics, tiny_overrides
 
 from gl_ray.config import DataConfig, SourceConfig, load_config
-from gl_ray.data.mixture import (accounting, check_sources, format_mixture, integer_weights, mixture_for,
-                                 mixture_rows, mixture_steps, period_order, source_counts)
-from gl_ray.data.packing import RowLayout
+from gl_ray.data.mixture import (SHARE_DENOMINATOR, accounting, check_sources, corpus_tokens, format_mixture,
+                                 integer_weights, mixture_for, mixture_rows, mixture_steps, period_order,
+                                 plan_mixture, source_counts)
+from gl_ray.data.packing import RowLayout, stream_segments
 from gl_ray.data.pipeline import fetch_rows
-from gl_ray.data.stream import get_stream
+from gl_ray.data.stream import TokenStream, get_stream
 from gl_ray.errors import UserError
 from gl_ray.schedule import plan_stages
 from gl_ray.train.outputs import check_report
@@ -144,13 +146,15 @@ def test_the_ray_free_rows_are_the_batch_function_rows_and_read_each_source(sour
 
 
 @pytest.mark.slow
-def test_ray_data_reads_the_same_mixture_rows(sources, ray_local):
+@pytest.mark.parametrize("kind", ["sources", "long_doc_boost"])
+def test_ray_data_reads_the_same_mixture_rows(sources, ray_local, kind):
     from gl_ray.data.pipeline import stage_dataset
 
     ray_local.data.DataContext.get_current().execution_options.preserve_order = True
     long, short, _ = sources
     plan = tiny_plan(workers=2)
-    mix = mixture_for(data_of([long, short], [1, 1], [[3, 1], [1, 3]]), plan)
+    data = data_of([long, short], [1, 1], [[3, 1], [1, 3]]) if kind == "sources" else boosted(long, [1, 3], seed=2)
+    mix = mixture_for(data, plan)
     st = plan.stages[1]
     layout = RowLayout.of(st, rank=1, start_step=2)
     got = np.concatenate([b["input_ids"] for b in stage_dataset(long, 0, layout, mixture=mix).iter_batches(
@@ -247,3 +251,166 @@ def test_gl_ray_plan_shows_the_mix(sources, capsys, monkeypatch):
     assert r.returncode == 0, r.stderr
     assert "mixture (train tokens per source)" in r.stdout and "6,144 (75%)" in r.stdout
     assert "epoch 2 starts in stage 1" in r.stdout
+
+
+# data.long_doc_boost on `long` (12 train documents, 56,090 tokens): two of at least LONG_MIN tokens, half the tokens
+LONG_MIN = 12_000
+
+
+def boosted(path: str, boost, long_min: int = LONG_MIN, seed: int = 0) -> DataConfig:
+    return DataConfig(path=path, seed=seed, long_doc_boost=list(boost), long_doc_min=long_min)
+
+
+def long_short_tokens(path: str) -> tuple[int, int]:
+    lengths = get_stream(path, "train").doc_lengths
+    return int(lengths[lengths >= LONG_MIN].sum()), int(lengths[lengths < LONG_MIN].sum())
+
+
+def flat_positions(view: TokenStream, start: int, stop: int) -> np.ndarray:
+    """The flat (manifest-order) offsets a view's stream tokens [start, stop) are read from."""
+    segs = stream_segments(view.block_lengths, view.block_offsets, start, stop, view.seed, None, view.shard_blocks,
+                           whole=view.doc_filter is None)
+    return np.concatenate([np.arange(a, a + n) for a, n in segs])
+
+
+@pytest.mark.parametrize("lo, hi", [(LONG_MIN, None), (0, LONG_MIN), (500, 3000)])
+def test_a_length_filtered_stream_holds_exactly_the_selected_documents(sources, lo, hi):
+    long = sources[0]
+    whole = TokenStream(long, "train")
+    flat = whole.read(0, whole.tokens)  # seed 0: epoch 0 is the flat array
+    keep = (whole.doc_lengths >= lo) & (whole.doc_lengths < (hi or np.inf))
+    assert 0 < keep.sum() < len(keep)
+    mine = np.concatenate([np.arange(a, a + n) for a, n in zip(whole.doc_offsets[keep], whole.doc_lengths[keep])])
+    for seed in (0, 3):
+        view = TokenStream(long, "train", seed, doc_filter=(lo, hi))
+        assert view.tokens == len(mine) and view.doc_lengths.tolist() == whole.doc_lengths[keep].tolist()
+        for epoch in (0, 1, 2):  # each epoch: every selected token once, no other
+            a, b = epoch * view.tokens, (epoch + 1) * view.tokens
+            pos = flat_positions(view, a, b)
+            assert sorted(pos.tolist()) == mine.tolist() and np.array_equal(view.read(a, b), flat[pos])
+            if epoch == 0 and seed == 0:
+                assert pos.tolist() == mine.tolist()  # manifest order, as the whole split's epoch 0
+        cached = get_stream(long, "train", seed, (lo, hi))  # a view of the cached whole split: its shards shared
+        assert cached._cache is get_stream(long, "train", seed)._cache and cached is not get_stream(long, "train", seed)
+        assert np.array_equal(cached.read(0, view.tokens), view.read(0, view.tokens))
+
+
+def test_long_doc_boost_weights_give_the_boosted_share():
+    from fractions import Fraction
+
+    from gl_ray.data.mixture import long_doc_weights
+
+    rows = long_doc_weights([1, 2, 4, 0.5, 1e6], long_tokens=1000, short_tokens=3000)
+    assert rows[:4] == [[1, 3], [2, 3], [4, 3], [1, 6]]  # b*L : S, as the smallest integers
+    assert rows[4] == [1, 0]  # a share within 1/SHARE_DENOMINATOR of all long rounds to all long
+    w = long_doc_weights([3], long_tokens=28_132, short_tokens=27_958)[0]
+    assert abs(Fraction(w[0], sum(w)) - Fraction(3 * 28_132, 3 * 28_132 + 27_958)) < Fraction(1, SHARE_DENOMINATOR)
+
+
+@pytest.mark.parametrize("boost", [[0.5, 1, 3], [1, 1, 1]])
+def test_a_boosted_stage_draws_long_documents_at_their_boosted_share(sources, boost):
+    """Every prefix of a stage's rows is within one row of the target long share b*L / (b*L + S) (boost 1: the
+    natural share, L / (L + S)); every token of a long row is of a long document, of a short row of a short one."""
+    long = sources[0]
+    plan = tiny_plan(lengths=(32, 64, 128), budget=3 * 8192)
+    mix = mixture_for(boosted(long, boost), plan)
+    assert mix.names == ("long:long", "long:short") and mix.filters == ((LONG_MIN, None), (0, LONG_MIN))
+    L, S = long_short_tokens(long)
+    whole = get_stream(long, "train")
+    doc_len = np.repeat(whole.doc_lengths, whole.doc_lengths)  # flat token -> the length of its document
+    for k, (b, st) in enumerate(zip(boost, plan.stages)):
+        target = b * L / (b * L + S)
+        rows = st.steps * st.sequences_per_step
+        src, starts = mix.assign(k, np.arange(rows))
+        n = np.arange(1, rows + 1)
+        assert np.all(np.abs(np.cumsum(src == 0) - n * target) < 1 + n / SHARE_DENOMINATOR)
+        assert abs(mix.stage_tokens(k)[0] - target * st.tokens) < st.seq_len
+        for i, a in zip(src, starts):
+            lens = doc_len[flat_positions(mix.stream(i), int(a), int(a) + st.seq_len)]
+            assert np.all(lens >= LONG_MIN) if i == 0 else np.all(lens < LONG_MIN)
+    if boost == [1, 1, 1]:
+        assert len(set(mix.weights)) == 1 and abs(mix.weights[0][0] / sum(mix.weights[0]) - L / (L + S)) < 1e-4
+
+
+def test_a_boosted_mixture_resumes_exactly_and_starts_epochs(sources):
+    """From any step a worker's rows are the uninterrupted run's (and the Ray Data batch function's); the long
+    documents, drawn 4x in stage 1, run out and start their next epoch there, and the plan says so."""
+    long = sources[0]
+    plan = tiny_plan(workers=2, budget=2 * 32768)
+    data = boosted(long, [1, 4], seed=1)
+    mix = mixture_for(data, plan)
+    for st in plan.stages:
+        for r in range(2):
+            full = np.concatenate(list(mixture_steps(mix, RowLayout.of(st, rank=r, start_step=0))))
+            layout = RowLayout.of(st, rank=r, start_step=5)
+            resumed = np.concatenate(list(mixture_steps(mix, layout)))
+            assert np.array_equal(resumed, full[5 * layout.rows_per_rank_step:])
+            batch = fetch_rows({"id": np.arange(layout.num_rows)}, long, 1, layout, mixture=mix)
+            assert np.array_equal(batch["input_ids"], resumed)
+    acc = accounting(mix, corpus_tokens(mix))
+    L, S = long_short_tokens(long)
+    assert [s["corpus_tokens"] for s in acc["sources"]] == [L, S]
+    assert [s["doc_tokens"] for s in acc["sources"]] == [[LONG_MIN, None], [0, LONG_MIN]]
+    assert acc["sources"][0]["epoch_starts"] == [{"epoch": 2, "stage": 1}]
+    doc, text = plan_mixture(data, plan)
+    assert doc["sources"] == acc["sources"] and [sum(s["tokens"].values()) for s in doc["data"]] == [32768] * 2
+    assert "data.long_doc_boost 1, 4: 'long:long' holds the documents of >= 12,000 tokens, 50.2% of the train " \
+           "tokens" in text
+    assert "'long:long' (documents of >= 12,000 tokens): epoch 2 starts in stage 1" in text
+
+
+def test_a_boosted_run_accounts_long_and_short_tokens(sources, tmp_path, capsys):
+    from gl_ray.train.driver import launch_run
+
+    long = sources[0]
+    cfg = load_config(None, tiny_overrides(long, str(tmp_path), "boost", **{
+        "data.long_doc_boost": "[1, 3]", "data.long_doc_min": LONG_MIN}))
+    summary = launch_run(cfg)
+    assert "data.long_doc_boost 1, 3: 'long:long' holds" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "boost" / "plan.json").read_text())
+    L, S = long_short_tokens(long)
+    for b, st, acc in zip([1, 3], plan["stages"], plan["data"]):
+        assert sum(acc["tokens"].values()) == st["tokens"]
+        assert abs(acc["tokens"]["long:long"] - st["tokens"] * b * L / (b * L + S)) < st["seq_len"]
+    assert summary["source_tokens"] == {s["name"]: s["drawn_tokens"] for s in plan["sources"]}
+    assert [s["source_tokens"] for s in summary["stages"]] == [s["tokens"] for s in plan["data"]]
+    assert all(sum(m["source_tokens"].values()) == m["tokens"] for m in metrics(tmp_path / "boost"))
+    other = load_config(None, tiny_overrides(long, str(tmp_path), "boost", **{"data.long_doc_boost": "[1, 2]",
+                                                                              "data.long_doc_min": LONG_MIN}))
+    with pytest.raises(UserError, match=r"was started with data.long_doc_boost=\[1.0, 3.0\]"):
+        launch_run(other, quiet=True)  # other rows: not a resume of this run
+
+
+@pytest.mark.parametrize("sets, message", [
+    ({"data.long_doc_boost": "[1, 0]"}, "data.long_doc_boost factors must be positive and finite"),
+    ({"data.long_doc_boost": "[1, -2]"}, "data.long_doc_boost factors must be positive and finite"),
+    ({"data.long_doc_boost": "[1, .nan]"}, "config key 'data.long_doc_boost[1]' expects float, got nan"),
+    ({"data.long_doc_boost": "[.inf, 1]"}, "config key 'data.long_doc_boost[0]' expects float, got inf"),
+    ({"data.long_doc_boost": "[1, 2]", "data.sources": "[{path: a}]", "data.path": ""},
+     "with data.sources weigh the sources per stage with data.stage_weights"),
+    ({"data.long_doc_boost": "[1, 2]", "data.packing": "decompose"}, "data.packing=decompose has its own length"),
+    ({"data.long_doc_min": 100}, "set data.long_doc_boost"),
+    ({"data.long_doc_boost": "[1, 2]", "data.long_doc_min": -1}, "data.long_doc_min must be >= 0"),
+])
+def test_bad_long_doc_boost_configs_are_one_line(sets, message):
+    with pytest.raises(UserError) as e:
+        load_config(None, [f"{k}={v}" for k, v in sets.items()])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command, sets, message", [
+    ("plan", {"data.long_doc_boost": "[1, 2, 3]"}, r"data.long_doc_boost has 3 factors for 2 stages \(32, 64\)"),
+    ("plan", {"data.long_doc_boost": "[1, 2]", "data.long_doc_min": 20_000},
+     r"data.long_doc_min=20000: no train document of '.*long' is that long \(the longest has 16,022 tokens\)"),
+    ("plan", {"data.long_doc_boost": "[1, 2]", "data.long_doc_min": 10},
+     r"data.long_doc_min=10: every train document of '.*long' is that long \(the shortest has 20 tokens"),
+    ("train", {"data.long_doc_boost": "[1, 2]", "data.long_doc_min": 20_000}, r"no train document of '.*long'"),
+])
+def test_long_doc_boost_that_does_not_fit_the_data_is_one_line_exit_2(sources, tmp_path, capsys, monkeypatch,
+                                                                       command, sets, message):
+    import re
+
+    sets = tiny_overrides(sources[0], str(tmp_path), "bad", **sets)
+    r = cli_inprocess(capsys, monkeypatch, command, *[a for s in sets for a in ("--set", s)])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and re.search(message, r.stderr), r.stderr
+    assert not (tmp_path / "bad").exists()

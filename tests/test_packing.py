@@ -113,3 +113,24 @@ def test_later_epochs_shuffle_blocks_of_documents_within_shards():
     epoch = _read(stream_segments(b_len, b_off, 27, 54, seed=1, shard_docs=per_shard), corpus)
     expect = np.concatenate([corpus[b_off[b]:b_off[b] + b_len[b]] for b in epoch_order(per_shard, 1, 1)])
     assert epoch.tolist() == expect.tolist() and sorted(epoch.tolist()) == corpus.tolist()
+
+
+def test_a_selection_of_documents_is_cut_into_blocks_at_its_gaps():
+    """Documents not back to back in the flat array (a length filter's selection) start a new block, so each block
+    is one read; a selection with no gap has the whole split's blocks."""
+    from gl_ray.data.packing import block_pieces
+
+    lengths = np.array([3, 4, 2, 9, 1, 1, 5, 2], dtype=np.int64)  # shards [3,4,2,9] and [1,1,5,2], as above
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    b_len, b_off, per_shard = block_pieces(lengths, offsets, [4, 4], block_tokens=5)
+    assert b_off.tolist() == [0, 7, 18, 25] and b_len.tolist() == [7, 11, 7, 2] and per_shard == [2, 2]
+    keep = np.array([1, 0, 1, 1, 1, 1, 0, 1], bool)  # documents of shard 0: 0, 2, 3; of shard 1: 4, 5, 7
+    b_len, b_off, per_shard = block_pieces(lengths[keep], offsets[keep], [3, 3], block_tokens=5)
+    # shard 0: a gap after document 0, document 3 in the next window; shard 1: a gap after document 5
+    assert b_off.tolist() == [0, 7, 9, 18, 25] and b_len.tolist() == [3, 2, 9, 2, 2] and per_shard == [3, 2]
+    corpus = np.arange(int(lengths.sum()))
+    picked = np.concatenate([corpus[a:a + n] for a, n in zip(offsets[keep], lengths[keep])])
+    assert _read(stream_segments(b_len, b_off, 0, 18, seed=0, shard_docs=per_shard, whole=False),
+                 corpus).tolist() == picked.tolist()
+    epoch = _read(stream_segments(b_len, b_off, 18, 36, seed=4, shard_docs=per_shard, whole=False), corpus)
+    assert sorted(epoch.tolist()) == picked.tolist()

@@ -1,7 +1,8 @@
 """Training mixtures: data.sources (prepared datasets of one tokenizer, each with a weight in tokens) and
-data.stage_weights (one weight per source per stage), read with no copy of the corpora.
+data.stage_weights (one weight per source per stage), or data.long_doc_boost (data.path's long documents drawn
+more often in some stages), read with no copy of the corpora.
 
-    mix = mixture_for(cfg.data, plan)            # None without data.sources
+    mix = mixture_for(cfg.data, plan)            # None without data.sources or data.long_doc_boost
     src, starts = mix.assign(1, np.arange(8))     # stage 1's first 8 rows: their source and stream offset
     rows = mixture_rows(mix, RowLayout.of(plan.stages[1], rank=0, start_step=0), np.arange(8))  # int32 [8, L]
     for rows in mixture_steps(mix, layout): ...   # the Ray-free twin of pipeline.stage_dataset(mixture=mix)
@@ -16,10 +17,16 @@ i's r-th row of stage k starts at cursor_k[i] + r * seq_len_k, where cursor_k[i]
 stages before k (their planned rows). So rows are a pure function of (stage, row), and a resume is exact.
 Epoch rule: past its corpus a source's stream goes on into its next epoch (TokenStream's shuffled epochs, seeded by
 data.seed); `accounting` says in which stage that starts, and plan.json records it.
+Length-aware upsampling (data.long_doc_boost: one factor b_k per stage; data.long_doc_min: from which length a
+document is long, default the final stage length): a mixture of two sources over data.path alone, "NAME:long" and
+"NAME:short", each the TokenStream of its documents only (`TokenStream(doc_filter=...)`), weighted in stage k so
+that the long documents give b_k * L / (b_k * L + S) of its tokens (L, S: their train tokens; `long_doc_weights`).
+The rules above hold unchanged; the validation split stays natural.
 
 plan.json with data.sources (`accounting`, `plan_mixture`):
     "sources": [{"name", "path", "corpus_tokens", "drawn_tokens", "epochs" (drawn / corpus), "epoch_starts":
-                 [{"epoch": 2, "stage": k}, ...]}, ...]
+                 [{"epoch": 2, "stage": k}, ...], "doc_tokens": [lo, hi] (long_doc_boost: its documents' lengths,
+                 lo <= length < hi, hi null: no bound)}, ...]
     "data": [{"stage", "seq_len", "weights": [int per source], "tokens": {name: int},
               "stream": {name: [start, stop]}, "epochs": {name: [first, last]} (0-based)}, ...]
 Reports (metrics.jsonl) carry `source_tokens` ({name: int}, cumulative trained tokens), summary.json the totals
@@ -42,12 +49,13 @@ import numpy as np
 from gl_ray import storage
 from gl_ray.data.manifest import load_manifest
 from gl_ray.data.packing import RowLayout
-from gl_ray.data.stream import get_stream
+from gl_ray.data.stream import DocFilter, TokenStream, get_stream
 from gl_ray.data.tokenizer import check_same_tokenizer
 from gl_ray.errors import UserError
 from gl_ray.schedule import Plan
 
 MAX_PERIOD = 1 << 16  # rows of one round-robin period at most (finer weights are rounded to 1/MAX_PERIOD)
+SHARE_DENOMINATOR = 10_000  # data.long_doc_boost: a stage's long share is rounded to a fraction of this at most
 
 
 def integer_weights(weights: list[float]) -> tuple[int, ...]:
@@ -89,7 +97,8 @@ def source_counts(weights: tuple[int, ...], rows: int) -> np.ndarray:
 
 @dataclass(frozen=True, kw_only=True)
 class Mixture:
-    """A run's mixture, a pure function of data.sources, data.stage_weights and the plan (world-size free)."""
+    """A run's mixture, a pure function of data.sources, data.stage_weights and the plan (world-size free); or of
+    data.long_doc_boost, the plan and data.path's document lengths."""
 
     paths: tuple[str, ...]
     names: tuple[str, ...]  # the sources' keys in plan.json, summary.json and reports (folder names)
@@ -99,6 +108,11 @@ class Mixture:
     sequences_per_step: tuple[int, ...]  # per stage, all workers
     stage_rows: tuple[int, ...]  # per stage: planned rows (steps * sequences_per_step; time mode: an upper bound)
     cursors: tuple[tuple[int, ...], ...]  # per stage: each source's stream offset at the stage's start
+    filters: tuple[DocFilter | None, ...]  # per source: the documents it holds (data.long_doc_boost), None: all
+
+    def stream(self, i: int) -> TokenStream:
+        """Source i's train stream (per-process cached)."""
+        return get_stream(self.paths[i], "train", self.seed, self.filters[i])
 
     def assign(self, stage: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stage rows (global, `RowLayout.global_rows`) -> (source of each, int64; stream offset of its first
@@ -136,24 +150,76 @@ def source_names(paths: list[str]) -> tuple[str, ...]:
 
 
 def mixture_for(data, plan: Plan) -> Mixture | None:
-    """The mixture of a DataConfig (None without data.sources) under a plan; UserError unless data.stage_weights
-    has one row per stage."""
+    """The mixture of a DataConfig (None without data.sources or data.long_doc_boost) under a plan; UserError
+    unless data.stage_weights (data.long_doc_boost) has one row (factor) per stage. data.long_doc_boost reads
+    data.path's document lengths (`long_doc_split`)."""
+    if data.long_doc_boost:
+        long_min, long_tokens, short_tokens = long_doc_split(data, plan)
+        name = source_names([data.path])[0]
+        return build_mixture(paths=[data.path] * 2, names=[f"{name}:long", f"{name}:short"],
+                             filters=[(long_min, None), (0, long_min)], seed=data.seed, plan=plan,
+                             rows=long_doc_weights(data.long_doc_boost, long_tokens, short_tokens))
     if not data.sources:
         return None
     rows = data.stage_weights or [[s.weight for s in data.sources]] * len(plan.stages)
     if len(rows) != len(plan.stages):
         raise UserError(f"data.stage_weights has {len(rows)} rows for {len(plan.stages)} stages "
                         f"({', '.join(str(st.seq_len) for st in plan.stages)}): give one list of weights per stage")
+    paths = [s.path for s in data.sources]
+    return build_mixture(paths=paths, names=list(source_names(paths)), filters=[None] * len(paths), rows=rows,
+                         seed=data.seed, plan=plan)
+
+
+def build_mixture(*, paths: list[str], names: list[str], filters: list, rows: list[list[float]], seed: int,
+                  plan: Plan) -> Mixture:
+    """The Mixture of sources weighted per stage by `rows` (one list of weights per stage): each stage's
+    integer weights and each source's cursor at each stage's start."""
     weights = tuple(integer_weights(r) for r in rows)
-    cursor, cursors = np.zeros(len(data.sources), np.int64), []
+    cursor, cursors = np.zeros(len(paths), np.int64), []
     for st, w in zip(plan.stages, weights):
         cursors.append(tuple(int(c) for c in cursor))
         cursor = cursor + source_counts(w, st.steps * st.sequences_per_step) * st.seq_len
-    paths = [s.path for s in data.sources]
-    return Mixture(paths=tuple(paths), names=source_names(paths), seed=data.seed, weights=weights,
+    return Mixture(paths=tuple(paths), names=tuple(names), seed=seed, weights=weights,
                    seq_lens=tuple(st.seq_len for st in plan.stages),
                    sequences_per_step=tuple(st.sequences_per_step for st in plan.stages),
-                   stage_rows=tuple(st.steps * st.sequences_per_step for st in plan.stages), cursors=tuple(cursors))
+                   stage_rows=tuple(st.steps * st.sequences_per_step for st in plan.stages), cursors=tuple(cursors),
+                   filters=tuple(filters))
+
+
+def long_doc_weights(boost: list[float], long_tokens: int, short_tokens: int) -> list[list[int]]:
+    """data.long_doc_boost: each stage's [long, short] integer weights. The long documents' share of stage k's
+    tokens is b_k * L / (b_k * L + S) (L, S: the corpus's long and short train tokens; b_k 1: the natural
+    share), as the nearest fraction of denominator <= SHARE_DENOMINATOR (its numerator and the rest)."""
+    out = []
+    for b in boost:
+        share = Fraction(b) * long_tokens / (Fraction(b) * long_tokens + short_tokens)
+        share = share.limit_denominator(SHARE_DENOMINATOR)
+        out.append([share.numerator, share.denominator - share.numerator])
+    return out
+
+
+def long_doc_split(data, plan: Plan) -> tuple[int, int, int]:
+    """data.long_doc_boost: (the length in tokens from which a document is long, data.long_doc_min or the final
+    stage length; the train tokens of the long documents; of the short ones), from data.path's document lengths.
+    UserError unless the boost has one factor per stage and both kinds of documents are there."""
+    boost, stages = data.long_doc_boost, plan.stages
+    if len(boost) != len(stages):
+        raise UserError(f"data.long_doc_boost has {len(boost)} factors for {len(stages)} stages "
+                        f"({', '.join(str(st.seq_len) for st in stages)}): give one factor per stage")
+    long_min = data.long_doc_min or plan.final_len
+    lengths = get_stream(data.path, "train", data.seed).doc_lengths
+    long_tokens = int(lengths[lengths >= long_min].sum())
+    short_tokens = int(lengths.sum()) - long_tokens
+    what = f"data.long_doc_min={long_min}" + ("" if data.long_doc_min else " (the final stage length)")
+    if not long_tokens:
+        raise UserError(f"{what}: no train document of {data.path!r} is that long (the longest has "
+                        f"{int(lengths.max()):,} tokens), so there is nothing to boost; set data.long_doc_min "
+                        "at most that")
+    if not short_tokens:
+        raise UserError(f"{what}: every train document of {data.path!r} is that long (the shortest has "
+                        f"{int(lengths.min()):,} tokens, the longest {int(lengths.max()):,}), so there is nothing to "
+                        "boost; set data.long_doc_min above the shortest")
+    return long_min, long_tokens, short_tokens
 
 
 def mixture_rows(mix: Mixture, layout: RowLayout, local_rows: np.ndarray) -> np.ndarray:
@@ -162,7 +228,7 @@ def mixture_rows(mix: Mixture, layout: RowLayout, local_rows: np.ndarray) -> np.
     out = np.empty((len(src), layout.seq_len), np.int32)
     for i in np.unique(src):
         pick = src == i
-        out[pick] = get_stream(mix.paths[i], "train", mix.seed).rows(starts[pick], layout.seq_len)
+        out[pick] = mix.stream(i).rows(starts[pick], layout.seq_len)
     return out
 
 
@@ -211,13 +277,15 @@ def accounting(mix: Mixture, corpus_tokens: list[int]) -> dict:
         stages.append({"stage": k, "seq_len": mix.seq_lens[k], "weights": list(mix.weights[k]),
                        "tokens": dict(zip(mix.names, tokens)), "stream": span, "epochs": epochs})
     sources = [{"name": n, "path": p, "corpus_tokens": c, "drawn_tokens": d, "epochs": round(d / c, 4),
-                "epoch_starts": s} for n, p, c, d, s in zip(mix.names, mix.paths, corpus_tokens, drawn, starts)]
+                "epoch_starts": s} | ({"doc_tokens": list(f)} if f else {})
+               for n, p, c, d, s, f in zip(mix.names, mix.paths, corpus_tokens, drawn, starts, mix.filters)]
     return {"sources": sources, "stages": stages}
 
 
 def corpus_tokens(mix: Mixture) -> list[int]:
-    """Each source's train tokens (from its manifest)."""
-    return [load_manifest(p).tokens("train") for p in mix.paths]
+    """Each source's train tokens (from its manifest; a selection of documents: from their lengths)."""
+    return [mix.stream(i).tokens if f else load_manifest(p).tokens("train")
+            for i, (p, f) in enumerate(zip(mix.paths, mix.filters))]
 
 
 def format_mixture(acc: dict) -> str:
@@ -230,17 +298,33 @@ def format_mixture(acc: dict) -> str:
         cells = [f"{st['tokens'][n]:,} ({100 * st['tokens'][n] / total:.0f}%)" for n in names]
         rows.append(f"{st['stage']:>5} {st['seq_len']:>7} " + " ".join(f"{c:>{width}}" for c in cells))
     for i, s in enumerate(acc["sources"]):
+        what = f"{s['name']!r} ({doc_range(s['doc_tokens'])})" if "doc_tokens" in s else \
+            f"data.sources[{i}] {s['name']!r}"
         for e in s["epoch_starts"]:
-            rows.append(f"data.sources[{i}] {s['name']!r}: epoch {e['epoch']} starts in stage {e['stage']} "
+            rows.append(f"{what}: epoch {e['epoch']} starts in stage {e['stage']} "
                         f"({s['drawn_tokens']:,} tokens drawn from {s['corpus_tokens']:,}: {s['epochs']:g} epochs)")
     return "mixture (train tokens per source):\n" + "\n".join(rows)
 
 
+def doc_range(doc_tokens: list) -> str:
+    """A source's documents in words: "documents of >= 1,024 tokens", "documents of < 1,024 tokens"."""
+    lo, hi = doc_tokens
+    if hi is None:
+        return f"documents of >= {lo:,} tokens"
+    return f"documents of < {hi:,} tokens" if lo == 0 else f"documents of {lo:,} to {hi - 1:,} tokens"
+
+
 def plan_mixture(data, plan: Plan) -> tuple[dict, str]:
     """What plan.json (`data`: each stage's mix, `sources`: each source's totals and epochs) and the printed plan
-    say of data.sources; ({}, "") without them."""
+    say of data.sources or data.long_doc_boost; ({}, "") without them."""
     mix = mixture_for(data, plan)
     if mix is None:
         return {}, ""
     acc = accounting(mix, corpus_tokens(mix))
-    return {"data": acc["stages"], "sources": acc["sources"]}, format_mixture(acc)
+    text = format_mixture(acc)
+    if data.long_doc_boost:
+        long, short = acc["sources"]
+        share = long["corpus_tokens"] / (long["corpus_tokens"] + short["corpus_tokens"])
+        text = (f"data.long_doc_boost {', '.join(f'{b:g}' for b in data.long_doc_boost)}: {long['name']!r} holds "
+                f"the {doc_range(long['doc_tokens'])}, {share:.1%} of the train tokens\n" + text)
+    return {"data": acc["stages"], "sources": acc["sources"]}, text

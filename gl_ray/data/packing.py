@@ -57,10 +57,17 @@ def document_blocks(doc_lengths: np.ndarray, shard_docs: list[int],
 def block_pieces(doc_lengths: np.ndarray, doc_offsets: np.ndarray, shard_docs: list[int],
                  block_tokens: int = BLOCK_TOKENS) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The blocks of `document_blocks` as pieces of the flat token array, the form `stream_segments` shuffles:
-    (lengths, offsets, blocks per shard)."""
+    (lengths, offsets, blocks per shard). Documents that are not back to back in the flat array (a selection of
+    a split's documents, `stream.TokenStream`'s doc_filter) also start a new block, so each block is one read."""
     firsts, per_shard = document_blocks(doc_lengths, shard_docs, block_tokens)
-    offsets = doc_offsets[firsts]
-    return np.diff(np.append(offsets, int(doc_lengths.sum()))).astype(np.int64), offsets, per_shard
+    gaps = np.flatnonzero(doc_offsets[1:] != doc_offsets[:-1] + doc_lengths[:-1]) + 1
+    if not len(gaps):
+        offsets = doc_offsets[firsts]
+        return np.diff(np.append(offsets, int(doc_lengths.sum()))).astype(np.int64), offsets, per_shard
+    firsts = np.union1d(firsts, gaps).astype(np.int64)
+    per_shard = np.bincount(np.repeat(np.arange(len(shard_docs)), shard_docs)[firsts],
+                            minlength=len(shard_docs)).tolist()
+    return np.add.reduceat(doc_lengths, firsts).astype(np.int64), doc_offsets[firsts], per_shard
 
 
 def epoch_order(shard_docs: list[int], epoch: int, seed: int) -> np.ndarray:
@@ -80,12 +87,14 @@ def epoch_order(shard_docs: list[int], epoch: int, seed: int) -> np.ndarray:
 
 
 def stream_segments(doc_lengths: np.ndarray, doc_offsets: np.ndarray, start: int, stop: int, seed: int,
-                    order_cache: dict | None = None, shard_docs: list[int] | None = None) -> list[tuple[int, int]]:
+                    order_cache: dict | None = None, shard_docs: list[int] | None = None,
+                    whole: bool = True) -> list[tuple[int, int]]:
     """Map the stream range [start, stop) to (flat_start, length) segments of the manifest-order token array.
 
     doc_lengths[i], doc_offsets[i]: length and flat offset of document i in manifest order; shard_docs:
-    documents per shard (default: one shard). The stream repeats the corpus epoch after epoch in the order
-    epoch_order gives, so any stop is valid. Contiguous pieces are merged.
+    documents per shard (default: one shard); whole: the documents tile the flat array from 0 (false for a
+    selection of them), so epoch 0 of seed 0 is the flat range itself. The stream repeats the corpus epoch after
+    epoch in the order epoch_order gives, so any stop is valid. Contiguous pieces are merged.
     """
     total = int(doc_lengths.sum())
     segs: list[tuple[int, int]] = []
@@ -93,7 +102,7 @@ def stream_segments(doc_lengths: np.ndarray, doc_offsets: np.ndarray, start: int
     while pos < stop:
         epoch, in_epoch = divmod(pos, total)
         take = min(stop - pos, total - in_epoch)
-        if epoch == 0 and seed == 0:
+        if epoch == 0 and seed == 0 and whole:
             segs.append((in_epoch, take))
         else:
             key = (seed, epoch)

@@ -11,6 +11,8 @@ same order (see `gl_ray.data.packing.RowLayout` for the layout).
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 
@@ -24,25 +26,48 @@ from gl_ray.schedule import Plan
 _SHARDS_CACHED = 4  # decoded shards kept per process (a shard is ~64 MB at the default 16M tokens)
 
 
+DocFilter = tuple[int, int | None]  # document lengths [lo, hi) in tokens (hi None: no upper bound)
+
+
 class TokenStream:
     """The token stream of one split, epoch after epoch in the order data.seed gives (epoch_order over blocks of
-    documents, see document_blocks)."""
+    documents, see document_blocks). doc_filter (lo, hi): only the documents of lo <= length < hi tokens, the
+    same stream rules over that selection (data.long_doc_boost's views, gl_ray.data.mixture); reads still go to
+    flat (manifest-order) offsets, and doc_lengths/doc_offsets are the selected documents'."""
 
-    def __init__(self, root: str, split: str, seed: int = 0):
+    def __init__(self, root: str, split: str, seed: int = 0, doc_filter: DocFilter | None = None):
         self.manifest = load_manifest(root)
         self.split, self.seed = split, seed
         self.shards = self.manifest.shards(split)
-        self.shard_docs = [sh.rows for sh in self.shards]
         lengths = [np.asarray(read_shard_lengths(sh, self.manifest.vocab_size), dtype=np.int64)
                    for sh in self.shards]
-        self.doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-        self.doc_offsets = np.concatenate([[0], np.cumsum(self.doc_lengths)[:-1]]).astype(np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum([sh.tokens for sh in self.shards])]).astype(np.int64)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._index(np.concatenate(lengths) if lengths else np.zeros(0, np.int64), doc_filter)
+
+    def _index(self, all_lengths: np.ndarray, doc_filter: DocFilter | None) -> None:
+        """The documents this stream holds (all of the split's, or those doc_filter keeps) and their blocks."""
+        offsets = (np.cumsum(all_lengths) - all_lengths).astype(np.int64)  # flat offset of each document
+        keep = np.ones(len(all_lengths), bool)
+        if doc_filter is not None:
+            lo, hi = doc_filter
+            keep = (all_lengths >= lo) & (all_lengths < (hi if hi is not None else np.inf))
+        self.doc_filter = doc_filter
+        self.doc_lengths, self.doc_offsets = all_lengths[keep], offsets[keep]
+        ends = np.cumsum([sh.rows for sh in self.shards]).astype(np.int64)
+        kept = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+        self.shard_docs = np.diff(np.concatenate([[0], kept[ends]])).tolist()  # documents kept per shard
         self.block_lengths, self.block_offsets, self.shard_blocks = block_pieces(  # what later epochs shuffle
             self.doc_lengths, self.doc_offsets, self.shard_docs)
-        self.shard_starts = np.concatenate([[0], np.cumsum([sh.tokens for sh in self.shards])]).astype(np.int64)
-        self.tokens = int(self.shard_starts[-1])
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self.tokens = int(self.doc_lengths.sum())
         self._orders: dict = {}
+
+    def select(self, doc_filter: DocFilter) -> TokenStream:
+        """A view of this (whole) stream's documents of lo <= length < hi tokens, sharing its decoded shards."""
+        assert self.doc_filter is None, "select from the whole split"
+        view = copy.copy(self)
+        view._index(self.doc_lengths, doc_filter)
+        return view
 
     def _shard(self, i: int) -> np.ndarray:
         if i in self._cache:
@@ -70,7 +95,7 @@ class TokenStream:
         if self.tokens == 0:
             raise ValueError(f"the {self.split} split is empty")
         segs = stream_segments(self.block_lengths, self.block_offsets, start, stop, self.seed, self._orders,
-                               self.shard_blocks)
+                               self.shard_blocks, whole=self.doc_filter is None)
         parts = [self._read_flat(a, a + n) for a, n in segs]
         return (parts[0] if len(parts) == 1 else np.concatenate(parts)).astype(np.int32, copy=False)
 
@@ -97,13 +122,17 @@ class TokenStream:
 
 
 _STREAMS: dict[tuple, TokenStream] = {}
+_BUILDING: dict[tuple, threading.Lock] = {}  # one lock per key: a worker's threads build each stream once
 
 
-def get_stream(root: str, split: str, seed: int = 0) -> TokenStream:
-    """A per-process cached TokenStream (Ray Data tasks reuse it across batches)."""
-    key = (root, split, seed)
-    if key not in _STREAMS:
-        _STREAMS[key] = TokenStream(root, split, seed)
+def get_stream(root: str, split: str, seed: int = 0, doc_filter: DocFilter | None = None) -> TokenStream:
+    """A per-process cached TokenStream (Ray Data tasks reuse it across batches); a doc_filter view shares the
+    whole split's stream and its decoded shards."""
+    key = (root, split, seed, doc_filter)
+    with _BUILDING.setdefault(key, threading.Lock()):  # setdefault is atomic under the GIL
+        if key not in _STREAMS:
+            _STREAMS[key] = TokenStream(root, split, seed) if doc_filter is None else \
+                get_stream(root, split, seed).select(doc_filter)
     return _STREAMS[key]
 
 

@@ -70,7 +70,7 @@ def launch_run(cfg: Config, *, address: str | None = None, quiet: bool = False, 
         check_document_ends(val)
     plans = plans_by_world(cfg, cap_tokens=train_stream.tokens)  # one, but for an elastic run
     plan = plans[cfg.ray.num_workers]
-    mixture_for(cfg.data, plan)  # data.stage_weights: one row per stage, checked before anything is written
+    mixture_for(cfg.data, plan)  # data.stage_weights, long_doc_boost: one per stage, checked before anything is written
     if cfg.data.packing == "decompose":  # every step's bucket, checked before anything is written
         draws = draws_for(cfg.data, plan)
         for w in plans:

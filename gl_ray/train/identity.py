@@ -33,7 +33,7 @@ FINGERPRINT_KEYS = ("model.preset", "model.config", "model.rope_theta", "model.i
                     "schedule.rope_theta",
                     "data.document_masking", "data.seed", "train.seed", "schedule.tokens_per_step",
                     "data.packing", "data.min_chunk", "data.curriculum", "data.bucket_odds", "data.cycles",
-                    "data.stage_weights")
+                    "data.stage_weights", "data.long_doc_boost", "data.long_doc_min")
 
 
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
