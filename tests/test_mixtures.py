@@ -185,6 +185,15 @@ def test_a_mixture_run_accounts_every_source_token(sources, tmp_path, capsys):
     assert all(check_report(m) == m or "val_loss" in m for m in ms)
     assert all(sum(m["source_tokens"].values()) == m["tokens"] for m in ms)
     assert ms[7]["source_tokens"] == {"long": 6144, "short": 2048}  # the end of stage 0
+    from gl_ray.data.prepare import prepare
+
+    moved = str(tmp_path / "moved" / "short")  # the same name and weight, other documents: not this run's data
+    prepare("stdlib", moved, tokenizer=str(Path(long) / "tokenizer"), max_docs=3, **SMALL)
+    other = load_config(None, tiny_overrides("", str(tmp_path), "mix", **{
+        "data.sources": f"[{{path: {long}, weight: 3}}, {{path: {moved}, weight: 1}}]",
+        "data.stage_weights": "[[3,1],[1,3]]"}))
+    with pytest.raises(UserError, match=r"was started with data.sources \(manifest.json digests\)="):
+        launch_run(other, quiet=True)
 
 
 @pytest.mark.slow

@@ -175,11 +175,12 @@ def test_sigterm_then_sigkill_of_the_ray_driver_resume_exactly_with_the_same_com
 
 
 def test_a_run_folder_or_dataset_a_worker_cannot_see_is_one_line(ray_local, ray_run, tiny_data, tmp_path):
-    """ray.storage_path and data.path must be the driver's folders on every worker's node: the driver writes a token
-    into a local run folder and each worker reads it back (`check_shared`). A Ray run wrote and checked it; a node
-    that sees another folder at that path (here: another token, or no dataset) gets one line naming the node."""
+    """ray.storage_path, data.path and every data.sources path must be the driver's folders on every worker's node:
+    the driver writes a token into a local run folder and each worker reads it back (`check_shared`). A Ray run
+    wrote and checked it; a node that sees another folder at that path (here: another token, or no dataset) gets one
+    line naming the node and the config key."""
     from gl_ray.errors import UserError
-    from gl_ray.train.ray_train import SHARED_MARKER, check_shared, mark_shared
+    from gl_ray.train.ray_train import SHARED_MARKER, check_shared, mark_shared, shared_data
 
     _, _, run = ray_run
     assert len((run / SHARED_MARKER).read_text()) == 32  # the Ray run's driver wrote it, its workers checked it
@@ -190,18 +191,23 @@ def test_a_run_folder_or_dataset_a_worker_cannot_see_is_one_line(ray_local, ray_
     @ray_local.remote(num_cpus=0)
     def on_a_node(run_uri, token, data):
         try:
-            check_shared(run_uri, token, data)
+            check_shared(run_uri, token, shared_data(data))
         except UserError as e:
             return str(e)
         return "ok"
 
-    assert ray_local.get(on_a_node.remote(str(folder), token, tiny_data)) == "ok"
+    assert ray_local.get(on_a_node.remote(str(folder), token, {"path": tiny_data})) == "ok"
     (folder / SHARED_MARKER).write_text("another node's folder")
-    got = ray_local.get(on_a_node.remote(str(folder), token, tiny_data))
+    got = ray_local.get(on_a_node.remote(str(folder), token, {"path": tiny_data}))
     assert got.startswith("ray.storage_path: the run folder") and "on node " in got and "s3://" in got
     assert "\n" not in got
-    got = ray_local.get(on_a_node.remote(str(folder), mark_shared(str(folder)), str(tmp_path / "nowhere")))
+    token = mark_shared(str(folder))
+    got = ray_local.get(on_a_node.remote(str(folder), token, {"path": str(tmp_path / "nowhere")}))
     assert got.startswith("data.path:") and "no manifest.json on node" in got
+    mixture = {"path": tiny_data, "sources": [{"path": tiny_data, "weight": 1.0},
+                                              {"path": str(tmp_path / "elsewhere"), "weight": 1.0}]}
+    got = ray_local.get(on_a_node.remote(str(folder), token, mixture))  # a source only the driver's node has
+    assert got.startswith(f"data.sources[1].path: {str(tmp_path / 'elsewhere')!r} has no manifest.json on node")
     assert mark_shared("s3://bucket/runs/x") == ""  # S3 is every node's: nothing to check
 
 

@@ -39,8 +39,11 @@ FINGERPRINT_KEYS = ("model.preset", "model.config", "model.rope_theta", "model.i
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
     fp["data.bucket_odds"] = {str(k): v for k, v in sorted(cfg.data.bucket_odds.items())}  # as JSON reads it back
-    if cfg.data.sources:  # the mix (the sources' paths may move, as data.path's may)
+    if cfg.data.sources:  # the mix and what each source holds (their paths may move, as data.path's may)
         fp["data.sources (weights)"] = [s.weight for s in cfg.data.sources]
+        fp["data.sources (manifest.json digests)"] = [
+            hashlib.sha256(storage.read_bytes(storage.join(s.path, "manifest.json"))).hexdigest()[:16]
+            for s in cfg.data.sources]
     fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
     fp["stages"] = stage_keys(plan.to_json()["stages"])
     return fp

@@ -395,10 +395,10 @@ def mark_shared(run_uri: str) -> str:
     return token
 
 
-def check_shared(run_uri: str, token: str, data_path: str) -> None:
-    """A worker's half: a local ray.storage_path and data.path must be the driver's folders, seen from this node
-    too (a worker on another node without a shared mount would write its checkpoints where nobody reads them).
-    One UserError line naming the node otherwise."""
+def check_shared(run_uri: str, token: str, data_paths: dict[str, str]) -> None:
+    """A worker's half: a local ray.storage_path and every dataset it reads (data_paths: {config key: path}, see
+    `shared_data`) must be the driver's folders, seen from this node too (a worker on another node without a shared
+    mount would write its checkpoints where nobody reads them). One UserError line naming the node otherwise."""
     import ray
 
     where = f"on node {ray.get_runtime_context().get_node_id()[:12]}"
@@ -406,9 +406,17 @@ def check_shared(run_uri: str, token: str, data_path: str) -> None:
     if token and (not storage.exists(marker) or storage.read_bytes(marker).decode(errors="replace") != token):
         raise UserError(f"ray.storage_path: the run folder {run_uri!r} is not the driver's {where} (a local folder "
                         "that is not shared by every node); use s3:// or a mount every node shares")
-    if not storage.is_s3(data_path) and not storage.exists(storage.join(data_path, "manifest.json")):
-        raise UserError(f"data.path: {data_path!r} has no manifest.json {where} (a local folder that is not "
-                        "shared by every node); use s3:// or a mount every node shares")
+    for key, path in data_paths.items():
+        if not storage.is_s3(path) and not storage.exists(storage.join(path, "manifest.json")):
+            raise UserError(f"{key}: {path!r} has no manifest.json {where} (a local folder that is not shared by "
+                            "every node); use s3:// or a mount every node shares")
+
+
+def shared_data(data: dict) -> dict[str, str]:
+    """{config key: path} of every dataset a worker reads: data.path (validation, tokenizer) and each of
+    data.sources (the training mixture)."""
+    return {"data.path": data["path"], **{f"data.sources[{i}].path": s["path"]
+                                          for i, s in enumerate(data.get("sources") or [])}}
 
 
 def ray_worker_loop(config: dict) -> None:
@@ -419,7 +427,7 @@ def ray_worker_loop(config: dict) -> None:
 
     os.environ.update(config.get("fault_env", {}))  # test-only fault hook (gl_ray.train.faults)
     quiet_ray_logs(config.get("verbose", False))
-    check_shared(config["run_uri"], config.get("shared_token", ""), config["cfg"]["data"]["path"])
+    check_shared(config["run_uri"], config.get("shared_token", ""), shared_data(config["cfg"]["data"]))
     cfg = config_from_dict(config["cfg"])
     plan = Plan.from_dict(config["plans"][ray.train.get_context().get_world_size()])  # elastic: this world's
     io = RayWorkerIO(cfg, plan, config["run_uri"])
