@@ -36,15 +36,19 @@ FINGERPRINT_KEYS = ("model.preset", "model.config", "model.rope_theta", "model.i
                     "data.stage_weights", "data.long_doc_boost", "data.long_doc_min")
 
 
+def manifest_digest(manifest_bytes: bytes) -> str:
+    """What a dataset holds, in 16 hex digits: the SHA-256 of its manifest.json."""
+    return hashlib.sha256(manifest_bytes).hexdigest()[:16]
+
+
 def fingerprint(cfg: Config, plan, manifest_bytes: bytes) -> dict:
     fp = {key: cfg.get(key) for key in FINGERPRINT_KEYS}
     fp["data.bucket_odds"] = {str(k): v for k, v in sorted(cfg.data.bucket_odds.items())}  # as JSON reads it back
     if cfg.data.sources:  # the mix and what each source holds (their paths may move, as data.path's may)
         fp["data.sources (weights)"] = [s.weight for s in cfg.data.sources]
         fp["data.sources (manifest.json digests)"] = [
-            hashlib.sha256(storage.read_bytes(storage.join(s.path, "manifest.json"))).hexdigest()[:16]
-            for s in cfg.data.sources]
-    fp["dataset (manifest.json digest)"] = hashlib.sha256(manifest_bytes).hexdigest()[:16]
+            manifest_digest(storage.read_bytes(storage.join(s.path, "manifest.json"))) for s in cfg.data.sources]
+    fp["dataset (manifest.json digest)"] = manifest_digest(manifest_bytes)
     fp["stages"] = stage_keys(plan.to_json()["stages"])
     return fp
 
