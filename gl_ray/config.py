@@ -84,9 +84,10 @@ class DataConfig:
                                          "gl_ray/data/mixture.py)")
     stage_weights: list[list[float]] = _f([], "with data.sources: one list of weights per stage, one per source, "
                                               "instead of the sources' own weights (e.g. more long documents late)")
-    long_doc_boost: list[float] = _f([], "length-aware upsampling of data.path: one factor per stage by which its "
-                                         "long documents are drawn more often than their share of its train tokens "
-                                         "(1: the natural mix; e.g. [1, 1, 4]; gl_ray/data/mixture.py)")
+    long_doc_boost: list[float] = _f([], "length-aware upsampling of data.path (or of each source, its weight kept): "
+                                         "one factor per stage by which long documents are drawn more often than "
+                                         "their share of its train tokens (1: the natural mix; e.g. [1, 1, 4]; "
+                                         "gl_ray/data/mixture.py)")
     long_doc_min: int = _f(0, "with data.long_doc_boost: a document of at least this many tokens is long (0: the "
                               "final stage length)")
 
@@ -341,9 +342,6 @@ class Config:
         if any(not (b > 0 and math.isfinite(b)) for b in d.long_doc_boost):
             raise UserError(f"data.long_doc_boost factors must be positive and finite (1: the natural mix), got "
                             f"{d.long_doc_boost}")
-        if d.sources:
-            raise UserError("data.long_doc_boost weighs data.path's long documents; with data.sources weigh the "
-                            "sources per stage with data.stage_weights instead")
         if d.packing == "decompose":
             raise UserError("data.long_doc_boost mixes packed rows; data.packing=decompose has its own length "
                             "buckets (data.curriculum), use one or the other")

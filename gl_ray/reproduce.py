@@ -2,7 +2,8 @@
 data and budget, then `report` and `eval`; optionally a ratio ablation (the paper's Figure 5).
 
 Runs go one after another into OUT/runs/; the comparison into OUT/eval.json (+ eval.png and eval_*.png: the
-context-use metrics) and OUT/report/ (with the eval's headline numbers and, with --seeds 2+, Welch's t-tests).
+context-use metrics) and OUT/report/ (with the eval's headline numbers and, with --seeds 2+, Welch's t-tests). With
+data.sources (a mixture) OUT/eval_sources.json holds the loss on each source's val split too.
 
     gl-ray reproduce --config pipelines/configs/tiny-growlength.yaml --data data/stdlib --budget-time-s 90 \
         --out results/tiny [--ratios "0.25,0.25,0.25,0.25;0.4,0.3,0.2,0.1"] [--modes reshape,window,decompose]
@@ -18,8 +19,9 @@ import json
 from pathlib import Path
 
 from gl_ray.config import load_config
+from gl_ray.data.mixture import source_names
 from gl_ray.errors import UserError
-from gl_ray.evaluate import DEFAULT_CONTEXT, ContextSettings, evaluate_models, format_eval
+from gl_ray.evaluate import DEFAULT_CONTEXT, NO_CONTEXT, ContextSettings, evaluate_models, format_eval
 from gl_ray.plots import plot_context, plot_eval
 from gl_ray.report import build_report, format_report
 from gl_ray.schedule import normalise_ratios, stage_lengths
@@ -52,7 +54,8 @@ def parse_modes(text: str) -> list[str]:
 def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[float]], seeds: int = 1,
                  modes: tuple[str, ...] = ("reshape",)) -> list[list[str]]:
     """Override lists of every run: GrowLength (one per ratio set, and per mode), fixed shortest, fixed longest
-    (a fixed length has no mode); with seeds > 1,
+    (a fixed length has no mode; with data.stage_weights or data.long_doc_boost it draws its stage's mix); with
+    seeds > 1,
     each of them `seeds` times, named ...-s0, -s1, ... with train.seed (weight init, PoSE draws) and data.seed
     (document order) both set to the base config's plus k."""
     cfg = load_config(base_config, overrides)
@@ -71,8 +74,12 @@ def run_variants(base_config: str, overrides: list[str], ratio_sets: list[list[f
             arms.append((f"{prefix}-{tag}" + (f"-{mode}" if mode != "reshape" else ""), sets))
     fixed = ["schedule.shape=ladder", "schedule.ratios=[1.0]", "schedule.warmup_fraction=0", "schedule.mode=reshape",
              "data.packing=concat"]
-    for L in (lengths[0], lengths[-1]):
-        arms.append((f"{prefix}-fixed{L}", [f"schedule.lengths=[{L}]", *fixed]))
+    for k in (0, len(lengths) - 1):  # a fixed arm draws the mix of the stage whose length it trains at
+        mix = [f"data.stage_weights=[{cfg.data.stage_weights[k]}]"] if cfg.data.stage_weights else []
+        mix += [f"data.long_doc_boost=[{cfg.data.long_doc_boost[k]}]"] if cfg.data.long_doc_boost else []
+        if cfg.data.long_doc_boost and not cfg.data.long_doc_min:
+            mix.append(f"data.long_doc_min={lengths[-1]}")  # long: as in the ladder, not from the fixed length
+        arms.append((f"{prefix}-fixed{lengths[k]}", [f"schedule.lengths=[{lengths[k]}]", *fixed, *mix]))
     if seeds == 1:
         return [[*overrides, f"name={name}", *sets] for name, sets in arms]
     return [[*overrides, f"name={name}-s{k}", *sets, f"train.seed={cfg.train.seed + k}",
@@ -118,6 +125,21 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     plot_eval(ev, str(Path(out, "eval.png")))
     plot_context(ev, str(Path(out, "eval")))
     print(format_eval(ev))
+    if configs[0].data.sources:  # a mixture: each source's val split as well (loss only)
+        by_source = eval_sources(configs[0].data, [f"{u}/final" for u in run_uris], eval_lens,
+                                 max_tokens=eval_tokens or max(eval_lens) * 64)
+        Path(out, "eval_sources.json").write_text(json.dumps(by_source, indent=1))
+        for name, res in by_source.items():
+            print(f"\nval split of source {name!r}:\n{format_eval(res)}")
     rep = build_report(run_uris, str(Path(out, "report")), eval_res=ev)
     print(format_report(rep))
     return {"runs": run_uris, "report": rep, "eval": ev}
+
+
+def eval_sources(data, models: list[str], lengths: list[int], *, max_tokens: int) -> dict:
+    """Loss and perplexity of each model at each length on the val split of each of data.sources: {source name:
+    an `evaluate_models` result} (the names of plan.json's sources)."""
+    paths = [s.path for s in data.sources]
+    return {name: evaluate_models(models, path, lengths, max_tokens=max_tokens,
+                                  document_masking=data.document_masking, context=NO_CONTEXT)
+            for name, path in zip(source_names(paths), paths)}

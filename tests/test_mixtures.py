@@ -185,6 +185,15 @@ def test_a_mixture_run_accounts_every_source_token(sources, tmp_path, capsys):
     assert all(check_report(m) == m or "val_loss" in m for m in ms)
     assert all(sum(m["source_tokens"].values()) == m["tokens"] for m in ms)
     assert ms[7]["source_tokens"] == {"long": 6144, "short": 2048}  # the end of stage 0
+    from gl_ray.evaluate import NO_CONTEXT, evaluate_models
+    from gl_ray.reproduce import eval_sources
+
+    final = str(tmp_path / "mix" / "final")  # reproduce's eval of a mixture: each source's val split
+    by_source = eval_sources(cfg.data, [final], [32, 64], max_tokens=512)
+    assert list(by_source) == ["long", "short"] and [r["data"] for r in by_source.values()] == [long, short]
+    for name, path in (("long", long), ("short", short)):  # what `gl-ray eval --data SOURCE` gives
+        assert by_source[name]["models"] == evaluate_models([final], path, [32, 64], max_tokens=512,
+                                                            context=NO_CONTEXT)["models"]
     from gl_ray.data.prepare import prepare
 
     moved = str(tmp_path / "moved" / "short")  # the same name and weight, other documents: not this run's data
@@ -390,13 +399,92 @@ def test_a_boosted_run_accounts_long_and_short_tokens(sources, tmp_path, capsys)
         launch_run(other, quiet=True)  # other rows: not a resume of this run
 
 
+def boosted_sources(paths, weights, boost, stage_weights=(), long_min: int = LONG_MIN) -> DataConfig:
+    data = data_of(paths, weights, stage_weights)
+    data.long_doc_boost, data.long_doc_min = list(boost), long_min
+    return data
+
+
+def test_a_boosted_mixture_keeps_each_sources_share_and_boosts_within_it(sources):
+    """data.long_doc_boost with data.sources: each source's share of a stage is its weight's (within one row per
+    period), and within a source its long documents take b*L / (b*L + S); a source with no long document (short)
+    is drawn whole, and the plan says so."""
+    long, short, _ = sources
+    plan = tiny_plan(lengths=(32, 64, 128), budget=3 * 8192)
+    data = boosted_sources([long, short], [3, 1], [1, 1, 4], stage_weights=[[3, 1], [1, 1], [3, 1]])
+    mix = mixture_for(data, plan)
+    assert mix.names == ("long:long", "long:short", "short")
+    assert mix.filters == ((LONG_MIN, None), (0, LONG_MIN), None) and mix.paths == (long, long, short)
+    L, S = long_short_tokens(long)
+    for k, (b, w, st) in enumerate(zip([1, 1, 4], [3 / 4, 1 / 2, 3 / 4], plan.stages)):
+        rows = st.steps * st.sequences_per_step
+        src, _ = mix.assign(k, np.arange(rows))
+        n = np.arange(1, rows + 1)
+        period = sum(mix.weights[k])
+        assert np.all(np.abs(np.cumsum(src <= 1) - n * w) < 1 + n / period)  # long's share: its weight's
+        share = b * L / (b * L + S)
+        got = mix.stage_tokens(k)
+        assert abs(got[0] - share * (got[0] + got[1])) < 2 * st.seq_len  # within long: the boosted share
+        assert sum(got) == st.tokens
+    doc, text = plan_mixture(data, plan)
+    assert [s["name"] for s in doc["sources"]] == ["long:long", "long:short", "short"]
+    assert "data.long_doc_boost 1, 1, 4: 'long:long' holds the documents of >= 12,000 tokens, 50.2% of the " \
+           "train tokens" in text
+    assert "'short' has documents of one kind only (long: 12,000 tokens or more): drawn whole" in text
+
+
+def test_a_boost_splits_every_source_that_has_both_kinds(sources):
+    long, short, _ = sources
+    lengths = get_stream(short, "train").doc_lengths
+    long_min = int(lengths.max())  # short's longest document is long, the rest short
+    assert lengths.min() < long_min
+    data = boosted_sources([long, short], [1, 1], [1, 3], long_min=long_min)
+    mix = mixture_for(data, tiny_plan())
+    assert mix.names == ("long:long", "long:short", "short:long", "short:short")
+    for i, path in ((0, long), (2, short)):  # each pair is its source's documents, split at long_min
+        whole = get_stream(path, "train")
+        assert mix.stream(i).tokens + mix.stream(i + 1).tokens == whole.tokens
+        assert mix.stream(i).doc_lengths.min() >= long_min > mix.stream(i + 1).doc_lengths.max()
+    k = 1  # stage 1 (boost 3): the sources still half each, long documents 3x within each
+    got = mix.stage_tokens(k)
+    assert abs((got[0] + got[1]) - (got[2] + got[3])) <= 2 * mix.seq_lens[k]
+    layout = RowLayout.of(tiny_plan().stages[k], rank=0, start_step=1)
+    assert np.array_equal(np.concatenate(list(mixture_steps(mix, layout))),
+                          fetch_rows({"id": np.arange(layout.num_rows)}, long, 0, layout, mixture=mix)["input_ids"])
+
+
+def test_reproduces_fixed_arms_draw_the_mix_of_their_stage(sources):
+    """reproduce with data.stage_weights and data.long_doc_boost: fixed shortest trains stage 0's mix, fixed
+    longest the last stage's, and long documents are those of the ladder (from its final length)."""
+    from gl_ray.reproduce import run_variants
+
+    long, short, _ = sources
+    sets = tiny_overrides("", "runs", "m", **{"data.sources": f"[{{path: {long}}}, {{path: {short}}}]",
+                                              "data.stage_weights": "[[3, 1], [1, 3]]",
+                                              "data.long_doc_boost": "[1, 4]"})
+    cfgs = [load_config(None, v) for v in run_variants(None, sets, [])]
+    assert [c.name for c in cfgs] == ["m-growlength", "m-fixed32", "m-fixed64"]
+    assert cfgs[0].data.stage_weights == [[3, 1], [1, 3]] and cfgs[0].data.long_doc_boost == [1, 4]
+    for cfg, weights, boost in ((cfgs[1], [[3, 1]], [1]), (cfgs[2], [[1, 3]], [4])):
+        assert cfg.data.stage_weights == weights and cfg.data.long_doc_boost == boost
+        assert cfg.data.long_doc_min == 64
+    plan = tiny_plan(lengths=(32,), budget=8192)
+    assert mixture_for(cfgs[1].data, plan).filters[0] == (64, None)
+
+
+def test_a_boost_that_no_source_can_take_is_one_line(sources):
+    long, short, _ = sources
+    with pytest.raises(UserError) as e:
+        mixture_for(boosted_sources([long, short], [1, 1], [1, 2], long_min=20_000), tiny_plan())
+    assert str(e.value).startswith("data.long_doc_min=20000: no source of data.sources has both documents that long")
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("sets, message", [
     ({"data.long_doc_boost": "[1, 0]"}, "data.long_doc_boost factors must be positive and finite"),
     ({"data.long_doc_boost": "[1, -2]"}, "data.long_doc_boost factors must be positive and finite"),
     ({"data.long_doc_boost": "[1, .nan]"}, "config key 'data.long_doc_boost[1]' expects float, got nan"),
     ({"data.long_doc_boost": "[.inf, 1]"}, "config key 'data.long_doc_boost[0]' expects float, got inf"),
-    ({"data.long_doc_boost": "[1, 2]", "data.sources": "[{path: a}]", "data.path": ""},
-     "with data.sources weigh the sources per stage with data.stage_weights"),
     ({"data.long_doc_boost": "[1, 2]", "data.packing": "decompose"}, "data.packing=decompose has its own length"),
     ({"data.long_doc_min": 100}, "set data.long_doc_boost"),
     ({"data.long_doc_boost": "[1, 2]", "data.long_doc_min": -1}, "data.long_doc_min must be >= 0"),

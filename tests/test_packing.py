@@ -117,7 +117,7 @@ def test_later_epochs_shuffle_blocks_of_documents_within_shards():
 
 def test_a_selection_of_documents_is_cut_into_blocks_at_its_gaps():
     """Documents not back to back in the flat array (a length filter's selection) start a new block, so each block
-    is one read; a selection with no gap has the whole split's blocks."""
+    is one read; a selection with no gap has the whole split's blocks, also one that starts past the flat start."""
     from gl_ray.data.packing import block_pieces
 
     lengths = np.array([3, 4, 2, 9, 1, 1, 5, 2], dtype=np.int64)  # shards [3,4,2,9] and [1,1,5,2], as above
@@ -134,3 +134,9 @@ def test_a_selection_of_documents_is_cut_into_blocks_at_its_gaps():
                  corpus).tolist() == picked.tolist()
     epoch = _read(stream_segments(b_len, b_off, 18, 36, seed=4, shard_docs=per_shard, whole=False), corpus)
     assert sorted(epoch.tolist()) == picked.tolist()
+    for keep in (np.arange(8) >= 5, np.arange(8) == 3):  # back to back, but not from the flat array's start
+        b_len, b_off, per_shard = block_pieces(lengths[keep], offsets[keep], [0, int(keep.sum())], block_tokens=5)
+        picked = np.concatenate([corpus[a:a + n] for a, n in zip(offsets[keep], lengths[keep])])
+        assert b_len.sum() == lengths[keep].sum() and np.all(b_len > 0)
+        assert _read(stream_segments(b_len, b_off, 0, len(picked), seed=0, shard_docs=per_shard, whole=False),
+                     corpus).tolist() == picked.tolist()

@@ -18,10 +18,12 @@ stages before k (their planned rows). So rows are a pure function of (stage, row
 Epoch rule: past its corpus a source's stream goes on into its next epoch (TokenStream's shuffled epochs, seeded by
 data.seed); `accounting` says in which stage that starts, and plan.json records it.
 Length-aware upsampling (data.long_doc_boost: one factor b_k per stage; data.long_doc_min: from which length a
-document is long, default the final stage length): a mixture of two sources over data.path alone, "NAME:long" and
-"NAME:short", each the TokenStream of its documents only (`TokenStream(doc_filter=...)`), weighted in stage k so
-that the long documents give b_k * L / (b_k * L + S) of its tokens (L, S: their train tokens; `long_doc_weights`).
-The rules above hold unchanged; the validation split stays natural.
+document is long, default the final stage length): data.path (or each source of data.sources) becomes two sources,
+"NAME:long" and "NAME:short", each the TokenStream of its documents only (`TokenStream(doc_filter=...)`), that
+share its weight in stage k so that its long documents give b_k * L / (b_k * L + S) of its tokens (L, S: their
+train tokens; `long_doc_weights`). The sources' own shares stay as weighted (per-source length upsampling, Fu et
+al. 2024); a source whose documents are all long or all short is drawn whole. The rules above hold unchanged; the
+validation split stays natural.
 
 plan.json with data.sources (`accounting`, `plan_mixture`):
     "sources": [{"name", "path", "corpus_tokens", "drawn_tokens", "epochs" (drawn / corpus), "epoch_starts":
@@ -152,22 +154,48 @@ def source_names(paths: list[str]) -> tuple[str, ...]:
 def mixture_for(data, plan: Plan) -> Mixture | None:
     """The mixture of a DataConfig (None without data.sources or data.long_doc_boost) under a plan; UserError
     unless data.stage_weights (data.long_doc_boost) has one row (factor) per stage. data.long_doc_boost reads
-    data.path's document lengths (`long_doc_split`)."""
-    if data.long_doc_boost:
-        long_min, long_tokens, short_tokens = long_doc_split(data, plan)
-        name = source_names([data.path])[0]
-        return build_mixture(paths=[data.path] * 2, names=[f"{name}:long", f"{name}:short"],
-                             filters=[(long_min, None), (0, long_min)], seed=data.seed, plan=plan,
-                             rows=long_doc_weights(data.long_doc_boost, long_tokens, short_tokens))
-    if not data.sources:
+    each source's document lengths (`boosted_mixture`)."""
+    if not data.sources and not data.long_doc_boost:
         return None
-    rows = data.stage_weights or [[s.weight for s in data.sources]] * len(plan.stages)
+    paths = [s.path for s in data.sources] or [data.path]
+    rows = data.stage_weights or [[s.weight for s in data.sources] or [1]] * len(plan.stages)
     if len(rows) != len(plan.stages):
         raise UserError(f"data.stage_weights has {len(rows)} rows for {len(plan.stages)} stages "
                         f"({', '.join(str(st.seq_len) for st in plan.stages)}): give one list of weights per stage")
-    paths = [s.path for s in data.sources]
+    if data.long_doc_boost:
+        return boosted_mixture(data, plan, paths, rows)
     return build_mixture(paths=paths, names=list(source_names(paths)), filters=[None] * len(paths), rows=rows,
                          seed=data.seed, plan=plan)
+
+
+def boosted_mixture(data, plan: Plan, paths: list[str], rows: list[list[float]]) -> Mixture:
+    """data.long_doc_boost: each source that has both long and short train documents becomes two, "NAME:long" and
+    "NAME:short", that share its weight in stage k as b_k * L : S (`long_doc_weights`), so the mix of sources stays
+    as weighted and only the documents within each change (Fu et al. 2024's per-source length upsampling). A
+    source with documents of one kind only is drawn whole. UserError unless the boost has one factor per stage and
+    some source has both kinds."""
+    boost, stages = data.long_doc_boost, plan.stages
+    if len(boost) != len(stages):
+        raise UserError(f"data.long_doc_boost has {len(boost)} factors for {len(stages)} stages "
+                        f"({', '.join(str(st.seq_len) for st in stages)}): give one factor per stage")
+    long_min = data.long_doc_min or plan.final_len
+    what = f"data.long_doc_min={long_min}" + ("" if data.long_doc_min else " (the final stage length)")
+    parts = []  # (path, name, doc filter, weight per stage) of each source of the mixture
+    for i, (path, name) in enumerate(zip(paths, source_names(paths))):
+        weights = [row[i] for row in rows]
+        long_tokens, short_tokens = long_doc_split(path, data.seed, long_min, what, alone=len(paths) == 1)
+        if not (long_tokens and short_tokens):
+            parts.append((path, name, None, weights))
+            continue
+        shares = long_doc_weights(boost, long_tokens, short_tokens)
+        parts += [(path, f"{name}:long", (long_min, None), [w * a / (a + b) for w, (a, b) in zip(weights, shares)]),
+                  (path, f"{name}:short", (0, long_min), [w * b / (a + b) for w, (a, b) in zip(weights, shares)])]
+    if len(parts) == len(paths):
+        raise UserError(f"{what}: no source of data.sources has both documents that long and shorter ones, so there "
+                        "is nothing to boost; set data.long_doc_min between a source's shortest and longest document")
+    out_paths, names, filters, columns = zip(*parts)
+    return build_mixture(paths=list(out_paths), names=list(names), filters=list(filters),
+                         rows=[list(r) for r in zip(*columns)], seed=data.seed, plan=plan)
 
 
 def build_mixture(*, paths: list[str], names: list[str], filters: list, rows: list[list[float]], seed: int,
@@ -198,28 +226,22 @@ def long_doc_weights(boost: list[float], long_tokens: int, short_tokens: int) ->
     return out
 
 
-def long_doc_split(data, plan: Plan) -> tuple[int, int, int]:
-    """data.long_doc_boost: (the length in tokens from which a document is long, data.long_doc_min or the final
-    stage length; the train tokens of the long documents; of the short ones), from data.path's document lengths.
-    UserError unless the boost has one factor per stage and both kinds of documents are there."""
-    boost, stages = data.long_doc_boost, plan.stages
-    if len(boost) != len(stages):
-        raise UserError(f"data.long_doc_boost has {len(boost)} factors for {len(stages)} stages "
-                        f"({', '.join(str(st.seq_len) for st in stages)}): give one factor per stage")
-    long_min = data.long_doc_min or plan.final_len
-    lengths = get_stream(data.path, "train", data.seed).doc_lengths
+def long_doc_split(path: str, seed: int, long_min: int, what: str, *, alone: bool) -> tuple[int, int]:
+    """data.long_doc_boost: (the train tokens of `path`'s documents of at least long_min tokens, of the shorter
+    ones). alone (data.path without data.sources): UserError, starting with `what`, unless it has both kinds; in a
+    mixture a source of one kind is drawn whole."""
+    lengths = get_stream(path, "train", seed).doc_lengths
     long_tokens = int(lengths[lengths >= long_min].sum())
     short_tokens = int(lengths.sum()) - long_tokens
-    what = f"data.long_doc_min={long_min}" + ("" if data.long_doc_min else " (the final stage length)")
+    if not alone or (long_tokens and short_tokens):
+        return long_tokens, short_tokens
     if not long_tokens:
-        raise UserError(f"{what}: no train document of {data.path!r} is that long (the longest has "
+        raise UserError(f"{what}: no train document of {path!r} is that long (the longest has "
                         f"{int(lengths.max()):,} tokens), so there is nothing to boost; set data.long_doc_min "
                         "at most that")
-    if not short_tokens:
-        raise UserError(f"{what}: every train document of {data.path!r} is that long (the shortest has "
-                        f"{int(lengths.min()):,} tokens, the longest {int(lengths.max()):,}), so there is nothing to "
-                        "boost; set data.long_doc_min above the shortest")
-    return long_min, long_tokens, short_tokens
+    raise UserError(f"{what}: every train document of {path!r} is that long (the shortest has "
+                    f"{int(lengths.min()):,} tokens, the longest {int(lengths.max()):,}), so there is nothing to "
+                    "boost; set data.long_doc_min above the shortest")
 
 
 def mixture_rows(mix: Mixture, layout: RowLayout, local_rows: np.ndarray) -> np.ndarray:
@@ -323,8 +345,15 @@ def plan_mixture(data, plan: Plan) -> tuple[dict, str]:
     acc = accounting(mix, corpus_tokens(mix))
     text = format_mixture(acc)
     if data.long_doc_boost:
-        long, short = acc["sources"]
-        share = long["corpus_tokens"] / (long["corpus_tokens"] + short["corpus_tokens"])
-        text = (f"data.long_doc_boost {', '.join(f'{b:g}' for b in data.long_doc_boost)}: {long['name']!r} holds "
-                f"the {doc_range(long['doc_tokens'])}, {share:.1%} of the train tokens\n" + text)
+        boost, lines, srcs = ", ".join(f"{b:g}" for b in data.long_doc_boost), [], acc["sources"]
+        long_min = next(f[0] for f in mix.filters if f and f[1] is None)
+        for s, after in zip(srcs, [*srcs[1:], None]):
+            if "doc_tokens" not in s:
+                lines.append(f"data.long_doc_boost {boost}: {s['name']!r} has documents of one kind only "
+                             f"(long: {long_min:,} tokens or more): drawn whole, not boosted")
+            elif s["doc_tokens"][1] is None:
+                share = s["corpus_tokens"] / (s["corpus_tokens"] + after["corpus_tokens"])
+                lines.append(f"data.long_doc_boost {boost}: {s['name']!r} holds the {doc_range(s['doc_tokens'])}, "
+                             f"{share:.1%} of the train tokens")
+        text = "\n".join([*lines, text])
     return {"data": acc["stages"], "sources": acc["sources"]}, text

@@ -61,9 +61,10 @@ def block_pieces(doc_lengths: np.ndarray, doc_offsets: np.ndarray, shard_docs: l
     a split's documents, `stream.TokenStream`'s doc_filter) also start a new block, so each block is one read."""
     firsts, per_shard = document_blocks(doc_lengths, shard_docs, block_tokens)
     gaps = np.flatnonzero(doc_offsets[1:] != doc_offsets[:-1] + doc_lengths[:-1]) + 1
-    if not len(gaps):
+    if not len(gaps):  # back to back from the first document (not from 0: a selection may start later)
         offsets = doc_offsets[firsts]
-        return np.diff(np.append(offsets, int(doc_lengths.sum()))).astype(np.int64), offsets, per_shard
+        end = int(doc_offsets[-1] + doc_lengths[-1]) if len(doc_lengths) else 0
+        return np.diff(np.append(offsets, end)).astype(np.int64), offsets, per_shard
     firsts = np.union1d(firsts, gaps).astype(np.int64)
     per_shard = np.bincount(np.repeat(np.arange(len(shard_docs)), shard_docs)[firsts],
                             minlength=len(shard_docs)).tolist()
