@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(BIN)/python -m pipelines.demo
 
 test: $(STAMP)
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q --durations=15 tests
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q --durations=40 tests
 
 # The core tests on the lowest torch and transformers that gl-ray supports (gl_ray/versions.py), in .venv-lowest.
 # torch's CPU build comes from PyTorch's index; transformers 5.0.0 wants huggingface-hub<2 and tokenizers<=0.23.0.

@@ -47,7 +47,7 @@ def submit_job(address: str, env: dict, args: list[str], extra_env: dict | None 
         if "No available agent" not in r.stderr + r.stdout:
             break
         time.sleep(2)
-    submit_job.output = r.stdout[-3000:] + r.stderr[-3000:]
+    submit_job.output = r.stdout[-8000:] + r.stderr[-3000:]  # waiting: ends with "Job '...' succeeded" (failed)
     return sid
 
 

@@ -3,6 +3,7 @@ the first job dies mid-run, the same job submitted again resumes from the bucket
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -10,8 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import (TEST_HEALTH_CHECK_INTERVAL_S, agent_ports, aws_env, free_port, job_status, submit_job,
-                      tiny_overrides)
+from conftest import TEST_HEALTH_CHECK_INTERVAL_S, agent_ports, aws_env, free_port, submit_job, tiny_overrides
 
 from gl_ray import storage
 
@@ -43,8 +43,9 @@ def local_cluster(s3_server, tmp_path):
 
 
 def submit(address: str, env: dict, args: list[str], extra_env: dict | None = None) -> str:
-    sid = submit_job(address, env, args, extra_env)
-    return job_status(address, env, sid) + submit_job.output
+    """The output of a `ray job submit` that waits for the job: its logs, then its status line."""
+    submit_job(address, env, args, extra_env)
+    return submit_job.output
 
 
 def test_job_submit_with_s3_runs_and_resume(local_cluster, s3_server, bucket, tiny_data):
@@ -57,9 +58,9 @@ def test_job_submit_with_s3_runs_and_resume(local_cluster, s3_server, bucket, ti
         [x for s in sets for x in ("--set", s)]
     aws = aws_env() | {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": TEST_HEALTH_CHECK_INTERVAL_S}  # reports every 0.1 s
     out = submit(address, env, args, {**aws, "GL_RAY_FAIL_AT_STEP": "6"})
-    assert "failed" in out and "injected failure" in out, out[-5000:]
+    assert re.search(r"Job '\S+' failed", out) and "injected failure" in out, out[-5000:]
     out = submit(address, env, args, aws)
-    assert "succeeded" in out, out[-5000:]
+    assert re.search(r"Job '\S+' succeeded", out), out[-5000:]
     run = f"s3://{bucket}/runs/job"
     steps = [json.loads(x)["step"] for x in storage.read_bytes(f"{run}/metrics.jsonl").decode().splitlines()]
     assert steps == list(range(1, 17))  # resumed from the bucket's checkpoint: nothing repeated or lost
