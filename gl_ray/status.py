@@ -53,6 +53,7 @@ def run_status(run_uri: str) -> dict:
             "budget_time_s": plan.get("budget_time_s"), "updated_s_ago": time.time() - updated if updated else None,
             "stage": last.get("stage"), "num_stages": len(plan["stages"]), "seq_len": last.get("seq_len"),
             "tokens": last.get("tokens", 0), "total_tokens": total, "loss": last.get("loss"),
+            "source_tokens": last.get("source_tokens"),  # a mixture's tokens per source so far
             "val_loss_final_len": val.get("val_loss_final_len"), "val_step": val.get("step"),
             "tokens_per_s": last.get("tokens_per_s"), "elapsed_s": last.get("elapsed_s"), "eta_s": eta,
             "last_checkpoint": ckpt, "summary": summary, "restarts": max(0, len(starts) - 1),
@@ -91,6 +92,10 @@ def format_status(s: dict) -> str:
         out.append(f"  loss {loss}{val}")
         out.append(f"  {rate} tokens/s, elapsed {dur(s['elapsed_s'])}"
                    + ("" if s["finished"] else f", ETA {dur(s['eta_s'])}"))
+        if s.get("source_tokens"):
+            total = max(1, sum(s["source_tokens"].values()))
+            out.append("  tokens per source: " + ", ".join(f"{n} {t:,} ({100 * t / total:.0f}%)"
+                                                          for n, t in s["source_tokens"].items()))
     if s["world_size"] is not None:
         redone = (f", steps redone per restart: {', '.join(map(str, s['steps_redone']))}" if s["restarts"] else "")
         out.append(f"  {s['world_size']} worker{'s' * (s['world_size'] != 1)} on {s['nodes']} "

@@ -185,6 +185,10 @@ def test_a_mixture_run_accounts_every_source_token(sources, tmp_path, capsys):
     assert all(check_report(m) == m or "val_loss" in m for m in ms)
     assert all(sum(m["source_tokens"].values()) == m["tokens"] for m in ms)
     assert ms[7]["source_tokens"] == {"long": 6144, "short": 2048}  # the end of stage 0
+    from gl_ray.status import format_status, run_status
+
+    assert "tokens per source: long 8,192 (50%), short 8,192 (50%)" in format_status(run_status(
+        str(tmp_path / "mix")))
     from gl_ray.evaluate import NO_CONTEXT, evaluate_models
     from gl_ray.reproduce import eval_sources
 
