@@ -385,7 +385,8 @@ def write_results(space: Space, grid, tune_dir: str) -> dict:
                      "objective": m.get("objective", float("inf")), "tokens": m.get("tokens"),
                      "wall_s": m.get("elapsed_s"), "status": status, "_params": params})
     order = {"COMPLETED": 0, "STOPPED": 1, "ERROR": 2}
-    rows.sort(key=lambda r: (order[r["status"]], r["objective"] if r["objective"] is not None else float("inf")))
+    rows.sort(key=lambda r: (order[r["status"]], r["objective"] if r["objective"] is not None else float("inf"),
+                             str(r["trial"])))  # a tie (two params, one plan) ranks the same after a restore
     for i, r in enumerate(rows):
         r["rank"] = i + 1
     cols = ["rank", "trial", *sorted({k for r in rows for k in r if k.startswith("param:")}), "objective", "tokens",

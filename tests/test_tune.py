@@ -74,6 +74,23 @@ def test_document_masking_is_a_searchable_param(tmp_path):
     assert load_config(space.base_config, trial_overrides(space, {"data.document_masking": True})).data.document_masking
 
 
+def test_tied_trials_rank_the_same_in_any_grid_order(tmp_path):
+    """Two first_ratio values can give one plan (16 steps: 0.67 and 0.71 both give stage 0 11 steps), so two
+    trials tie; a restored search lists its trials in another order, and the ranking must not follow it."""
+    from types import SimpleNamespace
+
+    from gl_ray.tune import write_results
+
+    space = load_space(_space(tmp_path, "  first_ratio: {uniform: [0.2, 0.8]}\n"))
+    trials = [SimpleNamespace(config={"first_ratio": x}, error=None, path=str(tmp_path / name),
+                              metrics={"trial_id": name, "objective": obj, "tokens": 1048576})
+              for name, x, obj in (("b", 0.71, 6.7), ("a", 0.67, 6.7), ("c", 0.3, 6.9))]
+    ranked = [[r["trial"] for r in write_results(space, grid, str(tmp_path))["rows"]]
+              for grid in (trials, trials[::-1], trials[1:] + trials[:1])]
+    assert ranked == [["a", "b", "c"]] * 3
+    assert "best trial a of s" in (tmp_path / "best.yaml").read_text()
+
+
 @pytest.mark.slow
 def test_an_optuna_search_with_asha_end_to_end_and_again(tiny_data, ray_local, tmp_path):
     """The shipped smoke space's trials (Ray Train, one worker, document masks) under search: optuna (Ray's
