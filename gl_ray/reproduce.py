@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gl_ray import storage
 from gl_ray.config import load_config
 from gl_ray.data.mixture import source_names
 from gl_ray.errors import UserError
@@ -118,16 +119,15 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
         launch_run(cfg, address=address)
         names.append(cfg.name)
     run_uris = [str(Path(runs_dir, n)) for n in names]
-    ev = evaluate_models([f"{u}/final" for u in run_uris], configs[0].data.path, eval_lens,
-                         max_tokens=eval_tokens or max(eval_lens) * 64,
+    finals, max_tokens = [f"{u}/final" for u in run_uris], eval_tokens or max(eval_lens) * 64
+    ev = evaluate_models(finals, configs[0].data.path, eval_lens, max_tokens=max_tokens,
                          document_masking=configs[0].data.document_masking, context=eval_context)
     Path(out, "eval.json").write_text(json.dumps(ev, indent=1))
     plot_eval(ev, str(Path(out, "eval.png")))
     plot_context(ev, str(Path(out, "eval")))
     print(format_eval(ev))
     if configs[0].data.sources:  # a mixture: each source's val split as well (loss only)
-        by_source = eval_sources(configs[0].data, [f"{u}/final" for u in run_uris], eval_lens,
-                                 max_tokens=eval_tokens or max(eval_lens) * 64)
+        by_source = eval_sources(configs[0].data, finals, eval_lens, max_tokens=max_tokens, known=ev)
         Path(out, "eval_sources.json").write_text(json.dumps(by_source, indent=1))
         for name, res in by_source.items():
             print(f"\nval split of source {name!r}:\n{format_eval(res)}")
@@ -136,10 +136,13 @@ def reproduce(*, base_config: str, data: str, out: str, budget_tokens: int = 0, 
     return {"runs": run_uris, "report": rep, "eval": ev}
 
 
-def eval_sources(data, models: list[str], lengths: list[int], *, max_tokens: int) -> dict:
+def eval_sources(data, models: list[str], lengths: list[int], *, max_tokens: int, known: dict | None = None) -> dict:
     """Loss and perplexity of each model at each length on the val split of each of data.sources: {source name:
-    an `evaluate_models` result} (the names of plan.json's sources)."""
+    an `evaluate_models` result} (the names of plan.json's sources). known: a result of the same models, lengths
+    and max_tokens on one of those splits (data.path's), reused without its context metrics instead of run again."""
     paths = [s.path for s in data.sources]
-    return {name: evaluate_models(models, path, lengths, max_tokens=max_tokens,
-                                  document_masking=data.document_masking, context=NO_CONTEXT)
+    done = {storage.absolute(known["data"]): {k: v for k, v in known.items() if k != "context"}} if known else {}
+    return {name: done.get(storage.absolute(path)) or evaluate_models(
+                models, path, lengths, max_tokens=max_tokens, document_masking=data.document_masking,
+                context=NO_CONTEXT)
             for name, path in zip(source_names(paths), paths)}

@@ -198,6 +198,10 @@ def test_a_mixture_run_accounts_every_source_token(sources, tmp_path, capsys):
     for name, path in (("long", long), ("short", short)):  # what `gl-ray eval --data SOURCE` gives
         assert by_source[name]["models"] == evaluate_models([final], path, [32, 64], max_tokens=512,
                                                             context=NO_CONTEXT)["models"]
+    known = by_source["long"] | {"models": {"mix": "from the eval before"}, "context": {}}  # reproduce's of data.path
+    reused = eval_sources(cfg.data, [final], [32, 64], max_tokens=512, known=known)
+    assert reused["long"] == by_source["long"] | {"models": {"mix": "from the eval before"}}  # not run again
+    assert reused["short"] == by_source["short"]
     from gl_ray.data.prepare import prepare
 
     moved = str(tmp_path / "moved" / "short")  # the same name and weight, other documents: not this run's data
